@@ -1,0 +1,7 @@
+"""adamw: a drop-in ``torch.optim.AdamW`` with its own fused kernels (C on the CPU, Triton on CUDA)."""
+
+from .functional import adamw
+from .optimizer import AdamW
+
+__all__ = ["AdamW", "adamw"]
+__version__ = "0.1.0"

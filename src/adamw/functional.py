@@ -1,0 +1,148 @@
+"""The one place where a backend is chosen, and the functional ``adamw`` that runs it.
+
+torch's ``foreach``/``fused`` flags are kept for compatibility and mapped here to one backend name:
+
+=========  =======================================================================
+backend    what runs
+=========  =======================================================================
+forloop    :mod:`adamw.backends.forloop`: torch ops, one tensor at a time
+foreach    :mod:`adamw.backends.foreach`: ``torch._foreach_*`` ops per device/dtype
+cpu        :mod:`adamw.backends.cpu`: our C kernel, one call per group (``fused=True`` on CPU)
+triton     :mod:`adamw.backends.triton`: our Triton kernel (``fused=True`` on CUDA)
+=========  =======================================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .backends._common import Hyper
+
+BackendName = Literal["forloop", "foreach", "cpu", "triton"]
+BACKENDS: tuple[str, ...] = ("forloop", "foreach", "cpu", "triton")
+FUSED_BACKENDS: tuple[str, ...] = ("cpu", "triton")
+
+# Devices on which torch's rule (the documentation's note) turns foreach on when no flag is given.
+_FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
+
+
+def fused_backend_for(device: torch.device) -> str:
+    """The kernel that ``fused=True`` runs on ``device``."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "triton"
+    raise RuntimeError(
+        f"`fused=True` requires params on a supported device: ['cpu', 'cuda'], but got {device.type}"
+    )
+
+
+def select_backend(
+    params: list[Tensor],
+    *,
+    backend: str | None,
+    foreach: bool | None,
+    fused: bool | None,
+    differentiable: bool,
+    capturable: bool,
+    lr: float | Tensor,
+) -> str:
+    """Map torch's flags (or an explicit backend name) to the backend that runs a group.
+
+    The rules of torch's note: fused over foreach when both are set; foreach by default only when
+    every param is on CUDA (and not differentiable, and lr is not a Tensor without capturable);
+    otherwise the for-loop.
+    """
+    if backend is not None:
+        return backend
+    if fused:
+        return fused_backend_for(params[0].device) if params else "forloop"
+    if foreach is None and fused is None:
+        foreach = (
+            not differentiable
+            and not (isinstance(lr, Tensor) and not capturable)
+            and all(type(p) in _foreach_types() and p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
+        )
+    return "foreach" if foreach else "forloop"
+
+
+def _foreach_types() -> tuple[type, ...]:
+    from torch.optim.optimizer import _foreach_supported_types  # the types torch's default accepts
+
+    return tuple(_foreach_supported_types)
+
+
+StepFn = Callable[..., None]
+_loaded: dict[str, StepFn] = {}
+
+
+def backend_step(name: str) -> StepFn:
+    """The ``step`` function of a backend module, imported on first use (Triton is optional)."""
+    if name not in _loaded:
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, but got {name!r}")
+        module = importlib.import_module(f"adamw.backends.{name}")
+        _loaded[name] = module.step
+    return _loaded[name]
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
+    has_complex: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Functional AdamW: one step over lists of tensors (see :mod:`adamw._math` for the math).
+
+    ``state_steps`` are singleton tensors, incremented here. Fused backends also take GradScaler's
+    ``grad_scale`` (gradients are divided by it) and ``found_inf`` (nonzero: the step is skipped).
+    """
+    if not params:
+        return
+    name = select_backend(
+        params,
+        backend=backend,
+        foreach=foreach,
+        fused=fused,
+        differentiable=differentiable,
+        capturable=capturable,
+        lr=lr,
+    )
+    hyper = Hyper(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        capturable=capturable,
+        differentiable=differentiable,
+        has_complex=has_complex,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+    backend_step(name)(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)

@@ -1,0 +1,184 @@
+"""The step fused into backward: each parameter is stepped as soon as its gradient is ready, then freed.
+
+A standard training step holds every gradient at once (``backward()`` then ``step()``). Here one
+:class:`AdamWInBackward` registers a ``register_post_accumulate_grad_hook`` per parameter that runs
+the AdamW update for that parameter alone and sets its ``.grad`` to ``None``, so at most a few
+gradients live at any time. The update is the one :class:`adamw.AdamW` runs (same backends, same
+state, same checkpoint format): the parameter is stepped by ``AdamW.step`` over a one-parameter view
+of its group, so each parameter gets the bits a standard step would give it.
+
+What changes for the training loop:
+
+* there is no ``optimizer.step()`` (calling it raises, so a loop written for a standard step fails
+  loudly instead of silently doing nothing); ``zero_grad()`` is not needed either;
+* LR schedulers work unchanged: they change ``param_groups[i]["lr"]``, read at each parameter's step;
+* ``state_dict()``/``load_state_dict()`` are :class:`adamw.AdamW`'s, so checkpoints move between a
+  standard and an in-backward run in both directions;
+* every ``backward()`` is a step: no gradient accumulation over micro-batches;
+* global-norm clipping (``clip_grad_norm_``) is impossible, since it needs every gradient before the
+  first step; clip per parameter instead with ``before_step`` (``clip_grad_norm_`` on the one
+  parameter, or ``p.grad.clamp_(-c, c)`` as ``clip_grad_value_`` does);
+* ``GradScaler`` is refused with an error: it skips the whole step when any gradient overflowed,
+  which it can only know after the last gradient, and by then the others were stepped. Use
+  bfloat16 autocast, which needs no loss scaling;
+* ``DistributedDataParallel`` is refused: its hooks reduce gradients in buckets after ours run, so
+  each rank would step with its own unreduced gradient. FSDP2 (``fully_shard``) works: it runs
+  post-accumulate-grad hooks on the sharded parameter after the reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import Unpack
+
+from .optimizer import AdamW
+
+BeforeStep = Callable[[Tensor], object]
+
+
+class AdamWOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`adamw.AdamW` (see its docstring for their meaning)."""
+
+    lr: float | Tensor
+    betas: tuple[float | Tensor, float | Tensor]
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    foreach: bool | None
+    capturable: bool
+    differentiable: bool
+    fused: bool | None
+    backend: str | None
+
+
+def _unhooked_adamw_step() -> Callable[..., Any]:
+    """``AdamW.step`` without torch's profiling/step-hook wrapper (present once any AdamW was built).
+
+    Step hooks registered on an optimizer mean "around a step of all parameters"; running them once
+    per parameter would surprise, so per-parameter steps run the bare method.
+    """
+    step = AdamW.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step  # type: ignore[attr-defined]
+
+
+class AdamWInBackward(AdamW):
+    r"""AdamW whose step runs inside ``backward()``, one parameter at a time, freeing each gradient.
+
+    Takes :class:`adamw.AdamW`'s arguments (keyword-only after ``params``) and:
+
+    Args:
+        before_step: called with each parameter right before its step, its ``.grad`` set; for
+            per-parameter clipping, e.g. ``lambda p: torch.nn.utils.clip_grad_norm_(p, 1.0)``.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = adamw.step_in_backward(model, lr=1e-3)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+        >>> model(torch.randn(8, 4)).sum().backward()   # the step happens here
+        >>> sched.step()
+        >>> opt.remove()  # back to a standard AdamW: backward() fills .grad, step() steps
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        *,
+        before_step: BeforeStep | None = None,
+        **options: Unpack[AdamWOptions],
+    ) -> None:
+        # Set before super().__init__, which calls add_param_group (where the hooks are registered).
+        self.before_step = before_step
+        self._hooks: list[RemovableHandle] = []
+        self._group_index: dict[Tensor, int] = {}
+        # Autograd runs the hooks of different devices in different threads; a param_groups swap
+        # (see _step_param) must not interleave.
+        self._lock = threading.Lock()
+        super().__init__(params, **options)
+        # Makes GradScaler.step call step() (which refuses) instead of failing on "No inf checks".
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        for param in self.param_groups[index]["params"]:
+            if param.requires_grad:
+                self._group_index[param] = index
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._step_and_free))
+
+    def remove(self) -> None:
+        """Remove the hooks: from now on ``backward()`` fills ``.grad`` and ``step()`` steps, as in AdamW."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Refused while the hooks are on: the parameters were stepped in ``backward()``."""
+        if self._hooks:
+            if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+                raise RuntimeError(
+                    "GradScaler cannot drive a step in backward: it skips the step of every parameter "
+                    "when any gradient overflowed, which is known only after the last gradient, and by "
+                    "then the others were stepped. Use bfloat16 autocast (no loss scaling needed), or "
+                    "call remove() and step as usual."
+                )
+            raise RuntimeError(
+                "the parameters of this optimizer are stepped inside backward(): drop the call to "
+                "step() (and zero_grad()), or call remove() first to step as a standard AdamW"
+            )
+        return super().step(closure)
+
+    def _step_and_free(self, param: Tensor) -> None:
+        if self.before_step is not None:
+            self.before_step(param)
+        self._step_param(param)
+        param.grad = None
+
+    def _step_param(self, param: Tensor) -> None:
+        """``AdamW.step`` over a one-parameter view of ``param``'s group (current options, shared state)."""
+        # Looked up by index at each step: load_state_dict replaces the group dicts.
+        group = self.param_groups[self._group_index[param]]
+        view = {**group, "params": [param]}
+        with self._lock:
+            groups, self.param_groups = self.param_groups, [view]
+            try:
+                _unhooked_adamw_step()(self)
+            finally:
+                self.param_groups = groups
+        # What an LR scheduler reads to check that the optimizer stepped before it.
+        self._opt_called = True
+
+
+def step_in_backward(
+    params: ParamsT | torch.nn.Module,
+    *,
+    before_step: BeforeStep | None = None,
+    **options: Unpack[AdamWOptions],
+) -> AdamWInBackward:
+    """Step every parameter of ``params`` (a module or what AdamW takes) by AdamW inside ``backward()``.
+
+    ``options`` are :class:`adamw.AdamW`'s keyword arguments; see :class:`AdamWInBackward` for what
+    the returned optimizer does and :mod:`adamw.in_backward` for what changes in a training loop.
+    A module's parameters are taken in ``model.parameters()`` order, so checkpoints match those of
+    ``AdamW(model.parameters())``.
+    """
+    if isinstance(params, torch.nn.Module):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(params, DistributedDataParallel):
+            raise RuntimeError(
+                "step in backward does not work under DistributedDataParallel: its gradient "
+                "all-reduce completes after the per-parameter hooks run, so each rank would step "
+                "with its own gradient. Use FSDP2 (torch.distributed.fsdp.fully_shard), whose "
+                "reduce-scatter runs before these hooks."
+            )
+        params = params.parameters()
+    return AdamWInBackward(params, before_step=before_step, **options)

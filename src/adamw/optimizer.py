@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from .backends._common import capturable_devices
-from .functional import BACKENDS, FUSED_BACKENDS, adamw, select_backend
+from .functional import BACKENDS, FUSED_BACKENDS, adamw, backend_step, select_backend
 
 # Keys that exist in our param groups but not in torch's: kept from the live optimizer when a
 # checkpoint written by torch.optim.AdamW (which lacks them) is loaded.
@@ -273,6 +273,17 @@ class AdamW(Optimizer):
             lr_is_tensor = isinstance(group["lr"], Tensor)
             if backend == "foreach" and lr_is_tensor and not group["capturable"]:
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if backend == "foreach" and not group["capturable"]:
+                # torch's foreach path raises ValueError for Tensor betas, but only mid-step; we raise first.
+                for i, beta in enumerate(group["betas"]):
+                    if isinstance(beta, Tensor):
+                        raise ValueError(
+                            f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                        )
+            if backend == "foreach" and group["differentiable"]:
+                # AssertionError is torch's type here (its foreach path asserts); raised before any change,
+                # where torch has already created state and stepped earlier groups.
+                raise AssertionError("_foreach ops don't support autograd (foreach with differentiable=True)")
             if backend in FUSED_BACKENDS:
                 _check_fused_params(params, backend, group)
             if group["capturable"] and backend not in FUSED_BACKENDS:
@@ -290,6 +301,9 @@ class AdamW(Optimizer):
                     step = self.state.get(p, {}).get("step")
                     if isinstance(step, Tensor) and step.requires_grad:
                         raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+            # Import the backend's module last (after the checks torch also makes): a missing optional
+            # backend must fail here, not after earlier groups were stepped or state was created.
+            backend_step(backend)
 
 
 def _check_fused_params(params: list[Tensor], backend: str, group: dict[str, Any]) -> None:
@@ -314,8 +328,11 @@ def _check_group_options(options: dict[str, Any]) -> None:
     lr, betas, eps, weight_decay = options["lr"], options["betas"], options["eps"], options["weight_decay"]
     foreach, fused, capturable = options["foreach"], options["fused"], options["capturable"]
     differentiable, backend = options["differentiable"], options.get("backend")
+    # backend="foreach" is foreach=True by name: the same Tensor lr/betas limits apply at construction
+    # (otherwise a Tensor beta only failed inside the step, after state was created).
+    runs_foreach = bool(foreach) or backend == "foreach"
     if isinstance(lr, Tensor):
-        if foreach and not capturable:
+        if runs_foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, but got {lr.numel()} elements")
@@ -336,7 +353,7 @@ def _check_group_options(options: dict[str, Any]) -> None:
         raise ValueError("betas must be either both floats or both Tensors")
     for i in (0, 1):
         if isinstance(betas[i], Tensor):
-            if not capturable and foreach:
+            if not capturable and runs_foreach:
                 raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
             if betas[i].numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")

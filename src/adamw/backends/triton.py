@@ -1,0 +1,432 @@
+"""The Triton backend: our multi-tensor AdamW kernel, one launch per (device, dtype) (``fused=True`` on CUDA).
+
+Mirrors :mod:`adamw._math`; the kernel (:mod:`adamw.backends._triton_kernels`) states the order of
+operations, which is torch's.
+
+What happens on the host, per step of a group:
+
+1. DTensor params (FSDP2) are replaced by their local shards (``to_local()`` views), complex ones by
+   ``view_as_real`` views.
+2. A *plan* is looked up by the data pointers of every tensor (params, grads, states, step
+   counters) and the params' sizes. Building a plan (on a miss) groups the tensors by device and
+   dtype, checks them, and copies to the device one int64 table per group: a row of addresses and
+   sizes per tensor and, per chunk of ``BLOCK`` elements, the tensor it belongs to. The copy comes
+   from pinned memory without a sync.
+3. Per (device, dtype): one launch of the AdamW kernel over all chunks, then one launch that bumps
+   the step counters (``step += 1 - found_inf``, as torch does around its fused kernels).
+
+Nothing is read back on the host: lr (a Tensor on the params' device), the step counters, the bias
+corrections, ``grad_scale`` and ``found_inf`` are all read by the kernel, so a step can be captured
+in a CUDA graph. A plan built or used while a graph is captured is kept for as long as the process
+lives (the graph's replays read its table); one built during capture copies its table from a
+pinned buffer set aside by an earlier eager step, since pinned memory cannot be allocated while a
+graph is captured. So take an eager step before capturing (torch's warm-up recipe does).
+
+CPU tensors run under Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment before
+this module is first imported (that is, before the first step with ``backend="triton"``);
+``tests/conftest.py`` does so where no GPU is present. It is slow, and meant for tests.
+
+A plan assumes that a tensor whose address and size are unchanged also keeps its dtype and layout.
+Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
+through contiguous copies held by the plan (correct, and slower).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import chain
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import Hyper
+
+# Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
+# full bandwidth (tune with scripts/gpu_check.sh). Under the interpreter every program is one
+# Python iteration, so small test tensors still span several chunks and both code paths.
+CUDA_BLOCK = 2048
+CUDA_NUM_WARPS = 8
+INTERPRETER_BLOCK = 128
+_BUMP_BLOCK = 1024  # step counters per program of the bump kernel
+_MAX_PLANS = 8  # plans kept beyond those a CUDA graph uses
+_SPARES_PER_SIZE = 2  # pinned buffers set aside, per table size, for plans built during capture
+_MAX_GRID = 2**31 - 1
+
+_plans: OrderedDict[tuple[Any, ...], _Plan] = OrderedDict()
+_spare_pinned: dict[int, list[Tensor]] = {}
+
+
+@dataclass
+class _Staged:
+    """A tensor stepped through contiguous copies (its memory is not dense, or its layouts differ)."""
+
+    position: int  # in the group's lists
+    buffers: list[Tensor]  # param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]
+
+
+@dataclass
+class _Launch:
+    """The tensors of one (device, dtype) of a group: one kernel launch."""
+
+    device: torch.device
+    dtype: torch.dtype
+    n_tensors: int
+    n_chunks: int
+    block: int
+    aligned: bool  # every address a multiple of 16 bytes: vector loads
+    table: Tensor  # int64, ROW per tensor
+    chunk_tensor: Tensor  # int32, the tensor index of every chunk
+    staged: list[_Staged]
+    pinned_source: Tensor | None = None  # copied by a captured graph at every replay: kept alive
+
+
+@dataclass
+class _Plan:
+    launches: list[_Launch]
+    in_graph: bool = False  # used during a CUDA graph capture: never evicted
+    keep: list[Tensor] = field(default_factory=list)
+
+
+def step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+) -> None:
+    if not params:
+        return
+    if hyper.differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    kernels = _kernels()
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else [], state_steps]
+    lists = _local_views(lists, hyper.has_complex)
+    capturing = _is_capturing(lists[0][0].device)
+    key = (CUDA_BLOCK, INTERPRETER_BLOCK, tuple(map(Tensor.data_ptr, chain(*lists))), tuple(map(Tensor.numel, lists[0])))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
+        _plans[key] = plan
+        _evict()
+    else:
+        _plans.move_to_end(key)
+    if capturing:
+        plan.in_graph = True
+    for launch in plan.launches:
+        _run(launch, lists, hyper, kernels)
+
+
+# --------------------------------------------------------------------------------------------------
+# the launch
+
+
+def _run(launch: _Launch, lists: list[list[Tensor]], hyper: Hyper, kernels: ModuleType) -> None:
+    device = launch.device
+    lr, beta1, beta2 = hyper.scalar_lr_betas()
+    lr_value, lr_ptr = _number_or_device_tensor(lr, device)
+    beta1_value, beta1_ptr = _number_or_device_tensor(beta1, device)
+    beta2_value, beta2_ptr = _number_or_device_tensor(beta2, device)
+    if (beta1_ptr is None) != (beta2_ptr is None):  # one on the device, one a number: read both here
+        beta1_value, beta1_ptr = float(beta1), None
+        beta2_value, beta2_ptr = float(beta2), None
+    grad_scale = _on_device(hyper.grad_scale, device)
+    found_inf = _on_device(hyper.found_inf, device)
+
+    for staged in launch.staged:
+        for buffer, tensor in zip(staged.buffers, _role_tensors(lists, staged.position), strict=True):
+            buffer.copy_(tensor)
+    if launch.n_chunks:
+        kernels.adamw_kernel[(launch.n_chunks,)](
+            launch.table,
+            launch.chunk_tensor,
+            lr_ptr,
+            beta1_ptr,
+            beta2_ptr,
+            grad_scale,
+            found_inf,
+            lr_value,
+            beta1_value,
+            beta2_value,
+            _log(beta1_value),
+            _log(beta2_value),
+            float(hyper.eps),
+            float(hyper.weight_decay),
+            BLOCK=launch.block,
+            AMSGRAD=hyper.amsgrad,
+            MAXIMIZE=hyper.maximize,
+            HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
+            LR_ON_DEVICE=lr_ptr is not None,
+            BETAS_ON_DEVICE=beta1_ptr is not None,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            ALIGNED=launch.aligned,
+            DTYPE=_triton_dtype(launch.dtype, kernels),
+            ACC=kernels.tl.float64 if launch.dtype == torch.float64 else kernels.tl.float32,
+            num_warps=CUDA_NUM_WARPS,
+            enable_fp_fusion=True,  # FMAs, as nvcc compiles torch's kernels; Triton 3.10 flips the default
+        )
+    kernels.bump_steps_kernel[(triton_cdiv(launch.n_tensors, _BUMP_BLOCK),)](
+        launch.table,
+        found_inf,
+        launch.n_tensors,
+        HAS_FOUND_INF=found_inf is not None,
+        BLOCK=_BUMP_BLOCK,
+        num_warps=4,
+    )
+    for staged in launch.staged:
+        written = zip(staged.buffers, _role_tensors(lists, staged.position), strict=True)
+        for role, (buffer, tensor) in enumerate(written):
+            if role != 1 or grad_scale is not None:  # the grad is written only when unscaled
+                tensor.copy_(buffer)
+
+
+def _number_or_device_tensor(x: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """A hyper-parameter as the kernel takes it: a number, or a tensor it reads on ``device``.
+
+    A CPU tensor for CUDA params is read here (no device sync), as torch's fused kernels do.
+    """
+    if not isinstance(x, Tensor):
+        return float(x), None
+    if x.device == device:
+        return 0.0, x
+    if x.device.type == "cpu":
+        return float(x.item()), None
+    return 0.0, x.to(device, non_blocking=True)
+
+
+def _on_device(x: Tensor | None, device: torch.device) -> Tensor | None:
+    return x if x is None or x.device == device else x.to(device, non_blocking=True)
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def _triton_dtype(dtype: torch.dtype, kernels: ModuleType) -> Any:
+    tl = kernels.tl
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}[
+        dtype
+    ]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _role_tensors(lists: list[list[Tensor]], position: int) -> list[Tensor]:
+    """param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq] of one tensor of the group."""
+    return [lst[position] for lst in lists[:5] if lst]
+
+
+# --------------------------------------------------------------------------------------------------
+# plans
+
+
+def _build_plan(lists: list[list[Tensor]], amsgrad: bool, capturing: bool, kernels: ModuleType) -> _Plan:
+    params = lists[0]
+    interpreted = _is_interpreted(kernels)
+    by_device_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, param in enumerate(params):
+        _check_tensor(lists, i, interpreted)
+        by_device_dtype.setdefault((param.device, param.dtype), []).append(i)
+    launches = [
+        _build_launch(lists, positions, device, dtype, amsgrad, capturing, kernels)
+        for (device, dtype), positions in by_device_dtype.items()
+    ]
+    return _Plan(launches)
+
+
+def _build_launch(
+    lists: list[list[Tensor]],
+    positions: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    amsgrad: bool,
+    capturing: bool,
+    kernels: ModuleType,
+) -> _Launch:
+    row_width = int(kernels.ROW)
+    block = INTERPRETER_BLOCK if device.type == "cpu" else CUDA_BLOCK
+    rows: list[list[int]] = []
+    chunks_per_tensor: list[int] = []
+    staged: list[_Staged] = []
+    n_chunks = 0
+    for position in positions:
+        tensors = _role_tensors(lists, position)
+        if not _flat_compatible(tensors):
+            buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+            staged.append(_Staged(position, buffers))
+            tensors = buffers
+        addresses = [t.data_ptr() for t in tensors]
+        if not amsgrad:
+            addresses.append(0)
+        numel = tensors[0].numel()
+        chunks = triton_cdiv(numel, block)
+        rows.append([*addresses, lists[5][position].data_ptr(), numel, n_chunks])
+        chunks_per_tensor.append(chunks)
+        n_chunks += chunks
+    if n_chunks > _MAX_GRID:
+        raise RuntimeError(f"the Triton AdamW kernel takes at most {_MAX_GRID} chunks of {block} per launch")
+    aligned = all(address % 16 == 0 for row in rows for address in row[:5])
+
+    n_tensors = len(positions)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+    assert table.numel() == n_tensors * row_width
+    chunk_tensor = torch.repeat_interleave(
+        torch.arange(n_tensors, dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
+    )
+    # One buffer, one copy: the table, then the chunk map as int32 pairs (padded to whole int64s).
+    if n_chunks % 2:
+        chunk_tensor = torch.cat([chunk_tensor, chunk_tensor.new_zeros(1)])
+    host = torch.cat([table, chunk_tensor.view(torch.int64)])
+    buffer, pinned_source = _to_device(host, device, capturing)
+    return _Launch(
+        device=device,
+        dtype=dtype,
+        n_tensors=n_tensors,
+        n_chunks=n_chunks,
+        block=block,
+        aligned=aligned,
+        table=buffer[: table.numel()],
+        chunk_tensor=buffer[table.numel() :].view(torch.int32),
+        staged=staged,
+        pinned_source=pinned_source,
+    )
+
+
+def _to_device(host: Tensor, device: torch.device, capturing: bool) -> tuple[Tensor, Tensor | None]:
+    """Copy a plan's table to ``device`` without a host sync; the pinned source too if captured."""
+    if device.type == "cpu":
+        return host, None
+    size = host.numel()
+    spares = _spare_pinned.setdefault(size, [])
+    if not capturing:
+        buffer = host.pin_memory().to(device, non_blocking=True)
+        while len(spares) < _SPARES_PER_SIZE:
+            spares.append(torch.empty(size, dtype=torch.int64, pin_memory=True))
+        return buffer, None
+    if not spares:
+        raise RuntimeError(
+            "the Triton AdamW kernel needs a new table while a CUDA graph is being captured, and no "
+            "pinned buffer was set aside for it: take one eager optimizer step with the same params "
+            "before capturing (torch's warm-up iterations do)"
+        )
+    pinned = spares.pop()
+    pinned.copy_(host)
+    buffer = torch.empty(size, dtype=torch.int64, device=device)
+    buffer.copy_(pinned, non_blocking=True)  # a memcpy node: every replay copies `pinned` again
+    return buffer, pinned
+
+
+def _evict() -> None:
+    evictable = [key for key, plan in _plans.items() if not plan.in_graph]
+    for key in evictable[: max(0, len(evictable) - _MAX_PLANS)]:
+        del _plans[key]
+
+
+def clear_plans() -> None:
+    """Forget every plan, including those CUDA graphs captured (only safe once those graphs are gone)."""
+    _plans.clear()
+    _spare_pinned.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# checks and views
+
+
+def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -> None:
+    param = lists[0][position]
+    if param.device.type == "cuda" and interpreted:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set when adamw.backends.triton was imported: Triton's interpreter "
+            "runs CPU tensors only. Unset it to run the kernel on CUDA tensors"
+        )
+    if param.device.type == "cpu" and not interpreted:
+        raise RuntimeError(
+            "backend='triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before the first step (before adamw.backends.triton is imported)"
+        )
+    if param.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}")
+    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise RuntimeError(f"backend='triton' steps float64/32/16 and bfloat16 params, not {param.dtype}")
+    names = ("grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for name, lst in zip(names, lists[1:5], strict=True):
+        if not lst:
+            continue
+        t = lst[position]
+        if t.dtype != param.dtype or t.device != param.device or t.shape != param.shape:
+            raise RuntimeError(
+                f"backend='triton' needs each {name} to match its param in dtype, device and shape: "
+                f"param {param.dtype} {tuple(param.shape)} on {param.device}, "
+                f"{name} {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+    step = lists[5][position]
+    if step.dtype != torch.float32 or step.device != param.device or step.numel() != 1:
+        raise RuntimeError(
+            "backend='triton' needs each step counter to be a float32 scalar on its param's device "
+            f"(as AdamW(fused=True) creates them), but got {step.dtype} {tuple(step.shape)} on {step.device}"
+        )
+
+
+def _flat_compatible(tensors: list[Tensor]) -> bool:
+    """Whether the kernel can run over the tensors' memory as flat arrays, element i with element i."""
+    if all(t.is_contiguous() for t in tensors):
+        return True
+    stride = tensors[0].stride()
+    return all(t.stride() == stride for t in tensors) and _dense(tensors[0])
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some dim order."""
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _local_views(lists: list[list[Tensor]], has_complex: bool) -> list[list[Tensor]]:
+    """DTensors replaced by their local shards and complex tensors by real views (same memory)."""
+    if not set(map(type, chain(*lists))) <= set(_PLAIN_TYPES):
+        lists = [[_to_local(t) for t in lst] for lst in lists]
+    if has_complex:
+        lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists[:5]] + [lists[5]]
+    return lists
+
+
+def _to_local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)  # DTensor's (FSDP2's params, grads and states)
+    return to_local() if callable(to_local) else t
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _is_interpreted(kernels: ModuleType) -> bool:
+    return type(kernels.adamw_kernel).__name__ == "InterpretedFunction"
+
+
+def _kernels() -> ModuleType:
+    try:
+        from . import _triton_kernels
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.split(".")[0] == "triton":
+            raise RuntimeError(
+                "fused=True on CUDA (backend='triton') runs a Triton kernel, and Triton is not "
+                "installed: pip install 'adamw[triton]'"
+            ) from error
+        raise
+    return _triton_kernels

@@ -123,6 +123,20 @@ class AdamW(Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Called by ``load_state_dict`` (and unpickling) with the groups to install.
+
+        A checkpoint written by ``torch.optim.AdamW`` lacks our own group keys (``backend``): those keep
+        the live group's value. This is done here rather than in ``load_state_dict`` because here the
+        groups are the ones left after torch's checks and any load_state_dict pre-hook (which may
+        rewrite the checkpoint, e.g. merge its groups).
+        """
+        live_groups = self.__dict__.get("param_groups")  # absent when unpickling
+        new_groups = state.get("param_groups", [])
+        if live_groups is not None and len(live_groups) == len(new_groups):
+            for new, live in zip(new_groups, live_groups, strict=True):
+                for key in _OWN_GROUP_KEYS:
+                    if key not in new and key in live:
+                        new[key] = live[key]
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -142,20 +156,6 @@ class AdamW(Optimizer):
                     p_state["step"] = torch.tensor(
                         step_value, dtype=_scalar_dtype(fused), device=p.device if on_device else "cpu"
                     )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint written by this class or by ``torch.optim.AdamW``.
-
-        Tensors are cast to each param's device and dtype as torch does; options that only this
-        class has (``backend``) keep their current value when the checkpoint lacks them.
-        """
-        own = [{k: g[k] for k in _OWN_GROUP_KEYS if k in g} for g in self.param_groups]
-        saved_groups = state_dict["param_groups"]
-        super().load_state_dict(state_dict)
-        for group, saved, kept in zip(self.param_groups, saved_groups, own, strict=True):
-            for key, value in kept.items():
-                if key not in saved:
-                    group[key] = value
 
     # ----------------------------------------------------------------------------------------------
     # the step

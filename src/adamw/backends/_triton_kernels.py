@@ -63,6 +63,20 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _to_storage(x, DTYPE: tl.constexpr):
+    """float32/64 -> the storage dtype, rounding to nearest even."""
+    if DTYPE == tl.bfloat16:
+        # By hand: Triton's interpreter truncates float32 -> bfloat16 (GPUs round in hardware), and
+        # one code path for both keeps what the interpreter tests what the GPU runs.
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _address(row_ptr, column: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
     if ALIGNED:
@@ -108,7 +122,7 @@ def _update_block(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ACC)
     if HAS_GRAD_SCALE:
         grad = _div(grad, grad_scale, ACC)
-        tl.store(grad_ptr + offsets, grad.to(DTYPE), mask=mask)  # torch's fused kernels store it unscaled
+        tl.store(grad_ptr + offsets, _to_storage(grad, DTYPE), mask=mask)  # torch's fused kernels store it unscaled
     if MAXIMIZE:
         grad = -grad
     if HAS_WEIGHT_DECAY:
@@ -119,14 +133,14 @@ def _update_block(
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (grad * grad)
     if AMSGRAD:
         max_exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC), exp_avg_sq)
-        tl.store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq.to(DTYPE), mask=mask)
+        tl.store(max_exp_avg_sq_ptr + offsets, _to_storage(max_exp_avg_sq, DTYPE), mask=mask)
         denom = _div(_sqrt(max_exp_avg_sq, ACC), bias_correction2_sqrt, ACC) + eps
     else:
         denom = _div(_sqrt(exp_avg_sq, ACC), bias_correction2_sqrt, ACC) + eps
     param = param - _div(step_size * exp_avg, denom, ACC)
-    tl.store(param_ptr + offsets, param.to(DTYPE), mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
+    tl.store(param_ptr + offsets, _to_storage(param, DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offsets, _to_storage(exp_avg, DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, _to_storage(exp_avg_sq, DTYPE), mask=mask)
 
 
 @triton.jit

@@ -1,0 +1,274 @@
+/* The CPU kernel of adamw: one AdamW step over a whole group of tensors in one call.
+ *
+ * Mirrors adamw/_math.py (the statement of the algorithm) in the operation order of torch's CPU
+ * fused kernel (ATen FusedAdamKernel.cpp), so that the two round alike:
+ *   g      = grad / grad_scale            (stored back into grad when a scale is given)
+ *   g      = -g                           (maximize)
+ *   param  = param * (1 - lr * weight_decay)
+ *   m      = lerp(m, g, 1 - beta1)        (torch's two-sided lerp, one fused multiply-add)
+ *   v      = v * beta2 + (1 - beta2) * g * g  (the last product fused with the sum, as torch's
+ *                                              build contracts it)
+ *   v_max  = maximum(v_max, v)            (amsgrad; NaN propagates as in torch's vec::maximum)
+ *   denom  = sqrt(v) / sqrt(1 - beta2^t) + eps
+ *   param  = param - (lr / (1 - beta1^t)) * m / denom
+ * Scalars are computed once per tensor in double and rounded to the math type (float32, or float64
+ * for float64 tensors); bfloat16 and float16 tensors are computed in float32 and rounded to nearest
+ * even on store.
+ *
+ * Work split: the tensors of a call are one concatenated range of elements, cut into one chunk per
+ * thread (cuts rounded to 64 elements inside a tensor, so no two threads write one cache line);
+ * each thread walks across tensor boundaries, so 1000 small tensors balance like one big one.
+ *
+ * Built with -ffp-contract=off, with fmaf/fma written out exactly where torch's vector loop fuses
+ * (its vec::fmadd, and the one multiply-add its compiler contracts), so the two round alike on
+ * every build. (torch's scalar tail, the last numel % vector-width elements of a tensor, rounds the
+ * second moment without the fused multiply-add, so those few may differ from it in the last bit.)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3 };
+enum { STEP_FLOAT32 = 0, STEP_FLOAT64 = 1 };
+
+/* Totals below this run on the calling thread: waking the pool costs more than it saves. */
+#define MIN_PARALLEL_NUMEL 32768
+#define CUT_ALIGN 64
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---------------------------------------------------------------------------------------------
+ * bit casts and low-precision conversions (branch-free, so loops vectorize) */
+
+INLINE uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+INLINE float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
+
+/* Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rule. */
+INLINE uint16_t float_to_bf16(float f) {
+    uint32_t u = bits_of(f);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7FC0u : rounded);
+}
+
+/* IEEE half <-> float, exact in both directions with round to nearest even: the FP16 library's
+ * algorithm, which c10::Half uses for its scalar conversions. */
+INLINE float fp16_to_float(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = float_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t result = sign | (two_w < (1u << 27) ? bits_of(denormalized) : bits_of(normalized));
+    return float_of(result);
+}
+
+INLINE uint16_t float_to_fp16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = bits_of(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t b = bits_of(base);
+    const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * per-tensor scalars, rounded once to the math type */
+
+typedef struct {
+    double step_size;             /* lr / (1 - beta1^t) */
+    double bias_correction2_sqrt; /* sqrt(1 - beta2^t) */
+} TensorScalars;
+
+typedef struct {
+    double decay;       /* 1 - lr * weight_decay (1 when weight_decay == 0: an exact no-op) */
+    double lerp_weight; /* 1 - beta1 */
+    double beta2;
+    double one_minus_beta2;
+    double eps;
+    double grad_scale;  /* 1 when there is none */
+    double grad_sign;   /* -1 when maximize */
+} GroupScalars;
+
+/* One segment [lo, hi) of one tensor. UNSCALE and AMSGRAD are compile-time constants at each call
+ * site (the functions are always inlined), so each variant is its own vectorized loop. */
+#define DEFINE_SEGMENT(NAME, T, M, LOAD, STORE, FMA, SQRT)                                          \
+    INLINE void NAME(T *restrict param, T *restrict grad, T *restrict exp_avg,                      \
+                     T *restrict exp_avg_sq, T *restrict max_exp_avg_sq, int64_t lo, int64_t hi,    \
+                     const GroupScalars *gs, const TensorScalars *ts, const int unscale,            \
+                     const int amsgrad) {                                                           \
+        const M decay = (M)gs->decay;                                                               \
+        const M weight = (M)gs->lerp_weight;                                                        \
+        /* torch's lerp: from the nearer end, so a weight near 1 loses no precision */              \
+        const int from_start = fabs((double)weight) < 0.5;                                          \
+        const M coeff = from_start ? weight : weight - (M)1;                                        \
+        const M beta2 = (M)gs->beta2;                                                               \
+        const M one_minus_beta2 = (M)gs->one_minus_beta2;                                           \
+        const M eps = (M)gs->eps;                                                                   \
+        const M scale = (M)gs->grad_scale;                                                          \
+        const M sign = (M)gs->grad_sign;                                                            \
+        const M step_size = (M)ts->step_size;                                                       \
+        const M bc2_sqrt = (M)ts->bias_correction2_sqrt;                                            \
+        _Pragma("omp simd")                                                                         \
+        for (int64_t i = lo; i < hi; i++) {                                                         \
+            M g = LOAD(grad[i]);                                                                    \
+            if (unscale) {                                                                          \
+                g = g / scale;                                                                      \
+                grad[i] = STORE(g);                                                                 \
+            }                                                                                       \
+            g = g * sign;                                                                           \
+            M p = LOAD(param[i]) * decay;                                                           \
+            M m = LOAD(exp_avg[i]);                                                                 \
+            m = FMA(coeff, g - m, from_start ? m : g);                                              \
+            M v = FMA(one_minus_beta2 * g, g, LOAD(exp_avg_sq[i]) * beta2);                         \
+            exp_avg[i] = STORE(m);                                                                  \
+            exp_avg_sq[i] = STORE(v);                                                               \
+            if (amsgrad) {                                                                          \
+                M old = LOAD(max_exp_avg_sq[i]);                                                    \
+                v = (old > v || old != old) ? old : v;                                              \
+                max_exp_avg_sq[i] = STORE(v);                                                       \
+            }                                                                                       \
+            M denom = SQRT(v) / bc2_sqrt + eps;                                                     \
+            param[i] = STORE(p - step_size * m / denom);                                            \
+        }                                                                                           \
+    }
+
+#define IDENTITY(x) (x)
+DEFINE_SEGMENT(segment_f32, float, float, IDENTITY, IDENTITY, fmaf, sqrtf)
+DEFINE_SEGMENT(segment_f64, double, double, IDENTITY, IDENTITY, fma, sqrt)
+DEFINE_SEGMENT(segment_bf16, uint16_t, float, bf16_to_float, float_to_bf16, fmaf, sqrtf)
+DEFINE_SEGMENT(segment_f16, uint16_t, float, fp16_to_float, float_to_fp16, fmaf, sqrtf)
+
+#define DISPATCH_VARIANTS(FN, T)                                                                    \
+    do {                                                                                            \
+        T *p = (T *)params[t], *g = (T *)grads[t], *m = (T *)exp_avgs[t], *v = (T *)exp_avg_sqs[t]; \
+        T *vmax = amsgrad ? (T *)max_exp_avg_sqs[t] : NULL;                                         \
+        if (unscale && amsgrad) FN(p, g, m, v, vmax, lo, hi, gs, ts, 1, 1);                         \
+        else if (unscale) FN(p, g, m, v, vmax, lo, hi, gs, ts, 1, 0);                               \
+        else if (amsgrad) FN(p, g, m, v, vmax, lo, hi, gs, ts, 0, 1);                               \
+        else FN(p, g, m, v, vmax, lo, hi, gs, ts, 0, 0);                                            \
+    } while (0)
+
+static void run_segment(int dtype, int64_t t, int64_t lo, int64_t hi, void *const *params,
+                        void *const *grads, void *const *exp_avgs, void *const *exp_avg_sqs,
+                        void *const *max_exp_avg_sqs, const GroupScalars *gs,
+                        const TensorScalars *ts, int unscale, int amsgrad) {
+    switch (dtype) {
+    case DTYPE_FLOAT32: DISPATCH_VARIANTS(segment_f32, float); break;
+    case DTYPE_FLOAT64: DISPATCH_VARIANTS(segment_f64, double); break;
+    case DTYPE_BFLOAT16: DISPATCH_VARIANTS(segment_bf16, uint16_t); break;
+    case DTYPE_FLOAT16: DISPATCH_VARIANTS(segment_f16, uint16_t); break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the work split */
+
+/* First tensor whose range ends after element `index` of the concatenation (offsets: n + 1). */
+static int64_t tensor_at(const int64_t *offsets, int64_t n, int64_t index) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (offsets[mid + 1] <= index) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Where thread `k` of `threads` starts: an equal share, moved back to a multiple of CUT_ALIGN
+ * elements from the start of the tensor it falls in. */
+static int64_t cut(const int64_t *offsets, int64_t n, int64_t total, int k, int threads) {
+    if (k <= 0) return 0;
+    if (k >= threads) return total;
+    int64_t index = (int64_t)((double)total * k / threads);
+    int64_t t = tensor_at(offsets, n, index);
+    return offsets[t] + ((index - offsets[t]) / CUT_ALIGN) * CUT_ALIGN;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the entry point */
+
+/* One AdamW step over `n` tensors of one dtype. Pointer arrays hold each tensor's data pointer
+ * (contiguous storage of `numels[t]` elements; max_exp_avg_sqs may be NULL without amsgrad);
+ * `steps` point to each tensor's step counter (float32 or float64 scalars), incremented here.
+ * Returns 0, or -1 for an unknown dtype and -2 when memory for the scalars ran out. */
+int adamw_step(int dtype, int64_t n, void *const *params, void *const *grads,
+               void *const *exp_avgs, void *const *exp_avg_sqs, void *const *max_exp_avg_sqs,
+               const int64_t *numels, void *const *steps, int step_dtype, double lr, double beta1,
+               double beta2, double eps, double weight_decay, int amsgrad, int maximize,
+               int unscale, double grad_scale, int num_threads) {
+    if (dtype < DTYPE_FLOAT32 || dtype > DTYPE_FLOAT16) return -1;
+    if (n <= 0) return 0;
+    TensorScalars *scalars = (TensorScalars *)malloc((size_t)n * sizeof(TensorScalars));
+    int64_t *offsets = (int64_t *)malloc((size_t)(n + 1) * sizeof(int64_t));
+    if (!scalars || !offsets) {
+        free(scalars);
+        free(offsets);
+        return -2;
+    }
+    offsets[0] = 0;
+    for (int64_t t = 0; t < n; t++) {
+        double step;
+        if (step_dtype == STEP_FLOAT64) {
+            double *s = (double *)steps[t];
+            *s += 1.0;
+            step = *s;
+        } else {
+            float *s = (float *)steps[t];
+            *s += 1.0f;
+            step = (double)*s;
+        }
+        const double bias_correction1 = 1.0 - pow(beta1, step);
+        const double bias_correction2 = 1.0 - pow(beta2, step);
+        scalars[t].step_size = lr / bias_correction1;
+        scalars[t].bias_correction2_sqrt = sqrt(bias_correction2);
+        offsets[t + 1] = offsets[t] + numels[t];
+    }
+    const GroupScalars gs = {
+        .decay = weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0,
+        .lerp_weight = 1.0 - beta1,
+        .beta2 = beta2,
+        .one_minus_beta2 = 1.0 - beta2,
+        .eps = eps,
+        .grad_scale = unscale ? grad_scale : 1.0,
+        .grad_sign = maximize ? -1.0 : 1.0,
+    };
+    const int64_t total = offsets[n];
+    int threads = num_threads > 0 ? num_threads : 1;
+    if (total < MIN_PARALLEL_NUMEL) threads = 1;
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int k = 0, count = 1;
+#ifdef _OPENMP
+        k = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        const int64_t begin = cut(offsets, n, total, k, count);
+        const int64_t end = cut(offsets, n, total, k + 1, count);
+        if (begin < end) {
+            for (int64_t t = tensor_at(offsets, n, begin); t < n && offsets[t] < end; t++) {
+                const int64_t lo = (begin > offsets[t] ? begin : offsets[t]) - offsets[t];
+                const int64_t hi = (end < offsets[t + 1] ? end : offsets[t + 1]) - offsets[t];
+                if (lo < hi)
+                    run_segment(dtype, t, lo, hi, params, grads, exp_avgs, exp_avg_sqs,
+                                max_exp_avg_sqs, &gs, &scalars[t], unscale, amsgrad);
+            }
+        }
+    }
+    free(scalars);
+    free(offsets);
+    return 0;
+}
+
+/* The ABI version the Python loader checks, bumped with any change to adamw_step's signature. */
+int adamw_abi_version(void) { return 1; }

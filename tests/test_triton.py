@@ -1,0 +1,624 @@
+"""The Triton kernel (backend "triton", ``fused=True`` on CUDA) against the float64 reference and torch's fused AdamW.
+
+Where no GPU is, the kernel runs on CPU tensors under Triton's interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1``): the kernel source a GPU runs, executed in numpy, slowly. Tensors are tiny;
+the interpreter's chunk is ``INTERPRETER_BLOCK`` (128) elements, so they still span full and partial
+chunks. Tests marked ``requires_cuda`` run on a GPU only (scripts/gpu_check.sh runs this file there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("triton")
+
+import adamw  # noqa: E402
+from adamw._math import ReferenceState, reference_step  # noqa: E402
+from adamw.backends import triton as triton_backend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
+
+STEPS = 3
+HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+
+# Our error against the float64 reference (max |ours - ref|, over the largest |ref| of that state)
+# may be this factor times torch's fused kernel's error on the same data, plus this many epsilons.
+TOLERANCE: dict[torch.dtype, tuple[float, float, str]] = {
+    torch.float64: (1.0, 4.0, "float64 math in both; lerp vs mul+add rounds a few ulps apart"),
+    torch.float32: (1.0, 4.0, "float32 math; torch's kernel keeps some products in double (seen ours <= torch)"),
+    torch.bfloat16: (1.0, 1.0, "rounding of the stored states dominates and is the same RNE (seen equal)"),
+    torch.float16: (1.0, 1.0, "rounding of the stored states dominates and is the same RNE (seen equal)"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
+    """Awkward shapes: several chunks with a partial one, exactly one chunk, 0-d, empty, a transposed
+    view (dense: run in place), a strided slice (not dense: run through copies)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    params = [randn(300), randn(), randn(0), randn(128), randn(40, 7).t(), randn(12, 30)[:, ::3], randn(5, 6)]
+    return [p.to(DEVICE) for p in params]
+
+
+def make_grads(params: list[Tensor], steps: int, seed: int = 1) -> list[list[Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            if p.dim() == 2 and p.stride(0) == 1:  # the transposed view: a grad laid out alike
+                g = g.t().contiguous().t()
+            grads.append(g)
+        grads[-1] = grads[-1].t().contiguous().t()  # a contiguous param with a transposed grad
+        out.append(grads)
+    return out
+
+
+def leaves(init: list[Tensor]) -> list[Tensor]:
+    """Leaf params with the layout of ``init`` (a slice stays a strided view of a larger tensor)."""
+    out = []
+    for p in init:
+        if p.dim() == 2 and not p.is_contiguous() and p.stride(0) != 1:
+            base = torch.zeros(p.shape[0], p.shape[1] * 3, dtype=p.dtype, device=p.device)
+            view = base[:, ::3]
+            view.copy_(p)
+            out.append(view.requires_grad_())
+        else:
+            out.append(p.clone().requires_grad_())
+    return out
+
+
+def run(make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[list[Tensor]]) -> tuple[list[Tensor], Any]:
+    params = leaves(init)
+    optimizer = make_optimizer(params)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+    return params, optimizer
+
+
+def ours(**options: Any) -> Callable[[list[Tensor]], Any]:
+    return lambda params: adamw.AdamW(params, backend="triton", **{**HYPER, **options})
+
+
+def torch_fused(**options: Any) -> Callable[[list[Tensor]], Any]:
+    return lambda params: torch.optim.AdamW(params, fused=True, **{**HYPER, **options})
+
+
+def reference(init: list[Tensor], grads: list[list[Tensor]], **options: Any) -> list[ReferenceState]:
+    states = [ReferenceState.from_param(p.cpu()) for p in init]
+    kw = {**HYPER, **options}
+    beta1, beta2 = kw.pop("betas")
+    kw.setdefault("weight_decay", 1e-2)
+    kw.setdefault("amsgrad", False)
+    kw.setdefault("maximize", False)
+    for step_grads in grads:
+        for state, g in zip(states, step_grads, strict=True):
+            reference_step(state, g.cpu(), beta1=beta1, beta2=beta2, **kw)
+    return states
+
+
+def state_of(params: list[Tensor], optimizer: Any, key: str) -> list[Tensor]:
+    if key == "param":
+        return [p.detach().cpu() for p in params]
+    return [optimizer.state[p][key].cpu() for p in params]
+
+
+def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
+    scale = max((w.abs().max().item() for w in want if w.numel()), default=1.0) or 1.0
+    return max(((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True) if g.numel()), default=0.0) / scale
+
+
+STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def assert_bitwise(a: list[Tensor], b: list[Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x, y)
+
+
+# --------------------------------------------------------------------------------------------------
+# accuracy
+
+
+FLAGS = {
+    "plain": dict(weight_decay=1e-2),
+    "amsgrad": dict(weight_decay=1e-1, amsgrad=True),
+    "maximize-no-decay": dict(weight_decay=0.0, maximize=True),
+    "amsgrad-maximize": dict(weight_decay=1e-2, amsgrad=True, maximize=True),
+}
+
+
+@pytest.mark.parametrize("flags", list(FLAGS), ids=list(FLAGS))
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_error_no_worse_than_torch_fused(dtype: torch.dtype, flags: str) -> None:
+    options = FLAGS[flags]
+    init = make_params(dtype)
+    grads = make_grads(init, STEPS)
+    params, optimizer = run(ours(**options), init, grads)
+    torch_params, torch_optimizer = run(torch_fused(**options), init, grads)
+    ref = reference(init, grads, **options)
+    factor, slack, _ = TOLERANCE[dtype]
+    keys = STATE_KEYS + (("max_exp_avg_sq",) if options.get("amsgrad") else ())
+    for key in keys:
+        want = [getattr(r, key) for r in ref]
+        error = relative_error(state_of(params, optimizer, key), want)
+        torch_error = relative_error(state_of(torch_params, torch_optimizer, key), want)
+        bound = factor * torch_error + slack * torch.finfo(dtype).eps
+        assert error <= bound, f"{key}: error {error:.3g} vs torch fused {torch_error:.3g} (bound {bound:.3g})"
+        for p in params:  # states keep the param's dtype, as torch's fused kernels do
+            assert state_of([p], optimizer, key)[0].dtype == dtype
+    for p, q in zip(params, torch_params, strict=True):
+        assert torch.equal(optimizer.state[p]["step"].cpu(), torch_optimizer.state[q]["step"].cpu())
+        assert optimizer.state[p]["step"].dtype == torch.float32 and optimizer.state[p]["step"].device == p.device
+
+
+def test_mixed_per_tensor_steps() -> None:
+    """Tensors at different steps in one launch: each reads its own counter for its bias corrections."""
+    init = make_params(torch.float32)[:4]
+    grads = make_grads(init, 4)
+    has_grad = [[True, True, True, True], [False, True, True, True], [False, False, True, True], [False, False, False, True]]
+
+    def drive(make_optimizer: Callable[[list[Tensor]], Any]) -> tuple[list[Tensor], Any]:
+        params = leaves(init)
+        optimizer = make_optimizer(params)
+        for k in range(4):
+            for i, p in enumerate(params):
+                p.grad = grads[k][i].clone() if has_grad[i][k] else None
+            optimizer.step()
+        return params, optimizer
+
+    params, optimizer = drive(ours())
+    torch_params, torch_optimizer = drive(torch_fused())
+    assert [optimizer.state[p]["step"].item() for p in params] == [4.0, 3.0, 2.0, 1.0]
+    for i, p in enumerate(params):
+        ref = ReferenceState.from_param(init[i].cpu())
+        for k in range(4):
+            if has_grad[i][k]:
+                reference_step(ref, grads[k][i].cpu(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
+        error = relative_error([p.detach().cpu()], [ref.param])
+        torch_error = relative_error([torch_params[i].detach().cpu()], [ref.param])
+        assert error <= torch_error + 4 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bfloat16_and_half_round_to_nearest_even(dtype: torch.dtype) -> None:
+    """One step from zero states: exp_avg = (1 - beta1) * g exactly rounded once to the storage dtype."""
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    p = torch.zeros(1000, dtype=dtype, device=DEVICE, requires_grad=True)
+    optimizer = adamw.AdamW([p], backend="triton", lr=0.0, weight_decay=0.0, betas=(0.75, 0.5))
+    p.grad = g.clone()
+    optimizer.step()
+    g32 = g.float()
+    assert torch.equal(optimizer.state[p]["exp_avg"], (0.25 * g32).to(dtype))
+    assert torch.equal(optimizer.state[p]["exp_avg_sq"], (0.5 * g32 * g32).to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# hyper-parameters as tensors
+
+
+def test_tensor_lr_reads_device_memory_and_follows_a_schedule() -> None:
+    """A float64 Tensor lr gives the bits of the same Python float, step after step, as it changes."""
+    init = make_params(torch.float32)
+    grads = make_grads(init, STEPS)
+    lr = torch.tensor(1e-2, dtype=torch.float64, device=DEVICE)
+    schedule = [1e-2, 3e-3, 5e-2]
+
+    params = leaves(init)
+    optimizer = adamw.AdamW(params, backend="triton", lr=lr)
+    float_params = leaves(init)
+    float_optimizer = adamw.AdamW(float_params, backend="triton", lr=1e-2)
+    for k in range(STEPS):
+        lr.fill_(schedule[k])
+        float_optimizer.param_groups[0]["lr"] = schedule[k]
+        for p, q, g in zip(params, float_params, grads[k], strict=True):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        optimizer.step()
+        float_optimizer.step()
+    for key in STATE_KEYS:
+        assert_bitwise(state_of(params, optimizer, key), state_of(float_params, float_optimizer, key))
+
+
+def test_tensor_betas_on_device_match_float_betas() -> None:
+    init = make_params(torch.float32)
+    grads = make_grads(init, STEPS)
+    betas = (torch.tensor(0.9, dtype=torch.float64, device=DEVICE), torch.tensor(0.999, dtype=torch.float64, device=DEVICE))
+    params, optimizer = run(lambda ps: adamw.AdamW(ps, backend="triton", lr=1e-2, betas=betas), init, grads)
+    float_params, float_optimizer = run(ours(), init, grads)
+    for key in STATE_KEYS:
+        for a, b in zip(state_of(params, optimizer, key), state_of(float_params, float_optimizer, key), strict=True):
+            # In-kernel log(beta) vs the host's: equal to float64 rounding, so float32 results agree.
+            torch.testing.assert_close(a, b, rtol=2e-7, atol=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GradScaler's contract (torch's fused kernels: grads divided by grad_scale and stored unscaled;
+# found_inf == 1 skips the step; the step counter ends at step + 1 - found_inf)
+
+
+def _scaled_steps(make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[Tensor], found_inf: float) -> tuple[list[Tensor], Any]:
+    params = leaves(init)
+    optimizer = make_optimizer(params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    optimizer.step()  # first a plain step, so that states are nonzero
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g * 8.0
+    optimizer.grad_scale = torch.tensor(8.0, device=DEVICE)
+    optimizer.found_inf = torch.tensor(found_inf, device=DEVICE)
+    optimizer.step()
+    return params, optimizer
+
+
+def test_grad_scale_unscales_and_stores_unscaled_grads() -> None:
+    init = make_params(torch.float32)
+    grads = make_grads(init, 1)[0]
+    params, optimizer = _scaled_steps(ours(), init, grads, found_inf=0.0)
+    plain_params, plain_optimizer = run(ours(), init, [grads, grads])
+    for key in STATE_KEYS:
+        assert_bitwise(state_of(params, optimizer, key), state_of(plain_params, plain_optimizer, key))
+    for p, g in zip(params, grads, strict=True):
+        assert torch.equal(p.grad, g)  # 8 * g / 8 is exact in float32
+        assert optimizer.state[p]["step"].item() == 2.0
+
+
+@pytest.mark.parametrize("found_inf", [1.0, 2.0], ids=["skip", "not-one"])
+def test_found_inf_as_torch_fused(found_inf: float) -> None:
+    """1.0 leaves params, states, grads and step counters exactly as they were; any other value steps
+    and still subtracts it from the counter, as torch does."""
+    init = make_params(torch.float32)
+    grads = make_grads(init, 1)[0]
+    params, optimizer = _scaled_steps(ours(), init, grads, found_inf)
+    torch_params, torch_optimizer = _scaled_steps(torch_fused(), init, grads, found_inf)
+    for p, q in zip(params, torch_params, strict=True):
+        assert optimizer.state[p]["step"].item() == torch_optimizer.state[q]["step"].item() == 2.0 - found_inf
+    if found_inf == 1.0:
+        expected_params, expected_optimizer = run(ours(), init, [grads])
+    else:
+        # Not torch's states: its CPU kernel mis-steps a param whose grad is laid out differently
+        # when given grad_scale (torch 2.13); a step with found_inf = 0 is what torch does elsewhere.
+        expected_params, expected_optimizer = _scaled_steps(ours(), init, grads, 0.0)
+    for key in STATE_KEYS:
+        assert_bitwise(state_of(params, optimizer, key), state_of(expected_params, expected_optimizer, key))
+    for p, g in zip(params, grads, strict=True):
+        assert torch.equal(p.grad, g * 8.0 if found_inf == 1.0 else g)
+
+
+def test_grad_scaler_skips_an_overflowing_step() -> None:
+    """The real torch.amp.GradScaler hands grad_scale/found_inf to step() (no unscale pass)."""
+    model = torch.nn.Linear(6, 3).to(DEVICE)
+    optimizer = adamw.AdamW(model.parameters(), backend="triton")
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+    x = torch.randn(4, 6, device=DEVICE)
+    scaler.scale(model(x).square().sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    scaler.scale(model(x * float("inf")).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert optimizer.state[p]["step"].item() == 1.0
+    assert scaler.get_scale() == 2.0**9
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan cache
+
+
+def test_plan_is_reused_while_tensors_stay_and_rebuilt_when_they_change() -> None:
+    init = make_params(torch.float32)[:4]
+    grads = make_grads(init, 4)
+    params = leaves(init)
+    optimizer = adamw.AdamW(params, backend="triton", **HYPER)
+    ref = [ReferenceState.from_param(p.cpu()) for p in init]
+
+    def step(k: int, grad_tensors: list[Tensor]) -> None:
+        for p, g in zip(params, grad_tensors, strict=True):
+            p.grad = g
+        optimizer.step()
+        for r, g in zip(ref, grads[k], strict=True):
+            reference_step(r, g.cpu(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.detach().cpu().double(), r.param, rtol=1e-6, atol=1e-6)
+
+    kept = [g.clone() for g in grads[0]]
+    step(0, kept)
+    plan = triton_backend._plans[next(reversed(triton_backend._plans))]
+    for g, new in zip(kept, grads[1], strict=True):
+        g.copy_(new)  # same grad tensors, new values: the plan is reused
+    step(1, kept)
+    assert triton_backend._plans[next(reversed(triton_backend._plans))] is plan
+    step(2, [g.clone() for g in grads[2]])  # new grad tensors (the old ones are alive: new addresses)
+    assert triton_backend._plans[next(reversed(triton_backend._plans))] is not plan
+    params[0].data = params[0].data.clone()  # a param moved in memory
+    step(3, [g.clone() for g in grads[3]])
+
+
+def test_plans_are_evicted_but_not_those_a_graph_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
+    p = torch.zeros(3, device=DEVICE, requires_grad=True)
+    optimizer = adamw.AdamW([p], backend="triton")
+    alive = []  # every grad kept alive: a new grad address, so a new plan, each step
+    for _ in range(triton_backend._MAX_PLANS + 3):
+        p.grad = torch.ones(3, device=DEVICE)
+        alive.append(p.grad)
+        optimizer.step()
+    assert len(triton_backend._plans) == triton_backend._MAX_PLANS
+    first = next(iter(triton_backend._plans.values()))
+    first.in_graph = True
+    p.grad = torch.ones(3, device=DEVICE)
+    optimizer.step()
+    assert first in triton_backend._plans.values()
+
+
+# --------------------------------------------------------------------------------------------------
+# other tensors: DTensor (FSDP2), complex, wrong step counters
+
+
+@pytest.fixture
+def single_rank_group() -> Any:
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        yield init_device_mesh(DEVICE.type, (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_params_step_their_local_shards(single_rank_group: Any) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    init = [p for p in make_params(torch.float32) if p.is_contiguous() and p.dim() == 1]
+    grads = make_grads(init, 2)
+    params = [torch.nn.Parameter(distribute_tensor(p.clone(), single_rank_group, [Shard(0)])) for p in init]
+    optimizer = adamw.AdamW(params, backend="triton", **HYPER)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = distribute_tensor(g.clone(), single_rank_group, [Shard(0)])
+        optimizer.step()
+    plain_params, plain_optimizer = run(ours(), init, grads)
+    for p, q in zip(params, plain_params, strict=True):
+        assert torch.equal(p.to_local(), q.detach())
+        assert torch.equal(optimizer.state[p]["exp_avg_sq"].to_local(), plain_optimizer.state[q]["exp_avg_sq"])
+
+
+def test_complex_params_step_as_real_pairs() -> None:
+    params = [torch.randn(70, dtype=torch.complex64, device=DEVICE), torch.randn(3, 2, dtype=torch.complex64, device=DEVICE)]
+    grads = [torch.randn_like(p) for p in params]
+
+    def functional(backend: str) -> list[Tensor]:
+        ps = [p.clone() for p in params]
+        states = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+        steps = [torch.zeros((), device=DEVICE) for _ in ps]
+        adamw.adamw(ps, [g.clone() for g in grads], *states, [], steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, has_complex=True, backend=backend)
+        return ps
+
+    for a, b in zip(functional("triton"), functional("forloop"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_counter_on_the_wrong_device_or_dtype_is_an_error() -> None:
+    p = torch.zeros(3, device=DEVICE, requires_grad=True)
+    optimizer = adamw.AdamW([p], backend="triton")
+    p.grad = torch.ones(3, device=DEVICE)
+    optimizer.step()
+    optimizer.state[p]["step"] = optimizer.state[p]["step"].double()
+    with pytest.raises(RuntimeError, match="float32 scalar"):
+        optimizer.step()
+
+
+def test_package_works_without_triton() -> None:
+    """Triton is an extra: without it adamw imports and steps; the Triton backend says what to install."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # any "import triton" now fails as if it were not installed
+        import torch, adamw
+        p = torch.zeros(3, requires_grad=True)
+        p.grad = torch.ones(3)
+        adamw.AdamW([p]).step()
+        q = torch.zeros(3, requires_grad=True)
+        q.grad = torch.ones(3)
+        try:
+            adamw.AdamW([q], backend="triton").step()
+        except RuntimeError as error:
+            assert "adamw[triton]" in str(error), error
+        else:
+            raise AssertionError("no error without triton")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# compiled for a GPU (no GPU needed: Triton compiles to PTX and cubin on the CPU)
+
+_COMPILE_CHECK = textwrap.dedent(
+    """
+    import os, re
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from adamw.backends import _triton_kernels as K, triton as backend
+
+    def compile(fn, signature, constants, num_warps):
+        for name in constants:
+            signature.setdefault(name, "constexpr")
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs={(0,): [["tt.divisibility", 16]]})
+        options = {"num_warps": num_warps, "enable_fp_fusion": True}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    def adamw_ptx(dtype, aligned, amsgrad=False, device_scalars=False, scaler=False):
+        floats = {n: "fp64" for n in ["lr", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay"]}
+        signature = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", **floats}
+        constants = dict(BLOCK=backend.CUDA_BLOCK, AMSGRAD=amsgrad, MAXIMIZE=True, HAS_WEIGHT_DECAY=True,
+                         LR_ON_DEVICE=device_scalars, BETAS_ON_DEVICE=device_scalars, HAS_GRAD_SCALE=scaler,
+                         HAS_FOUND_INF=scaler, ALIGNED=aligned, DTYPE=dtype,
+                         ACC=tl.float64 if dtype == tl.float64 else tl.float32)
+        for name, on in [("lr_ptr", device_scalars), ("beta1_ptr", device_scalars), ("beta2_ptr", device_scalars),
+                         ("grad_scale_ptr", scaler), ("found_inf_ptr", scaler)]:
+            if on:
+                signature[name] = "*fp32"
+            else:
+                constants[name] = None
+        return compile(K.adamw_kernel, signature, constants, backend.CUDA_NUM_WARPS)
+
+    ptx = adamw_ptx(tl.float32, aligned=True)
+    assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "aligned float32 chunks must use 128-bit loads"
+    assert re.search(r"st\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "aligned float32 chunks must use 128-bit stores"
+    assert not re.search(r"\\.v4\\.", adamw_ptx(tl.float32, aligned=False)), "unaligned tensors must not"
+    assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", adamw_ptx(tl.bfloat16, aligned=True))
+    adamw_ptx(tl.float16, aligned=True, amsgrad=True, device_scalars=True, scaler=True)
+    adamw_ptx(tl.float64, aligned=True, amsgrad=True, device_scalars=True, scaler=True)
+    compile(K.bump_steps_kernel, {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "n_tensors": "i32"},
+            dict(HAS_FOUND_INF=True, BLOCK=1024), 4)
+    print("ok")
+    """
+)
+
+
+def test_kernels_compile_for_hopper_with_vector_accesses() -> None:
+    """The real compiler (not the interpreter) accepts every variant, for sm_90 as on an H100, and
+    the alignment facts reach it: aligned chunks load and store 128 bits at a time."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile for a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@requires_cuda
+def test_cuda_graph_replays_the_eager_steps() -> None:
+    """A whole training step (forward, backward with grads allocated inside the capture, fused step
+    with a Tensor lr) captured once and replayed gives the parameters of the same eager steps."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(16, 32, device="cuda") for _ in range(5)]
+
+    def make() -> tuple[torch.nn.Module, adamw.AdamW]:
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 3)).cuda()
+        optimizer = adamw.AdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), fused=True, capturable=True)
+        return model, optimizer
+
+    eager_model, eager_optimizer = make()
+    for x in inputs:
+        eager_optimizer.zero_grad(set_to_none=True)
+        eager_model(x).square().mean().backward()
+        eager_optimizer.step()
+
+    model, optimizer = make()
+    static_x = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: one eager step (builds the kernel and its table)
+        optimizer.zero_grad(set_to_none=True)
+        model(static_x).square().mean().backward()
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        model(static_x).square().mean().backward()
+        optimizer.step()
+    for x in inputs[1:]:
+        static_x.copy_(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["exp_avg_sq"], eager_optimizer.state[q]["exp_avg_sq"])
+        assert optimizer.state[p]["step"].item() == len(inputs)
+
+
+@requires_cuda
+def test_lr_changes_never_recompile() -> None:
+    from adamw.backends import _triton_kernels as kernels
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for entry in kernels.adamw_kernel.device_caches.values())
+
+    p = torch.randn(5000, device="cuda", requires_grad=True)
+    optimizer = adamw.AdamW([p], fused=True)
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    before = compiled()
+    for lr in (1e-4, 3e-2, 0.5, 1.0):
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step()
+    assert compiled() == before
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_tensors_close_to_torch_fused(dtype: torch.dtype) -> None:
+    """Many full chunks and partial ones on the GPU, against torch's fused kernel: one group of
+    16-byte aligned tensors (vector accesses), one with a view that starts 2 bytes in (scalar ones)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def make() -> list[list[Tensor]]:
+        base = torch.randn(2**20 + 9, device="cuda", generator=gen).to(dtype)
+        unaligned = base[1 : 2**20 + 4]
+        aligned = [torch.randn(2**20 + 3, device="cuda", generator=gen).to(dtype), torch.randn(1000, 77, device="cuda", generator=gen).to(dtype)]
+        return [[p.requires_grad_() for p in aligned], [unaligned.requires_grad_()]]
+
+    groups = make()
+    torch_groups = [[p.detach().clone().requires_grad_() for p in group] for group in groups]
+    optimizer = adamw.AdamW([{"params": g} for g in groups], backend="triton", amsgrad=True, **HYPER)
+    torch_optimizer = torch.optim.AdamW([{"params": g} for g in torch_groups], fused=True, amsgrad=True, **HYPER)
+    for _ in range(3):
+        for group, torch_group in zip(groups, torch_groups, strict=True):
+            for p, q in zip(group, torch_group, strict=True):
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(dtype)
+                q.grad = p.grad.clone()
+        optimizer.step()
+        torch_optimizer.step()
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    params = [p for g in groups for p in g]
+    torch_params = [p for g in torch_groups for p in g]
+    for key in STATE_KEYS + ("max_exp_avg_sq",):
+        for a, b in zip(state_of(params, optimizer, key), state_of(torch_params, torch_optimizer, key), strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

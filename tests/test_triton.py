@@ -90,7 +90,9 @@ def leaves(init: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def run(make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[list[Tensor]]) -> tuple[list[Tensor], Any]:
+def run(
+    make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[list[Tensor]]
+) -> tuple[list[Tensor], Any]:
     params = leaves(init)
     optimizer = make_optimizer(params)
     for step_grads in grads:
@@ -129,7 +131,10 @@ def state_of(params: list[Tensor], optimizer: Any, key: str) -> list[Tensor]:
 
 def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
     scale = max((w.abs().max().item() for w in want if w.numel()), default=1.0) or 1.0
-    return max(((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True) if g.numel()), default=0.0) / scale
+    return (
+        max(((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True) if g.numel()), default=0.0)
+        / scale
+    )
 
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -180,7 +185,12 @@ def test_mixed_per_tensor_steps() -> None:
     """Tensors at different steps in one launch: each reads its own counter for its bias corrections."""
     init = make_params(torch.float32)[:4]
     grads = make_grads(init, 4)
-    has_grad = [[True, True, True, True], [False, True, True, True], [False, False, True, True], [False, False, False, True]]
+    has_grad = [
+        [True, True, True, True],
+        [False, True, True, True],
+        [False, False, True, True],
+        [False, False, False, True],
+    ]
 
     def drive(make_optimizer: Callable[[list[Tensor]], Any]) -> tuple[list[Tensor], Any]:
         params = leaves(init)
@@ -198,7 +208,17 @@ def test_mixed_per_tensor_steps() -> None:
         ref = ReferenceState.from_param(init[i].cpu())
         for k in range(4):
             if has_grad[i][k]:
-                reference_step(ref, grads[k][i].cpu(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
+                reference_step(
+                    ref,
+                    grads[k][i].cpu(),
+                    lr=1e-2,
+                    beta1=0.9,
+                    beta2=0.999,
+                    eps=1e-8,
+                    weight_decay=1e-2,
+                    amsgrad=False,
+                    maximize=False,
+                )
         error = relative_error([p.detach().cpu()], [ref.param])
         torch_error = relative_error([torch_params[i].detach().cpu()], [ref.param])
         assert error <= torch_error + 4 * torch.finfo(torch.float32).eps
@@ -247,7 +267,10 @@ def test_tensor_lr_reads_device_memory_and_follows_a_schedule() -> None:
 def test_tensor_betas_on_device_match_float_betas() -> None:
     init = make_params(torch.float32)
     grads = make_grads(init, STEPS)
-    betas = (torch.tensor(0.9, dtype=torch.float64, device=DEVICE), torch.tensor(0.999, dtype=torch.float64, device=DEVICE))
+    betas = (
+        torch.tensor(0.9, dtype=torch.float64, device=DEVICE),
+        torch.tensor(0.999, dtype=torch.float64, device=DEVICE),
+    )
     params, optimizer = run(lambda ps: adamw.AdamW(ps, backend="triton", lr=1e-2, betas=betas), init, grads)
     float_params, float_optimizer = run(ours(), init, grads)
     for key in STATE_KEYS:
@@ -261,7 +284,9 @@ def test_tensor_betas_on_device_match_float_betas() -> None:
 # found_inf == 1 skips the step; the step counter ends at step + 1 - found_inf)
 
 
-def _scaled_steps(make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[Tensor], found_inf: float) -> tuple[list[Tensor], Any]:
+def _scaled_steps(
+    make_optimizer: Callable[[list[Tensor]], Any], init: list[Tensor], grads: list[Tensor], found_inf: float
+) -> tuple[list[Tensor], Any]:
     params = leaves(init)
     optimizer = make_optimizer(params)
     for p, g in zip(params, grads, strict=True):
@@ -345,7 +370,9 @@ def test_plan_is_reused_while_tensors_stay_and_rebuilt_when_they_change() -> Non
             p.grad = g
         optimizer.step()
         for r, g in zip(ref, grads[k], strict=True):
-            reference_step(r, g.cpu(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
+            reference_step(
+                r, g.cpu(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False
+            )
         for p, r in zip(params, ref, strict=True):
             torch.testing.assert_close(p.detach().cpu().double(), r.param, rtol=1e-6, atol=1e-6)
 
@@ -417,14 +444,30 @@ def test_dtensor_params_step_their_local_shards(single_rank_group: Any) -> None:
 
 
 def test_complex_params_step_as_real_pairs() -> None:
-    params = [torch.randn(70, dtype=torch.complex64, device=DEVICE), torch.randn(3, 2, dtype=torch.complex64, device=DEVICE)]
+    params = [
+        torch.randn(70, dtype=torch.complex64, device=DEVICE),
+        torch.randn(3, 2, dtype=torch.complex64, device=DEVICE),
+    ]
     grads = [torch.randn_like(p) for p in params]
 
     def functional(backend: str) -> list[Tensor]:
         ps = [p.clone() for p in params]
         states = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
         steps = [torch.zeros((), device=DEVICE) for _ in ps]
-        adamw.adamw(ps, [g.clone() for g in grads], *states, [], steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, has_complex=True, backend=backend)
+        adamw.adamw(
+            ps,
+            [g.clone() for g in grads],
+            *states,
+            [],
+            steps,
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            has_complex=True,
+            backend=backend,
+        )
         return ps
 
     for a, b in zip(functional("triton"), functional("forloop"), strict=True):
@@ -523,7 +566,9 @@ def test_kernels_compile_for_hopper_with_vector_accesses() -> None:
         pytest.skip("no ptxas to compile for a GPU")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
@@ -602,7 +647,10 @@ def test_large_tensors_close_to_torch_fused(dtype: torch.dtype) -> None:
     def make() -> list[list[Tensor]]:
         base = torch.randn(2**20 + 9, device="cuda", generator=gen).to(dtype)
         unaligned = base[1 : 2**20 + 4]
-        aligned = [torch.randn(2**20 + 3, device="cuda", generator=gen).to(dtype), torch.randn(1000, 77, device="cuda", generator=gen).to(dtype)]
+        aligned = [
+            torch.randn(2**20 + 3, device="cuda", generator=gen).to(dtype),
+            torch.randn(1000, 77, device="cuda", generator=gen).to(dtype),
+        ]
         return [[p.requires_grad_() for p in aligned], [unaligned.requires_grad_()]]
 
     groups = make()

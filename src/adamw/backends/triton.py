@@ -108,7 +108,12 @@ def step(
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else [], state_steps]
     lists = _local_views(lists, hyper.has_complex)
     capturing = _is_capturing(lists[0][0].device)
-    key = (CUDA_BLOCK, INTERPRETER_BLOCK, tuple(map(Tensor.data_ptr, chain(*lists))), tuple(map(Tensor.numel, lists[0])))
+    key = (
+        CUDA_BLOCK,
+        INTERPRETER_BLOCK,
+        tuple(map(Tensor.data_ptr, chain(*lists))),
+        tuple(map(Tensor.numel, lists[0])),
+    )
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
@@ -210,9 +215,12 @@ def _log(beta: float) -> float:
 
 def _triton_dtype(dtype: torch.dtype, kernels: ModuleType) -> Any:
     tl = kernels.tl
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}[
-        dtype
-    ]
+    return {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }[dtype]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -353,7 +361,9 @@ def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -
             "in the environment before the first step (before adamw.backends.triton is imported)"
         )
     if param.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}")
+        raise RuntimeError(
+            f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}"
+        )
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise RuntimeError(f"backend='triton' steps float64/32/16 and bfloat16 params, not {param.dtype}")
     names = ("grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")

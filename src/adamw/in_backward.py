@@ -9,8 +9,8 @@ of its group, so each parameter gets the bits a standard step would give it.
 
 What changes for the training loop:
 
-* there is no ``optimizer.step()`` (calling it raises, so a loop written for a standard step fails
-  loudly instead of silently doing nothing); ``zero_grad()`` is not needed either;
+* there is no ``optimizer.step()`` (after a backward it raises, so a loop written for a standard
+  step fails loudly instead of silently doing nothing); ``zero_grad()`` is not needed either;
 * LR schedulers work unchanged: they change ``param_groups[i]["lr"]``, read at each parameter's step;
 * ``state_dict()``/``load_state_dict()`` are :class:`adamw.AdamW`'s, so checkpoints move between a
   standard and an in-backward run in both directions;
@@ -121,7 +121,12 @@ class AdamWInBackward(AdamW):
         self._hooks.clear()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Refused while the hooks are on: the parameters were stepped in ``backward()``."""
+        """Step the parameters that hold a gradient, as ``AdamW.step``; while the hooks are on, raise
+        when none does (backward() stepped them already) or when GradScaler calls.
+
+        Gradients set by hand are stepped: ``torch.distributed.checkpoint`` builds the state of a
+        fresh optimizer that way (zero gradients, ``lr`` 0, one step).
+        """
         if self._hooks:
             if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
                 raise RuntimeError(
@@ -130,10 +135,11 @@ class AdamWInBackward(AdamW):
                     "then the others were stepped. Use bfloat16 autocast (no loss scaling needed), or "
                     "call remove() and step as usual."
                 )
-            raise RuntimeError(
-                "the parameters of this optimizer are stepped inside backward(): drop the call to "
-                "step() (and zero_grad()), or call remove() first to step as a standard AdamW"
-            )
+            if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+                raise RuntimeError(
+                    "the parameters of this optimizer are stepped inside backward(): drop the call to "
+                    "step() (and zero_grad()), or call remove() first to step as a standard AdamW"
+                )
         return super().step(closure)
 
     def _step_and_free(self, param: Tensor) -> None:

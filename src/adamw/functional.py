@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .backends import foreach as _foreach_backend
+from .backends import forloop as _forloop_backend
 from .backends._common import Hyper
 
 BackendName = Literal["forloop", "foreach", "cpu", "triton"]
@@ -78,7 +80,10 @@ def _foreach_types() -> tuple[type, ...]:
 
 
 StepFn = Callable[..., None]
-_loaded: dict[str, StepFn] = {}
+# The two torch-only backends are loaded up front: importlib inside a torch.compile'd step is a graph
+# break, and on the first (state-creating) step that made dynamo trace _init_group on fake tensors,
+# so the foreach step failed to compile. The optional fused backends are imported on first use.
+_loaded: dict[str, StepFn] = {"forloop": _forloop_backend.step, "foreach": _foreach_backend.step}
 
 
 def backend_step(name: str) -> StepFn:

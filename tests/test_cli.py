@@ -1,0 +1,125 @@
+"""The ``adamw`` command: ``adamw bench --quick`` end to end, its JSON, its byte count and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adamw import bench
+from adamw.__main__ import main
+
+TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
+OUR_TORCH_OP_IMPLS = ("adamw-forloop", "adamw-foreach")  # no kernel to build: must always run
+
+
+def _bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "out.json"
+    assert main(["bench", "--quick", "--no-progress", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _bench_json(tmp_path_factory.mktemp("bench"))
+
+
+def test_quick_run_has_every_pair_with_positive_numbers(quick_run: dict[str, Any]) -> None:
+    meta, copy, results = quick_run["meta"], quick_run["copy"], quick_run["results"]
+    for key in ("date", "device", "device_name", "torch", "adamw", "threads", "steps", "warmup", "windows"):
+        assert key in meta
+    assert meta["device"] in ("cpu", "cuda") and meta["threads"] >= 1 and meta["quick"] is True
+    assert copy["gb_per_s"] > 0 and copy["ms_median"] > 0 and len(copy["window_ms"]) >= 1
+
+    pairs = {(r["workload"], r["impl"]) for r in results}
+    assert pairs == {(w, i) for w in bench.WORKLOADS for i in bench.IMPLEMENTATIONS}
+    for r in results:
+        if r["status"] != "ok":
+            # Only a kernel of ours may be missing here (not built yet, no compiler); it must say why.
+            assert r["impl"] not in TORCH_IMPLS + OUR_TORCH_OP_IMPLS, r
+            assert r["status"] == "unavailable" and r["reason"], r
+            continue
+        for key in ("ms_median", "ms_min", "ms_max", "params_per_s", "gb_per_s", "fraction_of_copy", "vs_torch_fused"):
+            assert r[key] > 0, (key, r)
+        assert r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        assert len(r["window_ms"]) == meta["windows"]
+        assert r["n_params"] > 0 and r["bytes_per_step"] > 0
+    fused = [r for r in results if r["impl"] == "torch-fused"]
+    assert all(r["vs_torch_fused"] == pytest.approx(1.0) for r in fused)
+
+
+@pytest.mark.parametrize(
+    ("workload", "amsgrad", "bytes_per_element"),
+    [
+        ("big", False, 28),  # float32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq
+        ("bf16", False, 14),  # the same seven accesses at 2 bytes
+        ("big", True, 36),  # + read and write max_exp_avg_sq
+    ],
+)
+def test_bytes_per_step_is_seven_accesses_per_element(
+    tmp_path: Path, workload: str, amsgrad: bool, bytes_per_element: int
+) -> None:
+    args = ["--workloads", workload, "--impls", "torch-fused,adamw-forloop", *(["--amsgrad"] if amsgrad else [])]
+    results = _bench_json(tmp_path, *args)["results"]
+    n_params = sum(_numel(shape) for shape in bench.WORKLOADS[workload].quick_shapes)
+    assert len(results) == 2
+    for r in results:
+        assert r["n_params"] == n_params
+        assert r["bytes_per_step"] == bytes_per_element * n_params, r["impl"]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def test_gpt2_small_has_124m_parameters() -> None:
+    assert sum(_numel(s) for s in bench.gpt2_shapes()) == 124_439_808
+
+
+def test_an_implementation_that_fails_is_reported_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(params: Any, hyper: Any) -> Any:
+        raise ImportError("kernel not built")
+
+    registry = {**bench.IMPLEMENTATIONS, "broken": bench.Implementation("broken", "always fails", broken)}
+    monkeypatch.setattr(bench, "IMPLEMENTATIONS", registry)
+    results = _bench_json(tmp_path, "--workloads", "big", "--impls", "torch-fused,broken")["results"]
+    status = {r["impl"]: (r["status"], r["reason"]) for r in results}
+    assert status == {"torch-fused": ("ok", ""), "broken": ("unavailable", "ImportError: kernel not built")}
+    assert "unavailable: ImportError: kernel not built" in capsys.readouterr().out
+
+
+def test_table_names_the_device_and_the_copy_bandwidth(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--no-progress", "--workloads", "many", "--impls", "torch-foreach"]) == 0
+    out = capsys.readouterr().out
+    assert "device:" in out and "copy bandwidth" in out and "torch " in out
+    assert any(line.startswith("many") and "torch-foreach" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("option", ["--workloads", "--impls"])
+def test_unknown_name_is_a_usage_error_listing_valid_names(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", option, "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    registry = bench.WORKLOADS if option == "--workloads" else bench.IMPLEMENTATIONS
+    assert "'nope'" in err and "valid: " + ", ".join(registry) in err
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def test_python_m_adamw_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "adamw", "bench", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "7*s" in done.stdout and "--json" in done.stdout and "gpt2" in done.stdout

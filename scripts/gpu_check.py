@@ -1,0 +1,230 @@
+"""GPU acceptance checks of the Triton backend (``fused=True`` on CUDA); run by scripts/gpu_check.sh.
+
+1. capture: a whole training step (forward, backward with grads allocated inside the capture, the
+   fused step with a Tensor lr) captured in a CUDA graph and replayed, against the same eager steps:
+   parameters and every state must be bitwise equal.
+2. speed: one step of torch.optim.AdamW (foreach, fused) and ours (fused=True), float32, on
+   - one 256M-element tensor          (ours >= 0.95x torch fused)
+   - GPT-2 small's 148 shapes         (ours >= 1.0x)
+   - 1000 tensors of 32K elements     (ours >= 1.1x)
+   and a device copy ``dst.copy_(src)`` of 1 GiB: ours must move >= 85% of its bytes per second.
+   Bytes a step moves: float32 param, grad, exp_avg, exp_avg_sq read and param, exp_avg, exp_avg_sq
+   written (7 x 4 bytes per element). Timing (as HeavyBall's step benchmark): warm-up, then windows
+   of steps between synchronizations, the median window; implementations interleaved per round.
+3. tune: our kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults in
+   src/adamw/backends/triton.py (CUDA_BLOCK, CUDA_NUM_WARPS).
+
+Writes a JSON summary to --out and prints PASS/FAIL per criterion; exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adamw
+from adamw.backends import triton as triton_backend
+
+BYTES_PER_ELEMENT = 7 * 4
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    d, d4 = 768, 3072
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, d4), (d4,), (d4, d), (d,)]
+    return [(50257, d), (1024, d), *block * 12, (d,), (d,)]
+
+
+WORKLOADS: dict[str, tuple[list[tuple[int, ...]], float]] = {
+    # name: (shapes, ours / torch fused speed ratio required)
+    "one-256M": ([(256 * 2**20,)], 0.95),
+    "gpt2-small": (gpt2_small_shapes(), 1.0),
+    "1000x32K": ([(32 * 1024,)] * 1000, 1.1),
+}
+
+
+def timed(step: Callable[[], None], *, warmup: int = 3, window: int = 10, windows: int = 7) -> float:
+    """Median seconds per step over ``windows`` windows of ``window`` steps (host time included)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(windows):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(window):
+            step()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / window)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), window=20)
+    return 2 * nbytes / seconds
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, device="cuda", generator=gen).requires_grad_()
+        p.grad = torch.randn(shape, device="cuda", generator=gen) * 1e-2
+        params.append(p)
+    return params
+
+
+IMPLEMENTATIONS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "torch-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    "ours-fused": lambda ps: adamw.AdamW(ps, lr=1e-3, fused=True),
+}
+
+
+def speed(results: dict[str, Any], failures: list[str]) -> None:
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"device copy: {bandwidth / 1e9:.0f} GB/s")
+    for name, (shapes, required) in WORKLOADS.items():
+        params = make_params(shapes)
+        numel = sum(p.numel() for p in params)
+        seconds: dict[str, float] = {}
+        optimizers = {impl: make(params) for impl, make in IMPLEMENTATIONS.items()}
+        for _round in range(2):  # interleaved, the second round counts
+            for impl, optimizer in optimizers.items():
+                seconds[impl] = timed(optimizer.step)
+        del optimizers
+        torch.cuda.empty_cache()
+        ratio = seconds["torch-fused"] / seconds["ours-fused"]
+        achieved = numel * BYTES_PER_ELEMENT / seconds["ours-fused"]
+        results[name] = {
+            "tensors": len(shapes),
+            "numel": numel,
+            **{f"{impl}_ms": s * 1e3 for impl, s in seconds.items()},
+            "speedup_vs_torch_fused": ratio,
+            "bandwidth_fraction": achieved / bandwidth,
+        }
+        line = ", ".join(f"{impl} {s * 1e3:.3f} ms" for impl, s in seconds.items())
+        print(f"{name}: {line}; ours/torch-fused speed {ratio:.3f}x; {achieved / bandwidth:.1%} of copy bandwidth")
+        if ratio < required:
+            failures.append(f"{name}: {ratio:.3f}x torch fused < {required}x")
+        if name == "one-256M" and achieved / bandwidth < 0.85:
+            failures.append(f"{name}: {achieved / bandwidth:.1%} of copy bandwidth < 85%")
+        del params
+        torch.cuda.empty_cache()
+
+
+def tune(results: dict[str, Any]) -> None:
+    defaults = (triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS)
+    table: dict[str, dict[str, float]] = {}
+    for name in ("one-256M", "1000x32K"):
+        params = make_params(WORKLOADS[name][0])
+        optimizer = adamw.AdamW(params, lr=1e-3, fused=True)
+        table[name] = {}
+        for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]:
+            triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS = block, warps
+            ms = timed(optimizer.step) * 1e3
+            table[name][f"BLOCK={block},num_warps={warps}"] = ms
+            print(f"tune {name}: BLOCK={block} num_warps={warps}: {ms:.3f} ms")
+        del optimizer, params
+        torch.cuda.empty_cache()
+    triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS = defaults
+    triton_backend.clear_plans()
+    results["tune_ms"] = table
+
+
+def capture(results: dict[str, Any], failures: list[str]) -> None:
+    inputs = [torch.randn(64, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)) for i in range(6)]
+
+    def make() -> tuple[torch.nn.Module, adamw.AdamW]:
+        torch.manual_seed(1)
+        layers = [torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256), torch.nn.LayerNorm(256)]
+        model = torch.nn.Sequential(*layers).cuda()
+        lr = torch.tensor(3e-3, device="cuda")
+        return model, adamw.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True, capturable=True)
+
+    def loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).square().mean()
+
+    eager_model, eager_optimizer = make()
+    for x in inputs:
+        eager_optimizer.zero_grad(set_to_none=True)
+        loss(eager_model, x).backward()
+        eager_optimizer.step()
+
+    model, optimizer = make()
+    static_x = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # torch's warm-up recipe: one eager step on a side stream
+        optimizer.zero_grad(set_to_none=True)
+        loss(model, static_x).backward()
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # grads of the captured backward come from the graph's pool
+    with torch.cuda.graph(graph):
+        loss(model, static_x).backward()
+        optimizer.step()
+    for x in inputs[1:]:
+        static_x.copy_(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    equal = all(torch.equal(p, q) for p, q in zip(model.parameters(), eager_model.parameters(), strict=True))
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        equal &= all(
+            torch.equal(optimizer.state[p][key], eager_optimizer.state[q][key])
+            for p, q in zip(model.parameters(), eager_model.parameters(), strict=True)
+        )
+    results["capture_replay_equals_eager"] = equal
+    print(f"capture: {len(inputs) - 1} replays {'==' if equal else '!='} eager steps (params and states, bitwise)")
+    if not equal:
+        failures.append("a captured step did not replay to the eager result")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check_out")
+    parser.add_argument("--skip", default="", help="comma list of {capture,speed,tune} to skip")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    import triton
+
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "CUDA_BLOCK": triton_backend.CUDA_BLOCK,
+        "CUDA_NUM_WARPS": triton_backend.CUDA_NUM_WARPS,
+    }
+    print(json.dumps(results))
+    failures: list[str] = []
+    started = time.perf_counter()
+    for name, check in (("capture", capture), ("speed", speed)):
+        if name not in skip:
+            check(results, failures)
+    if "tune" not in skip:
+        tune(results)
+    results["failures"] = failures
+    results["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    print("FAIL:\n  " + "\n  ".join(failures) if failures else "PASS: every acceptance criterion")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

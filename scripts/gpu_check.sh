@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks of the Triton backend, in one go, on a machine with an NVIDIA GPU (H100/H200 with
+# torch 2.11 and triton 3.6 installed; no network needed). Run from the repository root:
+#
+#     bash scripts/gpu_check.sh            # results under $OUT (default: gpu_check_out/)
+#
+# Stages, most important first, each under its own time limit (seconds, overridable):
+#   1. tests/test_triton.py on CUDA tensors (compiled kernel; graph capture; parity with torch fused)
+#   2. scripts/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep
+#   3. the whole test suite
+#   4. python -m adamw bench --device cuda
+# Worst case 9 minutes (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
+# subset. Exit status: nonzero if any stage failed; every chosen stage runs regardless.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+PYTHON=${PYTHON:-python}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # the compiled kernel, not the interpreter
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .`
+STAGES=${STAGES:-test_triton gpu_check test_suite bench}
+status=0
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.txt"
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv
+    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/environment.txt"
+
+stage test_triton "${LIMIT_TEST_TRITON:-120}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_triton.py
+stage gpu_check "${LIMIT_GPU_CHECK:-150}" "$PYTHON" scripts/gpu_check.py --out "$OUT"
+stage test_suite "${LIMIT_TEST_SUITE:-150}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/
+stage bench "${LIMIT_BENCH:-120}" "$PYTHON" -m adamw bench --device cuda
+
+cat "$OUT/summary.txt"
+exit "$status"

@@ -1,0 +1,142 @@
+"""adamw.AdamW inside the rest of torch: LR schedulers, GradScaler with CPU autocast, torch.compile.
+
+Each runs beside torch.optim.AdamW on the same model and data; the mirror backends must give the
+same bits, the fused kernels the same results within the float32 tolerance of the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, StepLR
+
+import adamw
+from _helpers import (
+    MIRROR_BACKENDS,
+    REFERENCE_TOL,
+    assert_same_run,
+    backend_params,
+    torch_counterpart,
+)
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], LRScheduler]] = {
+    "StepLR": lambda opt: StepLR(opt, step_size=2, gamma=0.5),
+    # cycle_momentum drives betas[0] (AdamW has no "momentum"): the scheduler writes group["betas"].
+    "OneCycleLR": lambda opt: OneCycleLR(
+        opt, max_lr=0.1, total_steps=6, cycle_momentum=True, base_momentum=0.8, max_momentum=0.95
+    ),
+}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_close_run(ours: Any, theirs: Any, our_params: list[torch.Tensor], their_params: list[torch.Tensor]) -> None:
+    """For fused kernels: step counters exact, params and moments within the float32 tolerance."""
+    tol = REFERENCE_TOL[torch.float32]
+    for i, (a, b) in enumerate(zip(our_params, their_params, strict=True)):
+        torch.testing.assert_close(a, b, atol=tol.atol, rtol=tol.rtol, msg=lambda m, i=i: f"param {i}: {m}")
+        assert ours.state[a].keys() == theirs.state[b].keys()
+        for key, value in theirs.state[b].items():
+            actual = ours.state[a][key]
+            if key == "step":
+                assert actual.item() == value.item(), f"param {i} step {actual.item()} != {value.item()}"
+            else:
+                torch.testing.assert_close(actual, value, atol=tol.atol, rtol=tol.rtol)
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["foreach=False", "foreach=True"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS.values(), ids=SCHEDULERS.keys())
+def test_lr_scheduler(scheduler: Callable[[Any], LRScheduler], foreach: bool, lr_kind: str) -> None:
+    if foreach and lr_kind == "tensor":
+        pytest.skip("a Tensor lr needs capturable=True with foreach (CUDA only), in torch and ours alike")
+    x = _inputs()
+
+    def run(cls: type[torch.optim.Optimizer]) -> tuple[Any, list[torch.Tensor], list[Any]]:
+        model = _model()
+        lr = torch.tensor(0.01) if lr_kind == "tensor" else 0.01
+        opt = cls(model.parameters(), lr=lr, weight_decay=0.1, foreach=foreach)
+        sched = scheduler(opt)
+        history = []
+        for _ in range(6):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            sched.step()
+            group = opt.param_groups[0]
+            history.append((float(group["lr"]), tuple(float(b) for b in group["betas"])))
+        return opt, list(model.parameters()), history
+
+    ours, our_params, our_history = run(adamw.AdamW)
+    theirs, their_params, their_history = run(torch.optim.AdamW)
+    assert our_history == their_history
+    assert len(set(our_history)) > 2  # the schedule really moved lr (and betas for OneCycleLR)
+    assert_same_run(ours, theirs, our_params, their_params)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_scaler_with_cpu_autocast(backend: str, autocast_dtype: torch.dtype) -> None:
+    """Scaled, unscaled (in the optimizer for fused kernels) and one step skipped for an inf grad."""
+    x = _inputs()
+    skipped = 2
+
+    def run(cls: type[torch.optim.Optimizer], **flags: Any) -> tuple[Any, list[torch.Tensor], list[float]]:
+        model = _model()
+        opt = cls(model.parameters(), lr=0.01, weight_decay=0.1, amsgrad=True, **flags)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        scales = []
+        for step in range(5):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=autocast_dtype):
+                loss = model(x).float().square().mean()
+            scaler.scale(loss).backward()
+            if step == skipped:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        return opt, list(model.parameters()), scales
+
+    ours, our_params, our_scales = run(adamw.AdamW, backend=backend)
+    theirs, their_params, their_scales = run(torch.optim.AdamW, **torch_counterpart(backend))
+    assert our_scales == their_scales
+    assert our_scales[skipped] == our_scales[skipped - 1] / 2  # the inf was found: scale backed off
+    assert all(ours.state[p]["step"].item() == 4 for p in our_params)  # and that step was skipped
+    if backend in MIRROR_BACKENDS:
+        assert_same_run(ours, theirs, our_params, their_params)
+    else:
+        _assert_close_run(ours, theirs, our_params, their_params)
+
+
+def test_compiled_training_step() -> None:
+    """One torch.compile'd step (forward, backward, foreach AdamW) from a cold start: the first call
+    creates the state inside the compiled function. Inductor reorders float math, so not bitwise."""
+    torch._dynamo.reset()
+    x = _inputs()
+    models = [_model(), _model()]
+    ours = adamw.AdamW(models[0].parameters(), lr=0.01, weight_decay=0.1, amsgrad=True, foreach=True)
+    theirs = torch.optim.AdamW(models[1].parameters(), lr=0.01, weight_decay=0.1, amsgrad=True, foreach=True)
+
+    def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(train_step)
+    for _ in range(3):
+        compiled(models[0], ours)
+        train_step(models[1], theirs)
+    _assert_close_run(ours, theirs, list(models[0].parameters()), list(models[1].parameters()))

@@ -12,11 +12,17 @@ under a name that hashes the source, the compiler, the flags and the CPU, so lat
 without compiling; it is written to a temporary file and renamed, so concurrent first uses do not
 collide.
 
-**Without a compiler** (or when the build fails) the first ``step`` of an optimizer that asked for
+The library is built (or loaded) when this module is imported, which :mod:`adamw.functional`
+does on the first step that uses the backend, and :class:`adamw.AdamW` before it changes anything.
+
+**Without a compiler** (or when the build fails) that first ``step`` of an optimizer that asked for
 ``fused=True`` on CPU tensors (or ``backend="cpu"``) raises a ``RuntimeError`` that names the compiler
 and its error, before any param or state has changed. It does not silently fall back: the user asked
 for this kernel, and the for-loop or foreach path is one flag away (``fused=None`` or
 ``foreach=True``). Without OpenMP the kernel is built single-threaded, with a one-time warning.
+
+**Threads:** ``torch.get_num_threads()`` per call. The library links ``libgomp.so.1``, the OpenMP
+runtime torch itself loads, so both share one thread pool (no oversubscription).
 
 **GradScaler.** As torch's fused optimizers: grads are divided by ``grad_scale`` in the kernel (and
 stored back unscaled); when ``found_inf`` is nonzero nothing changes, the step counters included.
@@ -37,6 +43,7 @@ import sysconfig
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -76,7 +83,7 @@ class Library:
     path: Path
     compiled: bool  # False when it came from the cache
     openmp: bool
-    step_fn: ctypes._CFuncPtr
+    step_fn: Callable[..., int]
 
 
 def cache_dir() -> Path:
@@ -196,7 +203,7 @@ def _build_and_load() -> Library:
     )
 
 
-def _bind(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
+def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     if lib.adamw_abi_version() != ABI_VERSION:
         raise RuntimeError(f"adamw's CPU kernel has ABI {lib.adamw_abi_version()}, expected {ABI_VERSION}")
     fn = lib.adamw_step
@@ -263,7 +270,9 @@ def step(
         _step_one_dtype(fn, [[lst[i] for i in index] for lst in tensors], [state_steps[i] for i in index], scalars)
 
 
-def _step_one_dtype(fn: ctypes._CFuncPtr, tensors: list[list[Tensor]], steps: list[Tensor], scalars: tuple) -> None:
+def _step_one_dtype(
+    fn: Callable[..., int], tensors: list[list[Tensor]], steps: list[Tensor], scalars: tuple[float, ...]
+) -> None:
     copies: list[tuple[int, Tensor, Tensor]] = []
     if not all(all(map(_is_contiguous, lst)) for lst in tensors):
         tensors, copies = _contiguous(tensors)
@@ -400,3 +409,6 @@ def _to_local(lists: list[list[Tensor]]) -> list[list[Tensor]]:
     from torch.distributed.tensor import DTensor
 
     return [[t.to_local() if isinstance(t, DTensor) else t for t in lst] for lst in lists]
+
+
+library()  # built or loaded now, so that a missing compiler fails the import, i.e. before a step

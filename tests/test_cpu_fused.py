@@ -1,0 +1,451 @@
+"""The fused CPU kernel (``fused=True`` on CPU tensors): accuracy against the float64 reference and
+torch's fused kernel, the work split, GradScaler's contract, checkpoints, and the build cache."""
+
+from __future__ import annotations
+
+import copy
+import io
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import adamw
+from adamw import functional
+from adamw._math import ReferenceState, reference_step
+from adamw.backends import cpu
+from adamw.backends._common import Hyper
+
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Slack:
+    ulps: float
+    reason: str
+
+
+# Our error against the float64 reference may exceed torch's fused kernel's by this many units in
+# the last place (of the dtype, at the largest reference value), per tensor and state entry.
+SLACK: dict[torch.dtype, Slack] = {
+    torch.float32: Slack(1, "torch's scalar tail (numel % vector width) rounds v = v*b2 + c*g*g twice, we fuse it"),
+    torch.float64: Slack(1, "as float32: the tail's one extra rounding of the second moment"),
+    torch.bfloat16: Slack(
+        1, "float32 math as torch; a last-bit float32 difference in the tail can flip a bf16 rounding"
+    ),
+    torch.float16: Slack(1, "as bfloat16, with fp16's rounding"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
+    """0-d, empty, odd sizes, non-contiguous views, and one big enough to be split across threads."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    return [
+        randn(),
+        randn(0, 3),
+        randn(37, 5),
+        randn(4, 3).t(),
+        randn(6, 5)[::2, 1:],
+        randn(1000),
+        randn(3, 12_000),  # over the kernel's 32768-value threshold for threads
+    ]
+
+
+def has_grad(index: int, step: int) -> bool:
+    """Each param misses its grad on one step in four, so step counters differ across tensors."""
+    return (index + step) % 4 != 3
+
+
+def make_grad(p: Tensor, index: int, step: int) -> Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + index)
+    scale = (1.0, 0.05, 3.0)[index % 3]  # 0.05: sqrt(v) near eps, where eps's placement shows
+    return (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+
+
+def leaves(params: list[Tensor]) -> list[Tensor]:
+    """Contiguous copies (clone() alone keeps a transposed layout)."""
+    return [p.detach().clone(memory_format=torch.contiguous_format).requires_grad_() for p in params]
+
+
+def noncontiguous_leaves(params: list[Tensor]) -> list[Tensor]:
+    """Copies that keep the originals' strides (clone() of a view would be contiguous)."""
+    out = []
+    for p in params:
+        q = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype) if p.numel() else p.clone()
+        q.copy_(p)
+        out.append(q.requires_grad_())
+    return out
+
+
+def run(opt: torch.optim.Optimizer, params: list[Tensor], steps: range) -> None:
+    for s in steps:
+        for i, p in enumerate(params):
+            p.grad = make_grad(p, i, s) if has_grad(i, s) else None
+        opt.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# accuracy
+
+FLAGS = {
+    "default": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+    "amsgrad": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, amsgrad=True),
+    "maximize-nodecay": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, maximize=True),
+    "tensor-lr": dict(lr=torch.tensor(1e-2), betas=(0.9, 0.99), weight_decay=0.1),
+    "small-beta1-amsgrad": dict(lr=1e-2, betas=(0.3, 0.9), weight_decay=0.1, amsgrad=True),  # lerp's other side
+}
+
+
+def reference(params: list[Tensor], steps: range, flags: dict[str, Any]) -> list[ReferenceState]:
+    states = [ReferenceState.from_param(p) for p in params]
+    lr = float(flags["lr"])
+    for s in steps:
+        for i, (p, state) in enumerate(zip(params, states, strict=True)):
+            if has_grad(i, s):
+                reference_step(
+                    state,
+                    make_grad(p, i, s),
+                    lr=lr,
+                    beta1=flags["betas"][0],
+                    beta2=flags["betas"][1],
+                    eps=1e-8,
+                    weight_decay=flags["weight_decay"],
+                    amsgrad=flags.get("amsgrad", False),
+                    maximize=flags.get("maximize", False),
+                )
+    return states
+
+
+def error(x: Tensor, ref: Tensor) -> float:
+    return (x.double() - ref).abs().max().item() if ref.numel() else 0.0
+
+
+@pytest.mark.parametrize("flags", list(FLAGS), ids=list(FLAGS))
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_error_against_float64_no_worse_than_torch_fused(dtype: torch.dtype, flags: str) -> None:
+    options = FLAGS[flags]
+    params = make_params(dtype)
+    steps = range(5)
+    # torch's kernel pairs elements by memory order, wrong for a param whose grad has other strides
+    # (the strided slice here: autograd gives it a contiguous grad), so torch steps contiguous copies.
+    ours, theirs = noncontiguous_leaves(params), leaves(params)
+    opt_ours = adamw.AdamW(ours, fused=True, **options)
+    opt_theirs = torch.optim.AdamW(theirs, fused=True, **options)
+    run(opt_ours, ours, steps)
+    run(opt_theirs, theirs, steps)
+    refs = reference(params, steps, options)
+
+    eps = torch.finfo(dtype).eps
+    for i, (a, b, ref) in enumerate(zip(ours, theirs, refs, strict=True)):
+        assert a.stride() == params[i].stride(), "a non-contiguous param is updated in place"
+        sa, sb = opt_ours.state[a], opt_theirs.state[b]
+        assert torch.equal(sa["step"], sb["step"]) and sa["step"].dtype == torch.float32
+        assert sa["step"].item() == ref.step
+        pairs = [("param", a.detach(), b.detach(), ref.param)]
+        pairs += [(k, sa[k], sb[k], getattr(ref, k)) for k in STATE_KEYS if k in sb]
+        for name, x, y, r in pairs:
+            assert x.dtype == dtype, f"{name} of param {i} is {x.dtype}, states keep the param's dtype"
+            bound = error(y, r) + SLACK[dtype].ulps * eps * (r.abs().max().item() if r.numel() else 0.0)
+            assert error(x, r) <= bound, f"{name} of param {i}: {error(x, r):.3g} > torch's {error(y, r):.3g} + slack"
+
+
+def test_matches_torch_fused_outside_its_scalar_tail() -> None:
+    """Ours rounds as torch's vector loop: bit for bit on every element a vector loop covers.
+
+    A tensor whose size is a multiple of 64 has no scalar tail at any vector width.
+    """
+    p0 = torch.randn(64 * 700, generator=torch.Generator().manual_seed(3))
+    ours, theirs = leaves([p0]), leaves([p0])
+    opt_ours = adamw.AdamW(ours, fused=True, amsgrad=True, weight_decay=0.1)
+    opt_theirs = torch.optim.AdamW(theirs, fused=True, amsgrad=True, weight_decay=0.1)
+    for s in range(4):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = make_grad(a, 0, s)
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.equal(ours[0], theirs[0])
+    for k in STATE_KEYS:
+        assert torch.equal(opt_ours.state[ours[0]][k], opt_theirs.state[theirs[0]][k]), k
+
+
+# --------------------------------------------------------------------------------------------------
+# the work split
+
+
+def _hyper(**kw: Any) -> Hyper:
+    base: dict[str, Any] = dict(
+        lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False,
+        capturable=False, differentiable=False,
+    )  # fmt: skip
+    return Hyper(**{**base, **kw})
+
+
+def _step_backend(params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]], hyper: Hyper) -> None:
+    cpu.step(params, grads, states["exp_avg"], states["exp_avg_sq"], states["max_exp_avg_sq"], states["step"], hyper)
+
+
+def _fresh_states(params: list[Tensor], amsgrad: bool) -> dict[str, list[Tensor]]:
+    return {
+        "exp_avg": [torch.zeros_like(p) for p in params],
+        "exp_avg_sq": [torch.zeros_like(p) for p in params],
+        "max_exp_avg_sq": [torch.zeros_like(p) for p in params] if amsgrad else [],
+        "step": [torch.zeros((), dtype=torch.float32) for _ in params],
+    }
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+def test_many_tensors_step_exactly_as_their_concatenation(dtype: torch.dtype) -> None:
+    """Chunks cut across tensor boundaries, on 1, 2 and 3 threads, leave no element out or twice."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = torch.randint(0, 3000, (120,), generator=gen).tolist()  # ~180K values, some tensors empty
+    whole = torch.randn(sum(sizes), generator=gen).to(dtype)
+    whole_grads = [torch.randn(sum(sizes), generator=gen).to(dtype) for _ in range(3)]
+    one = [whole.clone()]
+    one_states = _fresh_states(one, amsgrad=True)
+    for g in whole_grads:
+        _step_backend(one, [g.clone()], one_states, _hyper(amsgrad=True))
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            many = [t.clone() for t in whole.split(sizes)]
+            states = _fresh_states(many, amsgrad=True)
+            for g in whole_grads:
+                _step_backend(many, [t.clone() for t in g.split(sizes)], states, _hyper(amsgrad=True))
+            assert torch.equal(torch.cat(many), one[0]), f"{n} threads"
+            for k in STATE_KEYS:
+                assert torch.equal(torch.cat(states[k]), one_states[k][0]), f"{k}, {n} threads"
+            assert all(s.item() == 3 for s in states["step"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_group_of_mixed_dtypes_steps_each_dtype() -> None:
+    params = [torch.randn(300, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float32, torch.float64)]
+    ours, theirs = leaves(params), leaves(params)
+    opt_ours, opt_theirs = adamw.AdamW(ours, fused=True), torch.optim.AdamW(theirs, fused=True)
+    run(opt_ours, ours, range(3))
+    run(opt_theirs, theirs, range(3))
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=4 * torch.finfo(a.dtype).eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# GradScaler's contract
+
+
+def _pair(dtype: torch.dtype = torch.float32, **options: Any) -> tuple[list[Tensor], list[Tensor], Any, Any]:
+    params = make_params(dtype, seed=7)
+    ours, theirs = noncontiguous_leaves(params), leaves(params)  # contiguous for torch: see above
+    return ours, theirs, adamw.AdamW(ours, fused=True, **options), torch.optim.AdamW(theirs, fused=True, **options)
+
+
+def test_supports_amp_scaling_like_torch_fused() -> None:
+    _, _, opt_ours, opt_theirs = _pair()
+    assert opt_ours._step_supports_amp_scaling and opt_theirs._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_scale_unscales_in_the_kernel_as_torch(dtype: torch.dtype) -> None:
+    ours, theirs, opt_ours, opt_theirs = _pair(dtype, amsgrad=True, maximize=True)
+    for opt in (opt_ours, opt_theirs):
+        opt.grad_scale = torch.tensor(1024.0)
+        opt.found_inf = torch.tensor(0.0)
+    for s in range(3):
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            a.grad = make_grad(a, i, s) * 1024
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a.grad, b.grad), "grads are stored back divided by the scale, as torch does"
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=2 * torch.finfo(dtype).eps)
+        assert torch.equal(opt_ours.state[a]["step"], opt_theirs.state[b]["step"])
+
+
+def test_found_inf_changes_nothing() -> None:
+    ours, _, opt, _ = _pair(amsgrad=True)
+    run(opt, ours, range(2))
+    for i, p in enumerate(ours):
+        p.grad = make_grad(p, i, 9) * 1024
+    before = {
+        id(p): (p.detach().clone(), p.grad.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in ours
+    }
+    opt.grad_scale = torch.tensor(1024.0)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    for p in ours:
+        param, grad, state = before[id(p)]
+        assert torch.equal(p, param) and torch.equal(p.grad, grad)
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+def test_grad_scaler_training_matches_torch_fused() -> None:
+    """torch.amp.GradScaler end to end, one step with an overflow (skipped by both)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin = copy.deepcopy(model)
+    runs = [
+        (model, adamw.AdamW(model.parameters(), fused=True)),
+        (twin, torch.optim.AdamW(twin.parameters(), fused=True)),
+    ]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in runs]
+    x = torch.randn(8, 16)
+    for s in range(5):
+        for (m, opt), scaler in zip(runs, scalers, strict=True):
+            opt.zero_grad()
+            loss = m(x).square().mean() * (float("inf") if s == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert runs[0][1].state[a]["step"].item() == runs[1][1].state[b]["step"].item() == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints and training
+
+
+@pytest.mark.parametrize("direction", ["ours-to-torch", "torch-to-ours"])
+def test_checkpoint_round_trip_with_torch_fused(direction: str) -> None:
+    params = make_params(torch.float32, seed=11)
+    first, second = (
+        (adamw.AdamW, torch.optim.AdamW) if direction == "ours-to-torch" else (torch.optim.AdamW, adamw.AdamW)
+    )
+    a = leaves(params)
+    opt_a = first(a, fused=True, amsgrad=True)
+    run(opt_a, a, range(3))
+    buffer = io.BytesIO()
+    torch.save(opt_a.state_dict(), buffer)  # a real checkpoint: a state_dict alone shares its tensors
+    buffer.seek(0)
+    saved = torch.load(buffer)
+
+    b = leaves([p.detach() for p in a])
+    opt_b = second(b, fused=True, amsgrad=True)
+    opt_b.load_state_dict(saved)
+    for p, q in zip(a, b, strict=True):
+        for k, v in opt_a.state[p].items():
+            assert torch.equal(opt_b.state[q][k], v) and opt_b.state[q][k].dtype == v.dtype, k
+    run(opt_a, a, range(3, 6))
+    run(opt_b, b, range(3, 6))
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(q, p, atol=1e-7, rtol=1e-6)
+        assert torch.equal(opt_b.state[q]["step"], opt_a.state[p]["step"])
+
+
+def test_training_a_model_tracks_torch_fused() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 10)
+    )
+    twin = copy.deepcopy(model)
+    opt = adamw.AdamW(model.parameters(), lr=3e-3, fused=True)
+    opt_twin = torch.optim.AdamW(twin.parameters(), lr=3e-3, fused=True)
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    losses = []
+    for _ in range(8):
+        for m, o in ((model, opt), (twin, opt_twin)):
+            o.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+    assert losses[-2] < losses[0], "training lowers the loss"
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# guarding the kernel's memory
+
+
+def test_mismatched_inputs_raise_instead_of_reaching_the_kernel() -> None:
+    params = [torch.randn(100), torch.randn(50)]
+    grads = [torch.randn(100), torch.randn(50)]
+    states = _fresh_states(params, amsgrad=False)
+    _step_backend(params, grads, states, _hyper())  # builds and caches the group's plan
+    cases: dict[str, Callable[[dict[str, list[Tensor]]], None]] = {
+        "a state view of the same memory, smaller": lambda s: s["exp_avg"].__setitem__(1, s["exp_avg"][1][:10]),
+        "a state of another size": lambda s: s["exp_avg_sq"].__setitem__(0, torch.zeros(99)),
+        "a state of another dtype": lambda s: s["exp_avg"].__setitem__(0, torch.zeros(100, dtype=torch.float64)),
+        "a step counter of an integer dtype": lambda s: s["step"].__setitem__(0, torch.zeros((), dtype=torch.int64)),
+    }
+    for name, corrupt in cases.items():
+        broken = {k: list(v) for k, v in states.items()}
+        corrupt(broken)
+        with pytest.raises(RuntimeError, match="fused CPU kernel"):
+            _step_backend(params, grads, broken, _hyper())
+            pytest.fail(f"not caught: {name}")
+    with pytest.raises(RuntimeError, match="fused CPU kernel"):
+        _step_backend(params, [grads[0], torch.randn(49)], states, _hyper())
+    with pytest.raises(RuntimeError, match="fused CPU kernel"):
+        _step_backend(params, [grads[0], torch.randn(50, dtype=torch.float64)], states, _hyper())
+
+
+# --------------------------------------------------------------------------------------------------
+# building and caching the library
+
+
+def test_the_cache_is_used_by_a_second_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAMW_CACHE_DIR", str(tmp_path))
+    first = cpu._build_and_load()
+    assert first.compiled and first.path.parent == tmp_path and first.openmp
+    mtime = first.path.stat().st_mtime_ns
+    second = cpu._build_and_load()
+    assert not second.compiled, "a second load must not recompile"
+    assert second.path == first.path and second.path.stat().st_mtime_ns == mtime
+    assert [f.name for f in tmp_path.iterdir()] == [first.path.name], "no temporary file is left behind"
+    cc = cpu.compiler()
+    assert cpu._library_name(cc, ("-fopenmp",)) != cpu._library_name(cc, ()), "flags are part of the name"
+
+
+@pytest.fixture
+def reimport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next use of the backend imports (and so builds) it afresh; undone after the test."""
+    monkeypatch.delitem(sys.modules, "adamw.backends.cpu")
+    monkeypatch.delitem(functional._loaded, "cpu", raising=False)
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+@pytest.mark.usefixtures("reimport")
+def test_without_a_working_compiler_fused_raises_before_any_change(
+    compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAMW_CACHE_DIR", str(tmp_path))
+    if compiler == "missing":
+        monkeypatch.setenv("PATH", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        expected = "no C compiler was found"
+    else:
+        fake = tmp_path / "fake-cc"
+        fake.write_text("#!/bin/sh\necho 'fake-cc: cannot compile' >&2\nexit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("CC", str(fake))
+        expected = "could not be compiled(.|\n)*fake-cc: cannot compile"
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = adamw.AdamW([p], fused=True)
+    with pytest.raises(RuntimeError, match=expected):
+        opt.step()
+    assert torch.equal(p, torch.ones(4)) and len(opt.state) == 0, "nothing changes"

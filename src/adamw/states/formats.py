@@ -1,0 +1,231 @@
+"""How the moments are stored: full precision ("param"), bfloat16 ("bf16") or 8-bit blockwise ("8bit").
+
+A :class:`StateFormat` turns a moment into what the state dict holds (``encode``) and back into the
+float32 values the math runs on (``decode``); the math itself never sees the storage. The rules,
+written down once:
+
+* ``"param"``: each moment is a tensor shaped and typed like its param, exactly as
+  ``torch.optim.AdamW`` keeps it (complex params keep complex moments).
+* ``"bf16"``: each moment is a bfloat16 tensor.
+* Whatever the format, a moment stored in bfloat16 (``"bf16"``, or ``"param"`` for a bfloat16
+  param on the lean path) is written with stochastic rounding, because with ``beta2 = 0.999`` the
+  change of ``v`` in one step (at most 0.1%) is below half a bfloat16 step (0.2% to 0.4%): rounded
+  to nearest, ``v`` could never decrease and would only ratchet upwards. Stochastic rounding keeps
+  it unbiased (the key is ``rounding_key(seed, step, stream, purpose)``).
+* ``"8bit"``: ``state[name]`` holds uint8 codes shaped like the param and ``state[name + "_absmax"]``
+  one float32 absmax per block of 256 (:mod:`adamw.states.quantize`): ``exp_avg`` with the signed
+  code, ``exp_avg_sq`` and ``max_exp_avg_sq`` with the unsigned one. Params with fewer than
+  :data:`MIN_QUANTIZED_NUMEL` (4096) values keep float32 moments: their state is negligible, and a
+  handful of blocks would quantize e.g. a LayerNorm's few scales coarsely for no saving.
+
+Complex params are stored as their real view (``torch.view_as_real``) in "bf16" and "8bit".
+The math runs in float64 for float64 params and in float32 for every other dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, Code, dequantize, num_blocks, quantize
+from .rounding import stochastic_round_to_bf16
+
+StatePrecision = Literal["param", "bf16", "8bit"]
+STATE_PRECISIONS: tuple[str, ...] = ("param", "bf16", "8bit")
+
+MIN_QUANTIZED_NUMEL = 4096
+"""Params with fewer values keep float32 moments under ``state_precision="8bit"``."""
+
+MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+ABSMAX_SUFFIX = "_absmax"
+_CODES: dict[str, Code] = {"exp_avg": SIGNED_CODE, "exp_avg_sq": UNSIGNED_CODE, "max_exp_avg_sq": UNSIGNED_CODE}
+
+
+def compute_dtype(param: Tensor) -> torch.dtype:
+    """The dtype the update math runs in for ``param``."""
+    return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class StateFormat:
+    """Storage of one param's moments. Subclasses set ``name`` and implement the four methods."""
+
+    name: str = ""
+
+    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
+        """The state entries of moment ``key`` at zero (to merge into the param's state)."""
+        raise NotImplementedError
+
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
+        """Moment ``key`` as a real tensor of ``dtype``; may be the stored tensor itself."""
+        raise NotImplementedError
+
+    def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
+        """Store ``value`` (from :meth:`decode`, updated) as moment ``key``.
+
+        ``rounding_key`` seeds stochastic rounding where the format uses it; ``None`` rounds to
+        nearest (conversions, checkpoints).
+        """
+        raise NotImplementedError
+
+    def bytes_per_element(self, param: Tensor) -> float:
+        """Bytes one moment of ``param`` takes per param value (``nbytes / numel``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class PlainFormat(StateFormat):
+    """Moments as plain tensors: of the param's own dtype and shape (``dtype=None``, torch's layout),
+    or real tensors of ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.name = "param" if dtype is None else str(dtype).removeprefix("torch.")
+
+    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
+        if self.dtype is None:
+            return {key: torch.zeros_like(param, memory_format=torch.preserve_format)}
+        return {key: torch.zeros_like(_real(param), dtype=self.dtype, memory_format=torch.preserve_format)}
+
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
+        return _real(state[key]).to(dtype)  # no copy when the stored dtype is the compute dtype
+
+    def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
+        stored = _real(state[key])
+        if stored.dtype == torch.bfloat16 and rounding_key is not None:
+            stored.copy_(stochastic_round_to_bf16(value.to(torch.float32), rounding_key))
+        elif stored.data_ptr() != value.data_ptr() or stored.dtype != value.dtype:
+            stored.copy_(value)
+
+    def bytes_per_element(self, param: Tensor) -> float:
+        if self.dtype is None:
+            return float(param.element_size())
+        return float(torch.empty((), dtype=self.dtype).element_size() * (2 if param.is_complex() else 1))
+
+
+class Bf16Format(PlainFormat):
+    """Real bfloat16 tensors (written with stochastic rounding when given a key, as every bf16 moment)."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.bfloat16)
+        self.name = "bf16"
+
+
+class Int8Format(StateFormat):
+    """uint8 codes shaped like the (real) param, and a float32 absmax per block of 256."""
+
+    name = "8bit"
+
+    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
+        real = _real(param)
+        return {
+            key: torch.zeros(real.shape, dtype=torch.uint8, device=param.device),
+            key + ABSMAX_SUFFIX: torch.zeros(num_blocks(real.numel()), dtype=torch.float32, device=param.device),
+        }
+
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
+        return dequantize(state[key], state[key + ABSMAX_SUFFIX], _CODES[key]).to(dtype)
+
+    def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
+        codes, absmax = quantize(value.to(torch.float32), _CODES[key])
+        state[key].copy_(codes)
+        state[key + ABSMAX_SUFFIX].copy_(absmax)
+
+    def bytes_per_element(self, param: Tensor) -> float:
+        numel = _real(param).numel()
+        per_real = (numel + 4 * num_blocks(numel)) / max(numel, 1)
+        return per_real * (2 if param.is_complex() else 1)
+
+
+PARAM = PlainFormat()
+FLOAT32 = PlainFormat(torch.float32)
+FLOAT64 = PlainFormat(torch.float64)
+BF16 = Bf16Format()
+INT8 = Int8Format()
+
+
+def format_for(param: Tensor, state_precision: str) -> StateFormat:
+    """The format of ``param``'s moments under ``state_precision`` (the 4096-value rule lives here)."""
+    if state_precision == "param":
+        return PARAM
+    if state_precision == "bf16":
+        return BF16
+    if state_precision == "8bit":
+        if _real(param).numel() >= MIN_QUANTIZED_NUMEL:
+            return INT8
+        return FLOAT64 if compute_dtype(param) == torch.float64 else FLOAT32
+    raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, but got {state_precision!r}")
+
+
+def stored_format(state: dict[str, Tensor], key: str, param: Tensor) -> StateFormat:
+    """The format moment ``key`` is stored in, read from the state itself (for conversions)."""
+    if key + ABSMAX_SUFFIX in state:
+        return INT8
+    stored = state[key]
+    if stored.dtype == torch.uint8:
+        raise ValueError(
+            f"state[{key!r}] holds 8-bit codes but no {key + ABSMAX_SUFFIX!r}: the checkpoint is incomplete"
+        )
+    if stored.dtype == param.dtype and stored.shape == param.shape:
+        return PARAM
+    return PlainFormat(stored.dtype)
+
+
+def _check_shape(state: dict[str, Tensor], key: str, param: Tensor, fmt: StateFormat) -> None:
+    stored = state[key]
+    expected = param.shape if fmt is PARAM else _real(param).shape
+    if stored.shape != expected:
+        raise ValueError(
+            f"state[{key!r}] has shape {tuple(stored.shape)} but its param needs {tuple(expected)}: "
+            "the checkpoint belongs to another model or param order"
+        )
+    if isinstance(fmt, Int8Format):
+        blocks = state[key + ABSMAX_SUFFIX].numel()
+        if blocks != num_blocks(stored.numel()):
+            raise ValueError(
+                f"state[{key + ABSMAX_SUFFIX!r}] has {blocks} blocks; {stored.numel()} values in blocks of "
+                f"{BLOCK_SIZE} need {num_blocks(stored.numel())}"
+            )
+
+
+def convert_state(state: dict[str, Tensor], param: Tensor, state_precision: str) -> dict[str, Tensor]:
+    """``state`` with its moments re-stored in ``state_precision`` (a new dict; other entries kept).
+
+    Reads any format this module writes and torch.optim.AdamW's, so a checkpoint moves between
+    formats: torch's float32 moments become 8-bit codes, 8-bit codes become bf16, and so on.
+    Rounding is to nearest, so a conversion is deterministic.
+    """
+    target = format_for(param, state_precision)
+    dtype = compute_dtype(param)
+    out = {k: v for k, v in state.items() if not any(k == m + ABSMAX_SUFFIX for m in MOMENTS)}
+    for key in MOMENTS:
+        if key not in state:
+            continue
+        source = stored_format(state, key, param)
+        _check_shape(state, key, param, source)
+        value = source.decode(state, key, dtype).clone()
+        out.pop(key)
+        entries = target.zeros(param, key)
+        target.encode(entries, key, value)
+        out.update(entries)
+    return out
+
+
+def full_precision_state(state: dict[str, Tensor], param: Tensor) -> dict[str, Tensor]:
+    """``state`` as ``torch.optim.AdamW`` keeps it: moments in the param's dtype and shape, only
+    torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``); what torch has no use
+    for (e.g. a Kahan compensation) is dropped."""
+    out = convert_state(state, param, "param")
+    return {k: v for k, v in out.items() if k == "step" or k in MOMENTS}
+
+
+def state_nbytes(state: dict[str, object]) -> int:
+    """Bytes of every tensor in one param's state (the step counter included)."""
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))

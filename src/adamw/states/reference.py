@@ -1,0 +1,115 @@
+"""The lean step in torch ops: the reference that the C and Triton lean kernels are compared against.
+
+Mirrors :mod:`adamw.backends.forloop` (itself :mod:`adamw._math` in torch's order) with the storage
+taken out of the math: decode the moments to float32, update them and the param in float32, write
+the param back with ``param_update`` and re-encode the moments (8-bit: absmax after the update).
+Order, as torch: weight decay first (``p * (1 - lr*wd)``); ``m`` by ``lerp``; ``v*b2 + (1-b2)*g*g``;
+``denom = sqrt(v) / sqrt(1 - b2^t) + eps``; ``p += -(lr / (1 - b1^t)) * m / denom``. With
+``state_precision="param"``, ``param_update="round"`` and float32 (or float64) params every operation is
+the for-loop backend's, on the same tensors, so the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .formats import MOMENTS, compute_dtype, format_for
+from .rounding import (
+    PURPOSE_EXP_AVG,
+    PURPOSE_EXP_AVG_SQ,
+    PURPOSE_MAX_EXP_AVG_SQ,
+    PURPOSE_PARAM,
+    check_param_update,
+    kahan_store,
+    kahan_value,
+    rounding_key,
+    stochastic_round_to_bf16,
+)
+
+KAHAN_KEY = "kahan_comp"
+"""State entry of the Kahan compensation buffer (bfloat16, shaped like the param)."""
+
+_PURPOSES = {"exp_avg": PURPOSE_EXP_AVG, "exp_avg_sq": PURPOSE_EXP_AVG_SQ, "max_exp_avg_sq": PURPOSE_MAX_EXP_AVG_SQ}
+
+
+def init_lean_state(param: Tensor, *, amsgrad: bool, state_precision: str, param_update: str) -> dict[str, Tensor]:
+    """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does)."""
+    check_param_update(param_update, param.dtype)
+    fmt = format_for(param, state_precision)
+    state: dict[str, Tensor] = {}
+    for key in MOMENTS if amsgrad else MOMENTS[:2]:
+        state.update(fmt.zeros(param, key))
+    if param_update == "kahan":
+        state[KAHAN_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def lean_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    step: int,
+    state_precision: str,
+    param_update: str,
+    seed: int = 0,
+    stream: int = 0,
+) -> None:
+    """One AdamW step of one param (in place), its moments stored in ``state_precision``.
+
+    ``step`` is this step's number (1 for the first). ``seed`` and ``stream`` (e.g. the param's index
+    in the optimizer) key stochastic rounding, of the param and of bf16 moments, through
+    :func:`adamw.states.rounding.rounding_key`: the same seed replays the same run, on any backend.
+    """
+    check_param_update(param_update, param.dtype)
+    fmt = format_for(param, state_precision)
+    dtype = compute_dtype(param)
+    real_param = torch.view_as_real(param) if param.is_complex() else param
+    g = (torch.view_as_real(grad) if grad.is_complex() else grad).to(dtype)
+    if maximize:
+        g = -g
+
+    if param_update == "kahan":
+        p = kahan_value(real_param, state[KAHAN_KEY])
+    else:
+        p = real_param.to(dtype)  # the param itself when it is already of the compute dtype
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+
+    exp_avg = fmt.decode(state, "exp_avg", dtype)
+    exp_avg_sq = fmt.decode(state, "exp_avg_sq", dtype)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    if amsgrad:
+        max_exp_avg_sq = fmt.decode(state, "max_exp_avg_sq", dtype)
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    if param_update == "kahan":
+        kahan_store(real_param, state[KAHAN_KEY], p)
+    elif param_update == "stochastic":
+        real_param.copy_(stochastic_round_to_bf16(p, rounding_key(seed, step, stream, PURPOSE_PARAM)))
+    elif p.data_ptr() != real_param.data_ptr():
+        real_param.copy_(p)
+
+    updated = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if amsgrad:
+        updated["max_exp_avg_sq"] = max_exp_avg_sq
+    for key, value in updated.items():
+        fmt.encode(state, key, value, rounding_key(seed, step, stream, _PURPOSES[key]))

@@ -1,0 +1,119 @@
+"""Writing a float32 result into bfloat16 storage: stochastic rounding and Kahan compensation.
+
+Stochastic rounding needs random bits that the torch reference, the C kernel and the Triton kernel
+draw *identically*, so that the three give the same bits and a run reproduces on any backend. A
+``torch.Generator`` cannot be replayed inside a kernel, so the bits come from a counter-based hash:
+
+* ``key = rounding_key(seed, step, stream, purpose)``: one 32-bit number per tensor and step,
+  computed on the host (:func:`hash32_int`), never stored;
+* element ``i`` of the flat tensor draws ``bits = hash32(hash32(i mod 2^32) ^ key)``, of which the
+  low 16 bits are used. Counters wrap at 2^32 elements per tensor.
+
+``hash32`` is the "lowbias32" integer hash (xorshift-multiply, constants 0x7feb352d, 0x846ca68b): a
+bijection of 32-bit words, cheap in C (``uint32_t``), in Triton (``tl.uint32``) and here (int64
+tensors, masked to 32 bits, multiplications split so that no product leaves 63 bits).
+
+Stochastic rounding float32 -> bfloat16 adds the 16 random bits to the float32's bit pattern and
+drops its low 16 bits: the value rounds away from zero with probability (low 16 bits) / 2^16, so the
+expected result is exactly the float32 input. NaN stays NaN; infinities stay infinite.
+
+Kahan compensation keeps, beside each bfloat16 param ``p``, a bfloat16 buffer ``c`` with what the
+last rounding lost: the param's true value is ``p + c`` (read in float32), and after the update
+``x`` (float32) is written as ``p = bf16(x)``, ``c = bf16(x - p)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ParamUpdate = Literal["round", "stochastic", "kahan"]
+PARAM_UPDATES: tuple[str, ...] = ("round", "stochastic", "kahan")
+
+# Sub-streams of one tensor's key, so that its param and each moment draw unrelated bits.
+PURPOSE_PARAM = 0
+PURPOSE_EXP_AVG = 1
+PURPOSE_EXP_AVG_SQ = 2
+PURPOSE_MAX_EXP_AVG_SQ = 3
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # keeps key 0 from being a fixed point of the chain (hash32(0) == 0)
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+
+
+def check_param_update(param_update: str, dtype: torch.dtype) -> None:
+    """The one rule for which params a ``param_update`` applies to."""
+    if param_update not in PARAM_UPDATES:
+        raise ValueError(f"param_update must be one of {PARAM_UPDATES}, but got {param_update!r}")
+    if param_update != "round" and dtype != torch.bfloat16:
+        raise ValueError(
+            f"param_update={param_update!r} is for bfloat16 params (no float32 master copy), "
+            f"but got a {dtype} param: use param_update='round' for it"
+        )
+
+
+def hash32_int(x: int) -> int:
+    """lowbias32 of a Python int's low 32 bits (the host side of :func:`hash32`)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _MUL1) & _MASK32
+    x ^= x >> 15
+    x = (x * _MUL2) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2^32 for x in [0, 2^32): both partial products stay below 2^48.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """lowbias32 of an int64 tensor holding 32-bit unsigned words."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL2)
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int, stream: int = 0, purpose: int = PURPOSE_PARAM) -> int:
+    """The 32-bit key of one tensor (``stream``) and use (``purpose``) at one step."""
+    key = hash32_int(seed ^ _GOLDEN)
+    key = hash32_int(key ^ (seed >> 32))
+    key = hash32_int(key ^ stream)
+    key = hash32_int(key ^ purpose)
+    return hash32_int(key ^ step ^ (step >> 32))
+
+
+def random_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Tensor:
+    """32 random bits per flat element (int64 tensor) for ``key``."""
+    index = torch.arange(numel, dtype=torch.int64, device=device) & _MASK32
+    return hash32(hash32(index) ^ key)
+
+
+def stochastic_round_to_bf16(x: Tensor, key: int) -> Tensor:
+    """``x`` (float32) rounded to bfloat16 up or down at random, unbiased (see the module's docstring)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic rounding takes float32 values, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & _MASK32
+    noise = random_bits(bits.numel(), key, x.device) & 0xFFFF
+    rounded = (bits + noise) & 0xFFFF0000
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    out = rounded.view(torch.float32).view(x.shape).to(torch.bfloat16)  # exact: low 16 bits are 0
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+
+
+def kahan_value(param: Tensor, compensation: Tensor) -> Tensor:
+    """The param's true value ``p + c`` in float32 (a new tensor)."""
+    return param.to(torch.float32) + compensation.to(torch.float32)
+
+
+def kahan_store(param: Tensor, compensation: Tensor, value: Tensor) -> None:
+    """Write float32 ``value`` into the bfloat16 ``param`` and keep what rounding lost in ``compensation``."""
+    param.copy_(value)
+    compensation.copy_(value - param.to(torch.float32))

@@ -1,0 +1,638 @@
+"""Lean state: the 8-bit code tables, blockwise quantization, stochastic rounding, Kahan compensation,
+the state formats and their conversions, and the lean reference step against the for-loop backend."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from adamw.backends._common import Hyper
+from adamw.backends.forloop import step as forloop_step
+from adamw.states import (
+    BLOCK_SIZE,
+    KAHAN_KEY,
+    MIN_QUANTIZED_NUMEL,
+    SIGNED_CODE,
+    UNSIGNED_CODE,
+    Code,
+    convert_state,
+    dequantize,
+    format_for,
+    full_precision_state,
+    init_lean_state,
+    lean_step,
+    quantize,
+    rounding_key,
+    state_nbytes,
+    stochastic_round_to_bf16,
+)
+from adamw.states import formats as formats_module
+from adamw.states.quantize import LADDER_STEPS_PER_OCTAVE, quantization_error_bound
+from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These tensors are small: one thread is faster, and immune to a busy machine's other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+# |decoded - x| / |x| for x inside the ladder's range, with nearest rounding on arithmetic midpoints:
+# at worst (r - 1) / (r + 1) for a ladder ratio r (a value on a midpoint, either way).
+_RATIO = 2.0 ** (1 / LADDER_STEPS_PER_OCTAVE)
+RELATIVE_BOUND = (_RATIO - 1) / (_RATIO + 1)
+SHAPES = [(5,), (256,), (257,), (3, 300), (7, 11, 13), (4096,)]
+
+
+def _blocks_of(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % BLOCK_SIZE
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK_SIZE)
+
+
+def _signed_data(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Signed values whose magnitudes span 1e-12..1e2, scaled differently in each block."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    mags = 10 ** (torch.rand(n, generator=g) * 14 - 12)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    block_scale = 10 ** (torch.randn(-(-n // BLOCK_SIZE), generator=g) * 3)
+    x = mags * signs * block_scale.repeat_interleave(BLOCK_SIZE)[:n]
+    return x.to(torch.float32).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# code tables
+
+
+def test_signed_code_is_sign_symmetric_with_sign_bit() -> None:
+    values, mids = SIGNED_CODE.tables()
+    assert values.shape == (256,) and mids.shape == (127,)
+    assert torch.equal(values[128:], -values[:128])
+    assert values[0] == 0 and values[127] == 1.0
+    assert bool((values[1:128] > 0).all()) and bool((values[1:128].diff() > 0).all())
+
+
+def test_unsigned_code_has_no_zero() -> None:
+    values, mids = UNSIGNED_CODE.tables()
+    assert values.shape == (256,) and mids.shape == (255,)
+    assert float(values.min()) > 0, "a zero code would let v decode to 0 and the step become lr*m/eps"
+    assert values[-1] == 1.0 and bool((values.diff() > 0).all())
+
+
+def test_code_rejects_bad_tables() -> None:
+    with pytest.raises(ValueError, match="128 magnitudes"):
+        Code("bad", tuple(range(256)), signed=True)
+    with pytest.raises(ValueError, match="ascend"):
+        Code("bad", tuple([1.0] * 127 + [0.5]), signed=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
+def test_quantize_error_bound_per_block(shape: tuple[int, ...], code: Code) -> None:
+    x = _signed_data(shape, seed=len(shape) * 1000 + shape[-1])
+    if not code.signed:
+        x = x.abs()
+    codes, absmax = quantize(x, code)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8
+    assert absmax.shape == (-(-x.numel() // BLOCK_SIZE),) and absmax.dtype == torch.float32
+    decoded = dequantize(codes, absmax, code)
+    assert decoded.shape == x.shape and decoded.dtype == torch.float32
+
+    xb, db = _blocks_of(x), _blocks_of(decoded)
+    # absmax is each block's max |x|: nothing clips.
+    assert torch.equal(absmax, xb.abs().amax(dim=1))
+    # absolute bound: half the code's largest gap, times the block's absmax (plus float32 rounding).
+    err = (db - xb).abs()
+    assert bool((err <= absmax[:, None] * (quantization_error_bound(code) + 1e-6)).all())
+    # relative bound for every value inside the ladder's range.
+    smallest = code.magnitudes[1] if code.signed else code.magnitudes[0]
+    inside = xb.abs() >= absmax[:, None] * smallest
+    rel = err[inside] / xb.abs()[inside]
+    assert float(rel.max()) <= RELATIVE_BOUND * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
+def test_largest_value_round_trips_to_the_max_code(code: Code) -> None:
+    x = _signed_data((10, 256), seed=3)
+    if not code.signed:
+        x = x.abs()
+    codes, absmax = quantize(x, code)
+    decoded = dequantize(codes, absmax, code)
+    at_max = x.abs().argmax(dim=1)
+    rows = torch.arange(10)
+    assert torch.equal(decoded[rows, at_max], x[rows, at_max])
+    max_magnitude_code = 127 if code.signed else 255
+    assert torch.equal(
+        codes[rows, at_max].long() % 128 if code.signed else codes[rows, at_max].long(),
+        torch.full((10,), max_magnitude_code),
+    )
+
+
+def test_signed_code_never_flips_the_sign() -> None:
+    x = _signed_data((64, 256), seed=4)
+    # tiny, denormal, signed-zero and below-the-ladder values next to a large one in the same block
+    tiny = torch.tensor([1e-30, -1e-30, 1e-44, -1e-44, 0.0, -0.0, 1e-7, -1e-7, 3e-6, -3e-6])
+    x.view(-1)[: tiny.numel()] = tiny
+    codes, absmax = quantize(x, SIGNED_CODE)
+    decoded = dequantize(codes, absmax, SIGNED_CODE)
+    assert bool((torch.sign(decoded) * torch.sign(x) >= 0).all())
+    # and nonzero values inside the range keep their sign exactly
+    big = x.abs() >= _blocks_of(x).abs().amax(dim=1).repeat_interleave(BLOCK_SIZE).view(x.shape) * 1e-4
+    assert torch.equal(torch.sign(decoded[big]), torch.sign(x[big]))
+
+
+def test_unsigned_code_never_decodes_nonzero_to_zero() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = 10 ** (torch.rand(8 * 256, generator=g) * 40 - 30)  # 1e-30 .. 1e10 in every block
+    codes, absmax = quantize(x, UNSIGNED_CODE)
+    decoded = dequantize(codes, absmax, UNSIGNED_CODE)
+    assert bool((decoded > 0).all())
+    # values below the ladder round *up* (the step shrinks), never down
+    below = x < absmax.repeat_interleave(BLOCK_SIZE) * UNSIGNED_CODE.magnitudes[0]
+    assert bool(below.any()) and bool((decoded[below] >= x[below]).all())
+
+
+@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
+def test_zero_blocks_decode_to_zero_and_nan_propagates(code: Code) -> None:
+    x = torch.zeros(3 * 256 + 7)
+    x[300] = float("nan")
+    x[600] = 1.0
+    codes, absmax = quantize(x, code)
+    decoded = dequantize(codes, absmax, code)
+    assert bool((decoded[:256] == 0).all()) and bool((decoded[768:] == 0).all())
+    assert bool(decoded[256:512].isnan().all())
+    assert decoded[600] == 1.0
+
+
+def test_quantize_checks_its_inputs() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        quantize(torch.zeros(4, dtype=torch.float64), SIGNED_CODE)
+    codes, absmax = quantize(torch.ones(300), SIGNED_CODE)
+    with pytest.raises(ValueError, match="absmax values"):
+        dequantize(codes, absmax[:1], SIGNED_CODE)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(codes.to(torch.int32), absmax, SIGNED_CODE)
+
+
+# ----------------------------------------------------------------------------------------------
+# random bits and stochastic rounding
+
+
+def test_hash32_matches_an_independent_uint32_implementation() -> None:
+    words = np.random.default_rng(6).integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        h = words.copy()
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x7FEB352D)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x846CA68B)
+        h ^= h >> np.uint32(16)
+    ours = hash32(torch.from_numpy(words.astype(np.int64)))
+    assert torch.equal(ours, torch.from_numpy(h.astype(np.int64)))
+    assert [hash32_int(int(w)) for w in words[:64]] == [int(v) for v in h[:64]]
+
+
+def test_random_bits_are_uniform_and_keyed() -> None:
+    bits = random_bits(1 << 16, rounding_key(0, 1)) & 0xFFFF
+    counts = torch.bincount((bits >> 12).long(), minlength=16).float()  # 16 bins of 4096 expected
+    assert float(((counts - 4096) ** 2 / 4096).sum()) < 60  # chi-square, 15 dof: p < 1e-6 to fail
+    keys = {rounding_key(s, t, k, p) for s in range(3) for t in range(3) for k in range(3) for p in range(3)}
+    assert len(keys) == 81
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just toward and just away from zero of float32 ``x``."""
+    bits = x.view(torch.int32)
+    toward = (bits & ~0xFFFF).view(torch.float32)
+    away = ((bits & ~0xFFFF) + 0x10000).view(torch.float32)
+    exact = (bits & 0xFFFF) == 0
+    return toward, torch.where(exact, toward, away)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(512, generator=g) * 10 ** torch.randint(-20, 20, (512,), generator=g)).to(torch.float32)
+    x[:4] = torch.tensor([1.0, -2.5, 0.0, 3.0e38])
+    samples = 1000
+    total = torch.zeros(512, dtype=torch.float64)
+    toward, away = _bf16_neighbours(x)
+    for step in range(samples):
+        r = stochastic_round_to_bf16(x, rounding_key(11, step)).to(torch.float32)
+        assert bool(((r == toward) | (r == away)).all()), "a sample is not one of the two neighbours"
+        total += r.double()
+    mean = total / samples
+    gap = (away.double() - toward.double()).abs()
+    # each sample is a Bernoulli choice between the neighbours: std of the mean <= gap / (2 sqrt(n))
+    sigma = gap / (2 * math.sqrt(samples))
+    assert bool(((mean - x.double()).abs() <= 5 * sigma + 1e-300).all())
+    # round-to-nearest would be biased by up to gap/2 here: the test separates the two
+    nearest = x.to(torch.bfloat16).double()
+    assert float(((nearest - x.double()).abs() / gap.clamp_min(1e-300)).max()) > 0.4
+
+
+def test_stochastic_rounding_keeps_non_finite_values() -> None:
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    r = stochastic_round_to_bf16(x, rounding_key(0, 1))
+    assert r.dtype == torch.bfloat16 and bool(r[0].isnan())
+    assert r[1] == float("inf") and r[2] == -float("inf") and r[3] == 0 and r[4] == 0
+
+
+def test_stochastic_rounding_reproduces_from_its_key() -> None:
+    x = torch.randn(10_000)
+    a = stochastic_round_to_bf16(x, rounding_key(1, 5, 2))
+    assert torch.equal(a, stochastic_round_to_bf16(x, rounding_key(1, 5, 2)))
+    for other in (rounding_key(2, 5, 2), rounding_key(1, 6, 2), rounding_key(1, 5, 3)):
+        assert float((stochastic_round_to_bf16(x, other) != a).float().mean()) > 0.2
+
+
+def test_kahan_beats_round_to_nearest_on_a_long_sum_of_tiny_updates() -> None:
+    steps = 2000
+    g = torch.Generator().manual_seed(14)
+    deltas = torch.rand(steps, 256, generator=g) * 1e-3  # below half a bf16 step at 1.0 (2^-8)
+    exact = 1 + deltas.double().sum(dim=0)
+    rounded = torch.ones(256, dtype=torch.bfloat16)
+    param = torch.ones(256, dtype=torch.bfloat16)
+    comp = torch.zeros(256, dtype=torch.bfloat16)
+    stochastic = torch.ones(256, dtype=torch.bfloat16)
+    for step in range(steps):
+        rounded.copy_(rounded.float() + deltas[step])
+        kahan_store(param, comp, kahan_value(param, comp) + deltas[step])
+        stochastic.copy_(stochastic_round_to_bf16(stochastic.float() + deltas[step], rounding_key(0, step)))
+    assert bool((rounded == 1.0).all()), "round-to-nearest loses every update"
+    # p + c carries ~16 significant bits (two bf16 halves): well within 1% of the sum of updates here
+    kahan_error = (kahan_value(param, comp).double() - exact).abs()
+    assert float(kahan_error.max()) < 0.01
+    assert float((param.double() - exact).abs().max()) <= 2**-7  # the param itself within one bf16 step
+    # stochastic rounding: unbiased, its error a random walk of ~sqrt(steps * p(1-p)) bf16 steps
+    assert abs(float((stochastic.double() - exact).mean())) < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# formats
+
+
+def test_the_4096_rule_and_bytes_per_element() -> None:
+    small, large = torch.zeros(MIN_QUANTIZED_NUMEL - 1), torch.zeros(MIN_QUANTIZED_NUMEL)
+    assert format_for(small, "8bit").name == "float32"
+    assert format_for(large, "8bit").name == "8bit"
+    assert format_for(large, "8bit").bytes_per_element(large) == 1 + 4 / BLOCK_SIZE
+    assert format_for(large, "bf16").bytes_per_element(large) == 2
+    assert format_for(large, "param").bytes_per_element(large) == 4
+    state = init_lean_state(large, amsgrad=True, state_precision="8bit", param_update="round")
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (16,)
+    assert state_nbytes(state) == 3 * (4096 + 16 * 4)
+    with pytest.raises(ValueError, match="state_precision"):
+        format_for(large, "4bit")
+
+
+def _gpt2_small_shapes() -> list[tuple[int, ...]]:
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def test_8bit_state_is_at_most_2_1_bytes_per_param_on_gpt2_small() -> None:
+    params = [torch.empty(s, device="meta") for s in _gpt2_small_shapes()]
+    numel = sum(p.numel() for p in params)
+    assert 124_000_000 < numel < 125_000_000
+    moments = sum(
+        state_nbytes(init_lean_state(p, amsgrad=False, state_precision="8bit", param_update="round")) for p in params
+    )
+    assert moments / numel <= 2.1
+    lean = sum(
+        state_nbytes(
+            init_lean_state(p.to(torch.bfloat16), amsgrad=False, state_precision="8bit", param_update="stochastic")
+        )
+        for p in params
+    )
+    assert (lean + 2 * numel) / numel <= 4.1  # bf16 params + 8-bit moments: about 4 bytes per param
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="bfloat16 params"):
+        init_lean_state(torch.zeros(4), amsgrad=False, state_precision="param", param_update="stochastic")
+    with pytest.raises(ValueError, match="param_update must be"):
+        init_lean_state(torch.zeros(4, dtype=torch.bfloat16), amsgrad=False, state_precision="param", param_update="up")
+
+
+# ----------------------------------------------------------------------------------------------
+# lean_step
+
+
+def _run_lean(
+    param: torch.Tensor,
+    grads: list[torch.Tensor],
+    *,
+    state_precision: str,
+    param_update: str = "round",
+    amsgrad: bool = False,
+    maximize: bool = False,
+    seed: int = 0,
+    **hyper: float,
+) -> dict[str, torch.Tensor]:
+    options = HYPER | hyper
+    state = init_lean_state(param, amsgrad=amsgrad, state_precision=state_precision, param_update=param_update)
+    for t, g in enumerate(grads, start=1):
+        lean_step(
+            param,
+            g,
+            state,
+            **options,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            step=t,  # type: ignore[arg-type]
+            state_precision=state_precision,
+            param_update=param_update,
+            seed=seed,
+        )
+    return state
+
+
+def _run_forloop(
+    param: torch.Tensor, grads: list[torch.Tensor], *, amsgrad: bool, maximize: bool
+) -> dict[str, torch.Tensor]:
+    state = {k: torch.zeros_like(param) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    step_t = torch.tensor(0.0)
+    hyper = Hyper(
+        **HYPER,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        capturable=False,
+        differentiable=False,  # type: ignore[arg-type]
+        has_complex=param.is_complex(),
+    )
+    for g in grads:
+        forloop_step(
+            [param], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["max_exp_avg_sq"]], [step_t], hyper
+        )
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_lean_step_param_round_is_the_forloop_backend_bit_for_bit(
+    dtype: torch.dtype, amsgrad: bool, maximize: bool
+) -> None:
+    g = torch.Generator().manual_seed(8)
+    p0 = torch.randn(33, 65, generator=g).to(dtype)
+    grads = [torch.randn(33, 65, generator=g).to(dtype) for _ in range(12)]
+    ours, theirs = p0.clone(), p0.clone()
+    state = _run_lean(ours, grads, state_precision="param", amsgrad=amsgrad, maximize=maximize)
+    reference = _run_forloop(theirs, grads, amsgrad=amsgrad, maximize=maximize)
+    assert torch.equal(ours, theirs)
+    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+        assert state[key].dtype == dtype and torch.equal(state[key], reference[key]), key
+
+
+def _trajectories(
+    state_precision: str, param_update: str, dtype: torch.dtype, steps: int = 50, lr: float = HYPER["lr"]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, float32 AdamW's params, ours) after ``steps`` steps on random data whose rows have
+    gradient scales from 1e-2 to 1e2 and a common drift."""
+    g = torch.Generator().manual_seed(9)
+    p0 = torch.randn(64, 128, generator=g) * 0.1
+    scales = 10 ** (torch.rand(64, 1, generator=g) * 4 - 2)
+    grads = [torch.randn(64, 128, generator=g) * scales + 0.3 * scales for _ in range(steps)]
+    exact = p0.clone()
+    _run_lean(exact, grads, state_precision="param", lr=lr)
+    ours = p0.clone().to(dtype)
+    _run_lean(ours, [x.to(dtype) for x in grads], state_precision=state_precision, param_update=param_update, lr=lr)
+    return p0, exact, ours.float()
+
+
+@pytest.mark.parametrize(
+    ("state_precision", "param_update", "dtype", "tolerance"),
+    [
+        ("bf16", "round", torch.float32, 0.01),  # bf16 moments: ~2^-9 relative noise per step
+        ("8bit", "round", torch.float32, 0.04),  # ladder error <= 4.3% in m, <= 2.2% in sqrt(v)
+        ("param", "stochastic", torch.bfloat16, 0.04),  # bf16 params carry ~2^-9 of |p| each step
+        ("param", "kahan", torch.bfloat16, 0.01),
+        ("8bit", "stochastic", torch.bfloat16, 0.06),  # both errors above
+    ],
+)
+def test_lean_modes_stay_close_to_float32_adamw(
+    state_precision: str, param_update: str, dtype: torch.dtype, tolerance: float
+) -> None:
+    p0, exact, ours = _trajectories(state_precision, param_update, dtype)
+    # the error relative to how far the params moved
+    assert float((ours - exact).norm() / (exact - p0).norm()) < tolerance
+
+
+def test_plain_bf16_params_lose_the_updates_that_stochastic_and_kahan_keep() -> None:
+    # lr 1e-4 moves |p| ~ 0.1 by less than half a bf16 step (2^-12) a step: rounded to nearest, lost.
+    # Stochastic rounding is noisy element by element but unbiased: the mean displacement survives.
+    def displacement_error(param_update: str) -> float:
+        p0, exact, ours = _trajectories("param", param_update, torch.bfloat16, lr=1e-4)
+        return abs(float((ours - exact).mean() / (exact - p0).mean()))
+
+    assert displacement_error("round") > 0.5
+    assert displacement_error("stochastic") < 0.05
+    assert displacement_error("kahan") < 0.01
+
+
+def _stale_block_grads(steps: int) -> list[torch.Tensor]:
+    """Element 0 of each block sees one huge gradient at step 1 and nothing after: it holds its
+    block's v absmax for long. Element 1 sees a tiny gradient every other step: its v is ~1e-13 of
+    that absmax (below any 8-bit ladder) while its m is the largest of the block once element 0's m
+    has decayed. A code that decoded that v to 0 would make element 1's step lr * m / eps on the
+    steps without gradient."""
+    grads = []
+    for t in range(steps):
+        g = torch.zeros(16, 256)
+        if t == 0:
+            g[:, 0] = 1e3
+        g[:, 1] = 1e-5 if t % 2 else 0.0
+        grads.append(g)
+    return grads
+
+
+def _max_step(steps: int) -> float:
+    param = torch.zeros(16, 256)
+    state = init_lean_state(param, amsgrad=False, state_precision="8bit", param_update="round")
+    largest = 0.0
+    for t, g in enumerate(_stale_block_grads(steps), start=1):
+        before = param.clone()
+        lean_step(
+            param,
+            g,
+            state,
+            **HYPER | {"weight_decay": 0.0},
+            amsgrad=False,
+            maximize=False,
+            step=t,  # type: ignore[arg-type]
+            state_precision="8bit",
+            param_update="round",
+        )
+        largest = max(largest, float((param - before).abs().max()))
+    return largest
+
+
+def test_8bit_step_never_blows_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Adam's own bound is about 3.2 lr with these betas; allow the ladder's error on top.
+    assert _max_step(200) <= 3.5 * HYPER["lr"]
+    # The same history with a zero code for v blows up: the check above can fail.
+    with_zero = Code("with-zero", (0.0, *UNSIGNED_CODE.magnitudes[1:]), signed=False)
+    monkeypatch.setitem(formats_module._CODES, "exp_avg_sq", with_zero)
+    assert _max_step(200) > 100 * HYPER["lr"]
+
+
+def test_bf16_moments_decay_without_gradient() -> None:
+    """Rounded to nearest, a bf16 v could never shrink at beta2 = 0.999 (0.1% < half a bf16 step)."""
+    param = torch.zeros(4096)
+    state = init_lean_state(param, amsgrad=False, state_precision="bf16", param_update="round")
+    state["exp_avg_sq"].fill_(1.0)
+    steps = 300
+    for t in range(1, steps + 1):
+        lean_step(
+            param,
+            torch.zeros(4096),
+            state,
+            **HYPER | {"weight_decay": 0.0},
+            amsgrad=False,
+            maximize=False,  # type: ignore[arg-type]
+            step=t,
+            state_precision="bf16",
+            param_update="round",
+        )
+    assert abs(float(state["exp_avg_sq"].float().mean()) / 0.999**steps - 1) < 0.01
+
+
+def test_seeded_lean_runs_reproduce() -> None:
+    g = torch.Generator().manual_seed(10)
+    p0 = torch.randn(4096, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(4096, generator=g).to(torch.bfloat16) for _ in range(5)]
+    runs = []
+    for seed in (1, 1, 2):
+        p = p0.clone()
+        runs.append((p, _run_lean(p, grads, state_precision="8bit", param_update="stochastic", seed=seed)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["exp_avg"], runs[1][1]["exp_avg"])
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _torch_adamw_state(param: torch.Tensor, steps: int = 5) -> tuple[torch.optim.AdamW, dict[str, torch.Tensor]]:
+    opt = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.1, amsgrad=True)
+    g = torch.Generator().manual_seed(12)
+    for _ in range(steps):
+        param.grad = torch.randn(param.shape, generator=g)
+        opt.step()
+    return opt, opt.state[param]
+
+
+@pytest.mark.parametrize("state_precision", ["param", "bf16", "8bit"])
+@pytest.mark.parametrize("param_update", ["round", "stochastic", "kahan"])
+def test_state_round_trips_through_torch_save(state_precision: str, param_update: str) -> None:
+    g = torch.Generator().manual_seed(13)
+    p = torch.randn(64, 80, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(64, 80, generator=g).to(torch.bfloat16) for _ in range(6)]
+    state = _run_lean(p, grads[:3], state_precision=state_precision, param_update=param_update, amsgrad=True)
+    buffer = io.BytesIO()
+    torch.save({"param": p, "state": state}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert loaded["state"].keys() == state.keys()
+    for key, value in state.items():
+        assert loaded["state"][key].dtype == value.dtype and torch.equal(loaded["state"][key], value)
+    p2, state2 = loaded["param"], loaded["state"]
+    for t, grad in enumerate(grads[3:], start=4):
+        for param, st in ((p, state), (p2, state2)):
+            lean_step(
+                param,
+                grad,
+                st,
+                **HYPER,
+                amsgrad=True,
+                maximize=False,
+                step=t,  # type: ignore[arg-type]
+                state_precision=state_precision,
+                param_update=param_update,
+            )
+    assert torch.equal(p, p2)
+
+
+@pytest.mark.parametrize("state_precision", ["bf16", "8bit"])
+def test_torch_checkpoint_converts_to_lean_and_back(state_precision: str) -> None:
+    param = torch.randn(64, 80)
+    opt, torch_state = _torch_adamw_state(param)
+    lean = convert_state(torch_state, param, state_precision)
+    assert lean["step"] is torch_state["step"]
+    stored = torch.uint8 if state_precision == "8bit" else torch.bfloat16
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert lean[key].dtype == stored
+    back = full_precision_state(lean, param)
+    assert set(back) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        original = torch_state[key]
+        assert back[key].dtype == param.dtype and back[key].shape == param.shape
+        tolerance = RELATIVE_BOUND if state_precision == "8bit" else 2**-8
+        inside = original.abs() >= original.abs().max() * 1e-3
+        rel = (back[key] - original).abs()[inside] / original.abs()[inside]
+        assert float(rel.max()) <= tolerance * 1.001, key
+    # torch.optim.AdamW loads the full-precision state and steps from it
+    sd = opt.state_dict()
+    sd["state"][0] = back
+    fresh = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.1, amsgrad=True)
+    fresh.load_state_dict(sd)
+    param.grad = torch.ones_like(param)
+    fresh.step()
+    assert fresh.state[param]["step"] == 6
+
+
+def test_formats_switch_between_save_and_load() -> None:
+    param = torch.randn(64, 80)
+    _, torch_state = _torch_adamw_state(param)
+    chain = ["8bit", "bf16", "param", "8bit", "param"]
+    state = dict(torch_state)
+    for precision in chain:
+        state = convert_state(state, param, precision)
+        assert ("exp_avg_absmax" in state) == (precision == "8bit")
+    assert state["exp_avg"].dtype == torch.float32
+    assert torch.allclose(state["exp_avg_sq"], torch_state["exp_avg_sq"], rtol=0.1, atol=0)
+
+
+def test_mismatched_checkpoints_fail_clearly() -> None:
+    param = torch.randn(64, 80)
+    _, torch_state = _torch_adamw_state(param)
+    other = torch.randn(80, 64)
+    with pytest.raises(ValueError, match="another model"):
+        convert_state(torch_state, other, "8bit")
+    lean = convert_state(torch_state, param, "8bit")
+    broken = {k: v for k, v in lean.items() if k != "exp_avg_absmax"}
+    with pytest.raises(ValueError, match="incomplete"):
+        convert_state(broken, param, "param")
+    short = copy.copy(lean)
+    short["exp_avg_sq_absmax"] = lean["exp_avg_sq_absmax"][:-1]
+    with pytest.raises(ValueError, match="blocks"):
+        convert_state(short, param, "param")
+
+
+def test_kahan_state_converts_and_drops_for_torch() -> None:
+    p = torch.randn(64, 80).to(torch.bfloat16)
+    state = _run_lean(
+        p, [torch.randn(64, 80).to(torch.bfloat16) for _ in range(3)], state_precision="8bit", param_update="kahan"
+    )
+    state["step"] = torch.tensor(3.0)
+    assert KAHAN_KEY in convert_state(state, p, "bf16")
+    exported = full_precision_state(state, p)
+    assert set(exported) == {"step", "exp_avg", "exp_avg_sq"} and exported["exp_avg"].dtype == torch.bfloat16

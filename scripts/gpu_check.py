@@ -145,7 +145,9 @@ def tune(results: dict[str, Any]) -> None:
 
 
 def capture(results: dict[str, Any], failures: list[str]) -> None:
-    inputs = [torch.randn(64, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)) for i in range(6)]
+    inputs = [
+        torch.randn(64, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)) for i in range(6)
+    ]
 
     def make() -> tuple[torch.nn.Module, adamw.AdamW]:
         torch.manual_seed(1)

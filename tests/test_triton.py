@@ -40,8 +40,10 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
 TOLERANCE: dict[torch.dtype, tuple[float, float, str]] = {
     torch.float64: (1.0, 4.0, "float64 math in both; lerp vs mul+add rounds a few ulps apart"),
     torch.float32: (1.0, 4.0, "float32 math; torch's kernel keeps some products in double (seen ours <= torch)"),
-    torch.bfloat16: (1.0, 1.0, "rounding of the stored states dominates and is the same RNE (seen equal)"),
-    torch.float16: (1.0, 1.0, "rounding of the stored states dominates and is the same RNE (seen equal)"),
+    # Rounding of the stored states dominates and is the same (to nearest even); float32 intermediates
+    # rounded differently (FMAs on GPUs) can flip a stored value by one ulp (seen equal errors).
+    torch.bfloat16: (1.0, 2.0, "storage rounding, as torch's; a flipped ulp allowed"),
+    torch.float16: (1.0, 2.0, "storage rounding, as torch's; a flipped ulp allowed"),
 }
 
 
@@ -227,9 +229,10 @@ def test_mixed_per_tensor_steps() -> None:
         assert error <= torch_error + 4 * torch.finfo(torch.float32).eps
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_bfloat16_and_half_round_to_nearest_even(dtype: torch.dtype) -> None:
-    """One step from zero states: exp_avg = (1 - beta1) * g exactly rounded once to the storage dtype."""
+    """One step from zero states: exp_avg_sq = (1 - beta2) * g * g (exact in float32), rounded once to
+    the storage dtype to nearest even, as torch rounds."""
     g = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     p = torch.zeros(1000, dtype=dtype, device=DEVICE, requires_grad=True)
     optimizer = adamw.AdamW([p], backend="triton", lr=0.0, weight_decay=0.0, betas=(0.75, 0.5))
@@ -545,6 +548,8 @@ _COMPILE_CHECK = textwrap.dedent(
                 constants[name] = None
         return compile(K.adamw_kernel, signature, constants, backend.CUDA_NUM_WARPS)
 
+    floats = {p.name: p.annotation_type for p in K.adamw_kernel.params if p.name in ("lr", "beta2", "eps")}
+    assert set(floats.values()) == {"fp64"}, f"hyper-parameters must reach the kernel as doubles: {floats}"
     ptx = adamw_ptx(tl.float32, aligned=True)
     assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "aligned float32 chunks must use 128-bit loads"
     assert re.search(r"st\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "aligned float32 chunks must use 128-bit stores"
@@ -667,7 +672,8 @@ def test_large_tensors_close_to_torch_fused(dtype: torch.dtype) -> None:
                 q.grad = p.grad.clone()
         optimizer.step()
         torch_optimizer.step()
-    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    # torch's kernel computes in double, ours in float32: a few ulps apart (float32), one ulp (bfloat16).
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1.6e-2}[dtype]
     params = [p for g in groups for p in g]
     torch_params = [p for g in torch_groups for p in g]
     for key in STATE_KEYS + ("max_exp_avg_sq",):

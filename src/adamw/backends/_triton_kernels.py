@@ -29,8 +29,8 @@ Couplings with the host side (:mod:`adamw.backends.triton`):
   after this kernel), so nothing is read back on the host and a CUDA graph replays them right.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Triton reads the annotations (tl.float64 makes a
+# runtime float argument a double; a plain Python float would be passed as float32).
 import triton
 import triton.language as tl
 

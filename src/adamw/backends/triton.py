@@ -124,7 +124,11 @@ def step(
     if capturing:
         plan.in_graph = True
     for launch in plan.launches:
-        _run(launch, lists, hyper, kernels)
+        if launch.device.type == "cuda":
+            with torch.cuda.device(launch.device):  # Triton launches on the current device
+                _run(launch, lists, hyper, kernels)
+        else:
+            _run(launch, lists, hyper, kernels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,12 +408,12 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 
 def _local_views(lists: list[list[Tensor]], has_complex: bool) -> list[list[Tensor]]:
     """DTensors replaced by their local shards and complex tensors by real views (same memory)."""
-    if not set(map(type, chain(*lists))) <= set(_PLAIN_TYPES):
+    if not set(map(type, lists[0])) <= _PLAIN_TYPES:  # a DTensor param has DTensor grads and states
         lists = [[_to_local(t) for t in lst] for lst in lists]
     if has_complex:
         lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists[:5]] + [lists[5]]

@@ -108,7 +108,7 @@ class StepCase:
     sabotage: Callable[[Any, list[Tensor]], None] = _nothing  # makes the next step fail
     second_group: dict[str, Any] | None = None  # options of a second group (params[3:]); None: one group
     warm_steps: int = 2  # good steps first, so there is state to keep unchanged
-    make: Callable[[], list[Tensor]] = lambda: make_params(torch.float32)  # noqa: E731
+    make: Callable[[], list[Tensor]] = lambda: make_params(torch.float32)
     torch_changes: bool = False  # torch changes params or state before it raises
 
 

@@ -135,7 +135,7 @@ def test_flags_select_backend(kwargs: dict[str, Any], expected: str, monkeypatch
     assert ran == [expected]
 
 
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "cpu"])
+@pytest.mark.parametrize("backend", backend_params(["cpu"]))
 def test_fused_flag_runs_cpu_kernel_bits(backend: str) -> None:
     ours_params, their_params = make_params(torch.float32), make_params(torch.float32)
     ours = run_steps(lambda ps: adamw.AdamW(ps, fused=True, amsgrad=True), ours_params, STEPS)

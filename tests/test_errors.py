@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import adamw
+import adamw.functional
+import adamw.optimizer
 from _helpers import assert_unchanged, catch, drive, make_grads, make_params, set_grads, snapshot
 
 Tensor = torch.Tensor
@@ -64,8 +66,20 @@ def test_constructor_error_like_torch(case: Callable[[OptClass, list[Tensor]], A
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"backend": "gpu"}, {"backend": "foreach", "foreach": True}, {"backend": "cpu", "differentiable": True}],
-    ids=["unknown backend", "backend and foreach", "fused backend and differentiable"],
+    [
+        {"backend": "gpu"},
+        {"backend": "foreach", "foreach": True},
+        {"backend": "cpu", "differentiable": True},
+        {"backend": "foreach", "lr": _t(0.01)},  # as foreach=True: ValueError, as torch
+        {"backend": "foreach", "betas": (_t(0.9), _t(0.999))},
+    ],
+    ids=[
+        "unknown backend",
+        "backend and foreach",
+        "fused backend and differentiable",
+        "foreach backend, Tensor lr",
+        "foreach backend, Tensor betas",
+    ],
 )
 def test_backend_argument_errors(kwargs: dict[str, Any]) -> None:
     """``backend`` is ours alone (torch has no such argument): its misuse is a ValueError or, like
@@ -79,6 +93,37 @@ def test_backend_argument_errors(kwargs: dict[str, Any]) -> None:
     before = snapshot(opt, params)
     with pytest.raises(expected):
         opt.add_param_group({"params": params[3:], **kwargs})
+    assert_unchanged(opt, params, before)
+
+
+def test_foreach_backend_differentiable_raises_before_any_change() -> None:
+    """As foreach=True with differentiable=True (torch asserts mid-step): AssertionError, nothing changed."""
+    params = make_params(torch.float32)
+    opt = adamw.AdamW(params, backend="foreach", differentiable=True)
+    set_grads(params, make_grads(params, 0, all_steps=True))
+    before = snapshot(opt, params)
+    with pytest.raises(AssertionError):
+        opt.step()
+    assert_unchanged(opt, params, before)
+
+
+def test_missing_backend_module_raises_before_any_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused backend whose module cannot load (e.g. no C compiler) fails before group 1 is stepped."""
+    real = adamw.optimizer.backend_step
+
+    def backend_step(name: str) -> Any:
+        if name == "cpu":
+            raise ModuleNotFoundError("No module named 'adamw.backends.cpu'", name="adamw.backends.cpu")
+        return real(name)
+
+    monkeypatch.setattr(adamw.optimizer, "backend_step", backend_step)
+    monkeypatch.setattr(adamw.functional, "backend_step", backend_step)
+    params = make_params(torch.float32)
+    opt = adamw.AdamW([{"params": params[:3]}, {"params": params[3:], "backend": "cpu"}])
+    set_grads(params, make_grads(params, 0, all_steps=True))
+    before = snapshot(opt, params)
+    with pytest.raises(ModuleNotFoundError):
+        opt.step()
     assert_unchanged(opt, params, before)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from types import ModuleType
 from typing import Any
@@ -86,9 +86,10 @@ class _Launch:
 
 @dataclass
 class _Plan:
+    """What a group's step launches, built once for a set of tensors (see the module docstring)."""
+
     launches: list[_Launch]
     in_graph: bool = False  # used during a CUDA graph capture: never evicted
-    keep: list[Tensor] = field(default_factory=list)
 
 
 def step(
@@ -180,7 +181,7 @@ def _run(launch: _Launch, lists: list[list[Tensor]], hyper: Hyper, kernels: Modu
             num_warps=CUDA_NUM_WARPS,
             enable_fp_fusion=True,  # FMAs, as nvcc compiles torch's kernels; Triton 3.10 flips the default
         )
-    kernels.bump_steps_kernel[(triton_cdiv(launch.n_tensors, _BUMP_BLOCK),)](
+    kernels.bump_steps_kernel[(_cdiv(launch.n_tensors, _BUMP_BLOCK),)](
         launch.table,
         found_inf,
         launch.n_tensors,
@@ -227,7 +228,7 @@ def _triton_dtype(dtype: torch.dtype, kernels: ModuleType) -> Any:
     }[dtype]
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -279,7 +280,7 @@ def _build_launch(
         if not amsgrad:
             addresses.append(0)
         numel = tensors[0].numel()
-        chunks = triton_cdiv(numel, block)
+        chunks = _cdiv(numel, block)
         rows.append([*addresses, lists[5][position].data_ptr(), numel, n_chunks])
         chunks_per_tensor.append(chunks)
         n_chunks += chunks

@@ -163,15 +163,16 @@ def test_error_against_float64_no_worse_than_torch_fused(dtype: torch.dtype, fla
             assert error(x, r) <= bound, f"{name} of param {i}: {error(x, r):.3g} > torch's {error(y, r):.3g} + slack"
 
 
-def test_matches_torch_fused_outside_its_scalar_tail() -> None:
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.9)], ids=["lerp-from-start", "lerp-from-end"])
+def test_matches_torch_fused_outside_its_scalar_tail(betas: tuple[float, float]) -> None:
     """Ours rounds as torch's vector loop: bit for bit on every element a vector loop covers.
 
     A tensor whose size is a multiple of 64 has no scalar tail at any vector width.
     """
     p0 = torch.randn(64 * 700, generator=torch.Generator().manual_seed(3))
     ours, theirs = leaves([p0]), leaves([p0])
-    opt_ours = adamw.AdamW(ours, fused=True, amsgrad=True, weight_decay=0.1)
-    opt_theirs = torch.optim.AdamW(theirs, fused=True, amsgrad=True, weight_decay=0.1)
+    opt_ours = adamw.AdamW(ours, fused=True, betas=betas, amsgrad=True, weight_decay=0.1)
+    opt_theirs = torch.optim.AdamW(theirs, fused=True, betas=betas, amsgrad=True, weight_decay=0.1)
     for s in range(4):
         for a, b in zip(ours, theirs, strict=True):
             a.grad = make_grad(a, 0, s)
@@ -236,6 +237,20 @@ def test_many_tensors_step_exactly_as_their_concatenation(dtype: torch.dtype) ->
         torch.set_num_threads(threads)
 
 
+def test_float64_step_counters_count_alike() -> None:
+    """backend="cpu" keeps a loaded checkpoint's counters as they are: float64 ones must work too."""
+    results = []
+    for step_dtype in (torch.float32, torch.float64):
+        params = [torch.randn(100, generator=torch.Generator().manual_seed(2))]
+        states = _fresh_states(params, amsgrad=False)
+        states["step"] = [torch.zeros((), dtype=step_dtype)]
+        for s in range(3):
+            _step_backend(params, [make_grad(params[0], 0, s)], states, _hyper())
+        assert states["step"][0].dtype == step_dtype and states["step"][0].item() == 3
+        results.append(params[0])
+    assert torch.equal(results[0], results[1])
+
+
 def test_a_group_of_mixed_dtypes_steps_each_dtype() -> None:
     params = [torch.randn(300, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float32, torch.float64)]
     ours, theirs = leaves(params), leaves(params)
@@ -270,8 +285,8 @@ def test_grad_scale_unscales_in_the_kernel_as_torch(dtype: torch.dtype) -> None:
         opt.found_inf = torch.tensor(0.0)
     for s in range(3):
         for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            a.grad = make_grad(a, i, s) * 1024
-            b.grad = a.grad.clone()
+            b.grad = make_grad(a, i, s) * 1024
+            a.grad = torch.empty_like(a).copy_(b.grad)  # strided like a, as autograd makes a dense grad
         opt_ours.step()
         opt_theirs.step()
         for a, b in zip(ours, theirs, strict=True):

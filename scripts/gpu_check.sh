@@ -2,7 +2,7 @@
 # The GPU checks of the Triton backend, in one go, on a machine with an NVIDIA GPU (H100/H200 with
 # torch 2.11 and triton 3.6 installed; no network needed). Run from the repository root:
 #
-#     bash scripts/gpu_check.sh            # results under $OUT (default: gpu_check_out/)
+#     bash scripts/gpu_check.sh            # results under $OUT (default: gpu_check_out/), 7 files
 #
 # Stages, most important first, each under its own time limit (seconds, overridable):
 #   1. tests/test_triton.py on CUDA tensors (compiled kernel; graph capture; parity with torch fused)
@@ -14,9 +14,10 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU machines' python3 holds torch
 mkdir -p "$OUT"
 unset TRITON_INTERPRET  # the compiled kernel, not the interpreter
+export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # works without `pip install -e .`
 STAGES=${STAGES:-test_triton gpu_check test_suite bench}
 status=0

@@ -24,7 +24,12 @@ graph is captured. So take an eager step before capturing (torch's warm-up recip
 
 CPU tensors run under Triton's interpreter: set ``TRITON_INTERPRET=1`` in the environment before
 this module is first imported (that is, before the first step with ``backend="triton"``);
-``tests/conftest.py`` does so where no GPU is present. It is slow, and meant for tests.
+``tests/conftest.py`` does so where no GPU is present. It is slow, and meant for tests::
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton.py       # what CI runs
+    TRITON_INTERPRET=1 python -c "import torch, adamw
+    p = torch.zeros(300, requires_grad=True); p.grad = torch.ones(300)
+    adamw.AdamW([p], backend='triton').step(); print(p[:3])"
 
 A plan assumes that a tensor whose address and size are unchanged also keeps its dtype and layout.
 Params whose memory is not dense, or whose grad or states are laid out differently, are stepped

@@ -34,9 +34,9 @@ GLOBAL_BATCH = 16
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 JOB_TIMEOUT_S = 120.0
 
-# State formats the jobs run, by name (adamw.states' names): the extra AdamW keyword arguments that
-# select it. A new format (e.g. "8bit": {"state_precision": "8bit"}) is one entry here and one in
-# test_distributed.TOLERANCES.
+# State formats the jobs (and tests/test_in_backward.py) run, by name (adamw.states' names): the
+# extra AdamW keyword arguments that select it. A new format (e.g. "8bit": {"state_precision": "8bit"})
+# is one entry here and one in test_distributed.TOLERANCES.
 STATE_FORMATS: dict[str, dict[str, Any]] = {"param": {}}
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import adamw
+from _dist_workers import STATE_FORMATS
 from _helpers import assert_same_run, backend_params
 from adamw.in_backward import AdamWInBackward
 
@@ -55,10 +56,10 @@ OPTIONS: dict[str, Any] = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
 
 
 def standard_run(
-    backend: str, steps: range, model: Net | None = None, opt: adamw.AdamW | None = None
+    backend: str, steps: range, model: Net | None = None, opt: adamw.AdamW | None = None, state_format: str = "param"
 ) -> tuple[Net, adamw.AdamW]:
     model = model or Net()
-    opt = opt or adamw.AdamW(groups(model), backend=backend, **OPTIONS)
+    opt = opt or adamw.AdamW(groups(model), backend=backend, **OPTIONS, **STATE_FORMATS[state_format])
     for step in steps:
         loss_at(model, step).backward()
         opt.step()
@@ -67,10 +68,17 @@ def standard_run(
 
 
 def in_backward_run(
-    backend: str, steps: range, model: Net | None = None, opt: AdamWInBackward | None = None, **extra: Any
+    backend: str,
+    steps: range,
+    model: Net | None = None,
+    opt: AdamWInBackward | None = None,
+    state_format: str = "param",
+    **extra: Any,
 ) -> tuple[Net, AdamWInBackward]:
     model = model or Net()
-    opt = opt or adamw.step_in_backward(groups(model), backend=backend, **OPTIONS, **extra)
+    opt = opt or adamw.step_in_backward(
+        groups(model), backend=backend, **OPTIONS, **STATE_FORMATS[state_format], **extra
+    )
     for step in steps:
         loss_at(model, step).backward()
     return model, opt
@@ -80,11 +88,12 @@ def params(model: nn.Module) -> list[Tensor]:
     return list(model.parameters())
 
 
+@pytest.mark.parametrize("state_format", STATE_FORMATS)
 @pytest.mark.parametrize("backend", backend_params())
-def test_same_params_and_states_as_the_standard_step(backend: str) -> None:
+def test_same_params_and_states_as_the_standard_step(backend: str, state_format: str) -> None:
     # Per parameter, the step is the same elementwise update over the same values: bit for bit.
-    model, opt = in_backward_run(backend, range(STEPS))
-    reference, reference_opt = standard_run(backend, range(STEPS))
+    model, opt = in_backward_run(backend, range(STEPS), state_format=state_format)
+    reference, reference_opt = standard_run(backend, range(STEPS), state_format=state_format)
     assert_same_run(opt, reference_opt, params(model), params(reference))
     assert opt.state[model.sometimes.weight]["step"].item() == (STEPS + 1) // 2  # stepped only when used
 
@@ -127,25 +136,26 @@ def test_lr_schedulers_drive_it() -> None:
     assert_same_run(opt, reference_opt, params(model), params(reference))
 
 
+@pytest.mark.parametrize("state_format", STATE_FORMATS)
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("direction", ["in_backward->standard", "standard->in_backward"])
-def test_checkpoints_move_between_standard_and_in_backward(backend: str, direction: str) -> None:
+def test_checkpoints_move_between_standard_and_in_backward(backend: str, direction: str, state_format: str) -> None:
     # Same state_dict format (AdamW's), so a run can switch modes at a checkpoint, lr changes included.
     first, then = direction.split("->")
     run: dict[str, Callable[..., Any]] = {"standard": standard_run, "in_backward": in_backward_run}
-    model, opt = run[first](backend, range(2))
+    model, opt = run[first](backend, range(2), state_format=state_format)
     opt.param_groups[1]["lr"] = 0.05
     checkpoint = {"model": model.state_dict(), "opt": opt.state_dict()}
 
     resumed = Net()
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = (adamw.step_in_backward if then == "in_backward" else adamw.AdamW)(
-        groups(resumed), backend=backend, **OPTIONS
+        groups(resumed), backend=backend, **OPTIONS, **STATE_FORMATS[state_format]
     )
     resumed_opt.load_state_dict(checkpoint["opt"])
     run[then](backend, range(2, STEPS), resumed, resumed_opt)
 
-    reference, reference_opt = standard_run(backend, range(2))
+    reference, reference_opt = standard_run(backend, range(2), state_format=state_format)
     reference_opt.param_groups[1]["lr"] = 0.05
     standard_run(backend, range(2, STEPS), reference, reference_opt)
     assert_same_run(resumed_opt, reference_opt, params(resumed), params(reference))

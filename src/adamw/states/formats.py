@@ -24,6 +24,7 @@ The math runs in float64 for float64 params and in float32 for every other dtype
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -226,6 +227,6 @@ def full_precision_state(state: dict[str, Tensor], param: Tensor) -> dict[str, T
     return {k: v for k, v in out.items() if k == "step" or k in MOMENTS}
 
 
-def state_nbytes(state: dict[str, object]) -> int:
+def state_nbytes(state: Mapping[str, object]) -> int:
     """Bytes of every tensor in one param's state (the step counter included)."""
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))

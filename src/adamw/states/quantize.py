@@ -6,12 +6,13 @@ The rules, written down once (the C and Triton kernels must follow them bit for 
   may be short. Each block stores one float32 ``absmax`` = max |x| over the block, taken from the
   values being stored (after the moment update), so nothing is ever clipped: the largest value maps
   to normalized magnitude exactly 1.0 (``x / x == 1`` in IEEE arithmetic), which is a code.
-* **Normalization.** ``y = x / absmax`` with an IEEE float32 division (not a multiplication by a
-  reciprocal, which can differ in the last bit and so pick another code). A block whose absmax is 0
-  stores code 0 everywhere and decodes to exact zeros.
-* **Nearest code.** A code is the index of the nearest table entry, found by searching the float32
-  midpoints between neighbouring entries (``torch.bucketize``, ``right=False``): a value exactly on
-  a midpoint takes the smaller magnitude.
+* **Normalization.** ``y = x / absmax`` with a correctly rounded float32 division (not a
+  multiplication by a reciprocal, nor Triton's default approximate ``/``: use ``div_rn``), since a
+  last-bit difference can pick another code. A block whose absmax is 0 stores code 0 everywhere and
+  decodes to exact zeros.
+* **Nearest code.** A magnitude's index is the number of float32 midpoints between neighbouring
+  entries that are strictly below it (``torch.bucketize``, ``right=False``): a value exactly on a
+  midpoint takes the smaller magnitude. Signed codes add 128 when ``x < 0``.
 * **Decoding** is ``table[code] * absmax`` in float32.
 
 The tables. What the update uses is ``m / sqrt(v)`` element by element, so the error that matters is
@@ -34,6 +35,16 @@ has the same relative error at every magnitude (the minimax choice), so both tab
   too (both start at 0 and see the same gradients), so its step is 0 either way.
   The range is the square of ``exp_avg``'s (``sqrt(v)`` runs over the same :math:`2^{-16}` as
   ``m``), and in the ``sqrt(v)`` that the step uses the ladder's error halves (at most ~2.2%).
+
+What an 8-bit ``v`` tracks, and what it does not: the block's scale moves exactly (the float32
+absmax is recomputed every step), but an element's share of its block changes code only when one
+step moves it by more than half a ladder step (~4.4%). With ``beta2 = 0.999`` one step moves ``v``
+by at most 0.1% times ``g^2 / v``, so after the first few dozen steps the shares stay where they
+are unless a gradient grows sharply (``g^2`` above ~45 ``v``); a share that should grow lags, and
+that element's steps are larger than float32 Adam's (by ``sqrt`` of the lag). Any 8-bit code rounded
+to nearest behaves so (a finer code near 1 only lowers the threshold); stochastic rounding would
+remove the bias but its noise, summed over ~1/(1 - beta2) steps, would be of the order of ``v``
+itself. ``tests/test_states.py`` and ``adamw demo`` measure what this costs in training.
 """
 
 from __future__ import annotations

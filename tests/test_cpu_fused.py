@@ -442,7 +442,7 @@ def reimport(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(functional._loaded, "cpu", raising=False)
 
 
-@pytest.mark.parametrize("compiler", ["missing", "failing"])
+@pytest.mark.parametrize("compiler", ["missing", "failing", "misnamed"])
 @pytest.mark.usefixtures("reimport")
 def test_without_a_working_compiler_fused_raises_before_any_change(
     compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -450,8 +450,11 @@ def test_without_a_working_compiler_fused_raises_before_any_change(
     monkeypatch.setenv("ADAMW_CACHE_DIR", str(tmp_path))
     if compiler == "missing":
         monkeypatch.setenv("PATH", str(tmp_path))
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.delenv("CC", raising=False)
         expected = "no C compiler was found"
+    elif compiler == "misnamed":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        expected = "names no executable"
     else:
         fake = tmp_path / "fake-cc"
         fake.write_text("#!/bin/sh\necho 'fake-cc: cannot compile' >&2\nexit 1\n")

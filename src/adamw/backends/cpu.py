@@ -61,8 +61,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 
 # Tried in order until one compiles. No -ffast-math: sqrt and division must round as IEEE says.
-# -ffp-contract=off keeps a*b+c in two roundings, as torch's vector intrinsics do; -fno-math-errno
-# only lets sqrt vectorize (it changes no value).
+# -ffp-contract=off: a multiply-add is fused only where the source calls fma (where torch's kernel
+# fuses); -fno-math-errno only lets sqrt vectorize (it changes no value).
 _BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
 _FLAG_SETS = (
     ("-march=native", "-fopenmp"),
@@ -94,12 +94,20 @@ def cache_dir() -> Path:
 
 
 def compiler() -> list[str]:
-    """The C compiler command: ``$CC``, else Python's build compiler, else ``cc``."""
-    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"):
-        if candidate:
-            words = shlex.split(candidate)
-            if words and shutil.which(words[0]):
-                return words
+    """The C compiler command: ``$CC`` when set, else Python's build compiler, else ``cc`` or ``gcc``."""
+    if os.environ.get("CC"):
+        words = shlex.split(os.environ["CC"])
+        if words and shutil.which(words[0]):
+            return words
+        raise RuntimeError(
+            f"adamw's fused CPU kernel (fused=True on CPU tensors) is compiled on first use by $CC, but "
+            f"CC={os.environ['CC']!r} names no executable. Fix or unset CC; or step without the fused "
+            "kernel (fused=None or foreach=True)."
+        )
+    for candidate in (sysconfig.get_config_var("CC"), "cc", "gcc"):
+        words = shlex.split(candidate or "")
+        if words and shutil.which(words[0]):
+            return words
     raise RuntimeError(
         "adamw's fused CPU kernel (fused=True on CPU tensors) is compiled on first use, but no C "
         "compiler was found (tried $CC, Python's build compiler and `cc`). Install gcc or clang, or "
@@ -167,27 +175,16 @@ def library() -> Library:
 
 def _build_and_load() -> Library:
     cc = compiler()
-    errors = []
+    errors: list[str] = []
     for flags in _FLAG_SETS:
-        name = _library_name(cc, flags)
-        compiled = False
-        for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"adamw-{os.getuid()}"):
-            path = directory / name
-            if path.exists():
-                break
-            try:
-                error = _compile(cc, flags, path)
-            except OSError as exc:  # an unwritable cache directory: try the next one
-                errors.append(f"{path}: {exc}")
-                continue
-            if error is not None:
-                errors.append(f"{' '.join(cc)} {' '.join(flags)}: {error}")
-                break
-            compiled = True
-            break
-        else:
+        path, compiled, error = _cached_or_built(cc, flags)
+        if path is None:
+            errors.append(error)
             continue
-        if not path.exists():
+        try:
+            step_fn = _bind(ctypes.CDLL(str(path)))
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
             continue
         openmp = "-fopenmp" in flags
         if not openmp:
@@ -196,11 +193,31 @@ def _build_and_load() -> Library:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return Library(path, compiled, openmp, _bind(ctypes.CDLL(str(path))))
+        return Library(path, compiled, openmp, step_fn)
     raise RuntimeError(
         "adamw's fused CPU kernel (fused=True on CPU tensors) could not be compiled; step without it "
         "(fused=None or foreach=True), or fix the compiler. Errors:\n" + "\n".join(errors)
     )
+
+
+def _cached_or_built(cc: list[str], flags: tuple[str, ...]) -> tuple[Path | None, bool, str]:
+    """(the library's path or None, whether it was compiled now, why not)."""
+    name = _library_name(cc, flags)
+    fallback = Path(tempfile.gettempdir()) / (f"adamw-{os.getuid()}" if hasattr(os, "getuid") else "adamw")
+    unwritable = []
+    for directory in (cache_dir(), fallback):
+        path = directory / name
+        if path.exists():
+            return path, False, ""
+        try:
+            error = _compile(cc, flags, path)
+        except OSError as exc:  # an unwritable cache directory: try the next one
+            unwritable.append(f"{path}: {exc}")
+            continue
+        if error is not None:
+            return None, False, f"{' '.join([*cc, *flags])}: {error}"
+        return path, True, ""
+    return None, False, "; ".join(unwritable)
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:

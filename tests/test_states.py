@@ -7,6 +7,7 @@ import copy
 import io
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+HYPER: dict[str, Any] = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 # |decoded - x| / |x| for x inside the ladder's range, with nearest rounding on arithmetic midpoints:
 # at worst (r - 1) / (r + 1) for a ladder ratio r (a value on a midpoint, either way).
 _RATIO = 2.0 ** (1 / LADDER_STEPS_PER_OCTAVE)
@@ -90,11 +91,29 @@ def test_unsigned_code_has_no_zero() -> None:
     assert values[-1] == 1.0 and bool((values.diff() > 0).all())
 
 
+@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
+def test_ladder_search_is_the_binary_search(code: Code) -> None:
+    """The log2 guess plus one correction gives bucketize's codes, midpoints and their neighbours included."""
+    values, mids = code.tables()
+    mags = values[:128] if code.signed else values
+    edges = torch.cat([mids, mags, torch.tensor([0.0, 1e-45, 1e-38, 1.0])])
+    neighbours = torch.cat(
+        [torch.nextafter(edges, torch.tensor(0.0)), edges, torch.nextafter(edges, torch.tensor(2.0))]
+    )
+    dense = torch.logspace(-40, 0, 200_000, base=2.0)
+    y = torch.cat([neighbours, dense]).clamp(0, 1)
+    assert torch.equal(code.magnitude_index(y).long(), torch.bucketize(y, mids))
+    plain = Code("no-ladder", code.magnitudes, signed=code.signed)  # the binary search itself
+    assert torch.equal(plain.magnitude_index(y), torch.bucketize(y, mids))
+
+
 def test_code_rejects_bad_tables() -> None:
     with pytest.raises(ValueError, match="128 magnitudes"):
         Code("bad", tuple(range(256)), signed=True)
     with pytest.raises(ValueError, match="ascend"):
         Code("bad", tuple([1.0] * 127 + [0.5]), signed=True)
+    with pytest.raises(ValueError, match="ladder"):
+        Code("bad", SIGNED_CODE.magnitudes, signed=True, ladder_steps=7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,8 +221,8 @@ def test_hash32_matches_an_independent_uint32_implementation() -> None:
         h ^= h >> np.uint32(15)
         h *= np.uint32(0x846CA68B)
         h ^= h >> np.uint32(16)
-    ours = hash32(torch.from_numpy(words.astype(np.int64)))
-    assert torch.equal(ours, torch.from_numpy(h.astype(np.int64)))
+    ours = hash32(torch.from_numpy(words.view(np.int32)))
+    assert torch.equal(ours, torch.from_numpy(h.view(np.int32)))
     assert [hash32_int(int(w)) for w in words[:64]] == [int(v) for v in h[:64]]
 
 
@@ -357,7 +376,7 @@ def _run_lean(
             **options,
             amsgrad=amsgrad,
             maximize=maximize,
-            step=t,  # type: ignore[arg-type]
+            step=t,
             state_precision=state_precision,
             param_update=param_update,
             seed=seed,
@@ -375,7 +394,7 @@ def _run_forloop(
         amsgrad=amsgrad,
         maximize=maximize,
         capturable=False,
-        differentiable=False,  # type: ignore[arg-type]
+        differentiable=False,
         has_complex=param.is_complex(),
     )
     for g in grads:
@@ -477,7 +496,7 @@ def _max_step(steps: int) -> float:
             **HYPER | {"weight_decay": 0.0},
             amsgrad=False,
             maximize=False,
-            step=t,  # type: ignore[arg-type]
+            step=t,
             state_precision="8bit",
             param_update="round",
         )
@@ -507,7 +526,7 @@ def test_bf16_moments_decay_without_gradient() -> None:
             state,
             **HYPER | {"weight_decay": 0.0},
             amsgrad=False,
-            maximize=False,  # type: ignore[arg-type]
+            maximize=False,
             step=t,
             state_precision="bf16",
             param_update="round",
@@ -564,7 +583,7 @@ def test_state_round_trips_through_torch_save(state_precision: str, param_update
                 **HYPER,
                 amsgrad=True,
                 maximize=False,
-                step=t,  # type: ignore[arg-type]
+                step=t,
                 state_precision=state_precision,
                 param_update=param_update,
             )

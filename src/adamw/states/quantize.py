@@ -70,13 +70,16 @@ class Code:
     """One 8-bit code table: the magnitudes it can store and whether a sign bit precedes them.
 
     ``magnitudes`` are ascending, in ``[0, 1]``, ending at 1.0. Signed codes hold 128 magnitudes
-    (bit 7 is the sign); unsigned codes hold 256.
+    (bit 7 is the sign); unsigned codes hold 256. ``ladder_steps`` says the nonzero magnitudes are
+    the ladder ``2^(-k / ladder_steps)`` (checked), which lets the encoder guess the index from a
+    logarithm instead of a binary search (the midpoints still decide: see :meth:`encode_normalized`).
     """
 
     name: str
     magnitudes: tuple[float, ...]
     signed: bool
-    _cache: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    ladder_steps: int | None = None
+    _cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         expected = 128 if self.signed else 256
@@ -84,6 +87,11 @@ class Code:
             raise ValueError(f"a {'signed' if self.signed else 'unsigned'} code needs {expected} magnitudes")
         if list(self.magnitudes) != sorted(self.magnitudes) or self.magnitudes[-1] != 1.0:
             raise ValueError("magnitudes must ascend and end at 1.0")
+        if self.ladder_steps is not None:
+            top = len(self.magnitudes) - 1
+            nonzero = [(j, m) for j, m in enumerate(self.magnitudes) if m != 0]
+            if any(m != 2.0 ** (-(top - j) / self.ladder_steps) for j, m in nonzero) or len(nonzero) < top:
+                raise ValueError(f"magnitudes are not the ladder 2^(-k/{self.ladder_steps})")
 
     def tables(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """``(values, midpoints)`` as float32 tensors on ``device``.
@@ -92,35 +100,59 @@ class Code:
         the boundaries between neighbouring magnitudes, which the encoder searches. Kernels take
         these tensors as they are: they are the definition, never to be recomputed elsewhere.
         """
-        device = torch.device(device)
+        values, mids, _ = self._tables(torch.device(device))
+        return values, mids
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if device not in self._cache:
             mags64 = torch.tensor(self.magnitudes, dtype=torch.float64)
             mids = ((mags64[1:] + mags64[:-1]) / 2).to(torch.float32)
             mags = mags64.to(torch.float32)
             values = torch.cat([mags, -mags]) if self.signed else mags
-            self._cache[device] = (values.to(device), mids.to(device))
+            inf = torch.tensor([float("inf")])
+            bounds = torch.cat([-inf, mids, inf])  # bounds[i], bounds[i + 1]: magnitude i's interval
+            self._cache[device] = (values.to(device), mids.to(device), bounds.to(device))
         return self._cache[device]
 
     def encode_normalized(self, y: Tensor) -> Tensor:
         """Codes (uint8) of values already divided by their block's absmax (so ``|y| <= 1``)."""
-        _, mids = self.tables(y.device)
+        magnitude = y.abs() if self.signed else y
+        index = self.magnitude_index(magnitude)
         if self.signed:
-            index = torch.bucketize(y.abs(), mids)
             index = index + (y < 0).to(index.dtype) * 128
-        else:
-            index = torch.bucketize(y, mids)
         return index.to(torch.uint8)
+
+    def magnitude_index(self, magnitude: Tensor) -> Tensor:
+        """The number of midpoints strictly below each value: ``torch.bucketize``'s answer.
+
+        On a ladder, ``top + round(steps * log2(y))`` is that number or one off it (rounding on a
+        log scale and on arithmetic midpoints differ only between a geometric and an arithmetic
+        mean), so one comparison with each neighbouring midpoint makes it exact: the same codes as
+        the binary search, in a few elementwise passes (float32 and int32, never int64).
+        """
+        _, mids, bounds = self._tables(magnitude.device)
+        if self.ladder_steps is None:
+            return torch.bucketize(magnitude, mids)
+        top = len(self.magnitudes) - 1
+        guess = torch.log2(magnitude).mul_(self.ladder_steps).round_().add_(top)
+        guess = torch.nan_to_num_(guess, nan=0.0, neginf=0.0).clamp_(0, top)
+        flat = guess.reshape(-1).to(torch.int32)
+        below = bounds[:-1].index_select(0, flat).view(guess.shape)
+        above = bounds[1:].index_select(0, flat).view(guess.shape)
+        return guess.sub_((magnitude <= below).to(guess.dtype)).add_((magnitude > above).to(guess.dtype))
 
     def decode_normalized(self, codes: Tensor) -> Tensor:
         """Normalized float32 values of ``codes`` (before multiplying by the absmax)."""
         values, _ = self.tables(codes.device)
-        return values[codes.long()]
+        return values.index_select(0, codes.reshape(-1).to(torch.int64)).view(codes.shape)
 
 
-SIGNED_CODE = Code("signed-ladder", tuple([0.0] + _ladder(127)[::-1]), signed=True)
+SIGNED_CODE = Code(
+    "signed-ladder", tuple([0.0] + _ladder(127)[::-1]), signed=True, ladder_steps=LADDER_STEPS_PER_OCTAVE
+)
 """``exp_avg``: sign bit + {0, 2^(-k/8) for k = 0..126}."""
 
-UNSIGNED_CODE = Code("unsigned-ladder", tuple(_ladder(256)[::-1]), signed=False)
+UNSIGNED_CODE = Code("unsigned-ladder", tuple(_ladder(256)[::-1]), signed=False, ladder_steps=LADDER_STEPS_PER_OCTAVE)
 """``exp_avg_sq``: 2^(-k/8) for k = 0..255 (no zero: see the module's docstring)."""
 
 

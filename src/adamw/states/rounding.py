@@ -10,8 +10,8 @@ draw *identically*, so that the three give the same bits and a run reproduces on
   low 16 bits are used. Counters wrap at 2^32 elements per tensor.
 
 ``hash32`` is the "lowbias32" integer hash (xorshift-multiply, constants 0x7feb352d, 0x846ca68b): a
-bijection of 32-bit words, cheap in C (``uint32_t``), in Triton (``tl.uint32``) and here (int64
-tensors, masked to 32 bits, multiplications split so that no product leaves 63 bits).
+bijection of 32-bit words, cheap in C (``uint32_t``), in Triton (``tl.uint32``) and here (int32
+tensors holding the same bits: multiplication wraps alike, right shifts are masked to be logical).
 
 Stochastic rounding float32 -> bfloat16 adds the 16 random bits to the float32's bit pattern and
 drops its low 16 bits: the value rounds away from zero with probability (low 16 bits) / 2^16, so the
@@ -66,19 +66,26 @@ def hash32_int(x: int) -> int:
     return x
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    # (x * c) mod 2^32 for x in [0, 2^32): both partial products stay below 2^48.
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+def _signed32(c: int) -> int:
+    """The int32 with the bits of the 32-bit word ``c``."""
+    c &= _MASK32
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    # A logical shift of 32-bit words held in int32: torch's shift is arithmetic, so mask the sign.
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
 
 
 def hash32(x: Tensor) -> Tensor:
-    """lowbias32 of an int64 tensor holding 32-bit unsigned words."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MUL1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MUL2)
-    return x ^ (x >> 16)
+    """lowbias32 of an int32 tensor holding 32-bit words (int32 multiplication wraps like uint32's)."""
+    if x.dtype != torch.int32:
+        raise TypeError(f"hash32 takes int32 words, got {x.dtype}")
+    x = x ^ _shift_right(x, 16)
+    x = x * _signed32(_MUL1)
+    x = x ^ _shift_right(x, 15)
+    x = x * _signed32(_MUL2)
+    return x ^ _shift_right(x, 16)
 
 
 def rounding_key(seed: int, step: int, stream: int = 0, purpose: int = PURPOSE_PARAM) -> int:
@@ -91,19 +98,22 @@ def rounding_key(seed: int, step: int, stream: int = 0, purpose: int = PURPOSE_P
 
 
 def random_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Tensor:
-    """32 random bits per flat element (int64 tensor) for ``key``."""
-    index = torch.arange(numel, dtype=torch.int64, device=device) & _MASK32
-    return hash32(hash32(index) ^ key)
+    """32 random bits per flat element for ``key`` (an int32 tensor holding the 32-bit words)."""
+    if numel <= 2**31:
+        index = torch.arange(numel, dtype=torch.int32, device=device)
+    else:  # counters wrap at 2^32
+        index = (torch.arange(numel, dtype=torch.int64, device=device) & _MASK32).to(torch.int32)
+    return hash32(hash32(index) ^ _signed32(key))
 
 
 def stochastic_round_to_bf16(x: Tensor, key: int) -> Tensor:
     """``x`` (float32) rounded to bfloat16 up or down at random, unbiased (see the module's docstring)."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic rounding takes float32 values, got {x.dtype}")
-    bits = x.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & _MASK32
+    bits = x.contiguous().view(torch.int32).reshape(-1)
     noise = random_bits(bits.numel(), key, x.device) & 0xFFFF
-    rounded = (bits + noise) & 0xFFFF0000
-    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    # Two's-complement addition is the unsigned one: a carry out of the low 16 bits rounds |x| up.
+    rounded = (bits + noise) & _signed32(0xFFFF0000)
     out = rounded.view(torch.float32).view(x.shape).to(torch.bfloat16)  # exact: low 16 bits are 0
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
 

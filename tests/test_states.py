@@ -315,6 +315,7 @@ def test_the_4096_rule_and_bytes_per_element() -> None:
     state = init_lean_state(large, amsgrad=True, state_precision="8bit", param_update="round")
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (16,)
     assert state_nbytes(state) == 3 * (4096 + 16 * 4)
+    assert format_for(large, "8bit").nbytes(state, "exp_avg") == 4096 + 16 * 4
     with pytest.raises(ValueError, match="state_precision"):
         format_for(large, "4bit")
 

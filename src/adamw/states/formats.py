@@ -78,6 +78,10 @@ class StateFormat:
         """Bytes one moment of ``param`` takes per param value (``nbytes / numel``)."""
         raise NotImplementedError
 
+    def nbytes(self, state: Mapping[str, object], key: str) -> int:
+        """Bytes that moment ``key`` takes in ``state`` (its codes and absmax, for 8-bit)."""
+        return state_nbytes({k: v for k, v in state.items() if k in (key, key + ABSMAX_SUFFIX)})
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 

@@ -30,7 +30,18 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_quick_run_has_every_pair_with_positive_numbers(quick_run: dict[str, Any]) -> None:
     meta, copy, results = quick_run["meta"], quick_run["copy"], quick_run["results"]
-    for key in ("date", "device", "device_name", "torch", "adamw", "threads", "steps", "warmup", "windows"):
+    for key in (
+        "date",
+        "device",
+        "device_name",
+        "torch",
+        "adamw",
+        "threads",
+        "steps",
+        "warmup",
+        "windows",
+        "others_cpu_fraction",
+    ):
         assert key in meta
     assert meta["device"] in ("cpu", "cuda") and meta["threads"] >= 1 and meta["quick"] is True
     assert copy["gb_per_s"] > 0 and copy["ms_median"] > 0 and len(copy["window_ms"]) >= 1
@@ -123,3 +134,10 @@ def test_python_m_adamw_help() -> None:
     done = subprocess.run([sys.executable, "-m", "adamw", "bench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "7*s" in done.stdout and "--json" in done.stdout and "gpt2" in done.stdout
+
+
+def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out

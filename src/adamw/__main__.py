@@ -6,15 +6,20 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__, bench
+from . import __version__, bench, demo
 
-# Each subcommand: (one-line help, add its arguments to a parser, run it -> exit code).
-# `adamw demo` will be one more entry here, with its module beside bench.py.
+# Each subcommand: (one-line help, add its arguments to a parser, run it -> exit code); its module
+# (beside this one) owns its options and its work.
 Command = tuple[
     str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 ]
 COMMANDS: dict[str, Command] = {
     "bench": ("time a step of every implementation on named workloads", bench.add_arguments, bench.main),
+    "demo": (
+        "train a small model with torch.optim.AdamW and with each lean mode, and compare",
+        demo.add_arguments,
+        lambda args, _parser: demo.main(args),
+    ),
 }
 
 

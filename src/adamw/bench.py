@@ -18,6 +18,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -147,6 +148,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         ),
     )
 }
+BUSY_WARNING = 0.1  # others' share of CPU time above which the report warns that timings are noisy
 REFERENCE_IMPL = "torch-fused"  # the "vs torch-fused" column is its median time over each row's
 
 # ------------------------------------------------------------------------------------------------
@@ -186,12 +188,12 @@ class Config:
     impls: list[str]
     steps: int
     warmup: int
-    windows: int
+    windows: int  # the steps are split into this many timing windows
     threads: int
     amsgrad: bool = False
     quick: bool = False
     copy_bytes: int = 256 * MiB
-    copies_per_window: int = 3
+    copies_per_window: int = 1
     progress: bool = True
 
 
@@ -295,6 +297,8 @@ class _Entry:
 
 def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
     """Measure every (workload, implementation) pair of ``config``; returns results, the copy, metadata."""
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    others = _OtherProcesses()
     torch.set_num_threads(config.threads)
     sync = _synchronizer(config.device)
     if config.device == "cuda":
@@ -302,16 +306,10 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
     hyper: Hyper = {"lr": 1e-3, "weight_decay": 1e-2, "amsgrad": config.amsgrad}
     windows, per_window = _windowing(config)
     per_workload = len(config.impls) * (config.warmup + windows * per_window) + windows * config.copies_per_window
-    progress = _Progress(per_workload * len(config.workloads) + 1, config.progress)
-
-    n_copy = config.copy_bytes // 4
-    copy_src = torch.randn(n_copy, device=config.device)
-    copy_dst = torch.empty_like(copy_src)
-    copy_dst.copy_(copy_src)  # touch every page before timing
-    copy_entry = _Entry("copy", lambda: copy_dst.copy_(copy_src), config.copies_per_window)
-    progress.update()
+    progress = _Progress(per_workload * len(config.workloads), config.progress)
 
     results: list[Result] = []
+    copy_samples: list[float] = []
     for workload_name in config.workloads:
         workload = WORKLOADS[workload_name]
         progress.phase(f"{workload_name}: setup")
@@ -321,20 +319,34 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
         ]
         timed = [e for e in entries if e.result is not None and e.result.status == "ok"]
         progress.update((len(entries) - len(timed)) * windows * per_window)  # skipped: unavailable
+        copy_entry = _copy_entry(config)
         _time_rounds([*timed, copy_entry], windows, sync, progress, workload_name)
+        copy_samples += copy_entry.samples
         results.extend(_summarize(entries))
-        del params, entries, timed
+        del params, entries, timed, copy_entry
         gc.collect()
         if config.device == "cuda":
             torch.cuda.empty_cache()
     progress.close()
 
-    copy_ms = statistics.median(copy_entry.samples) if copy_entry.samples else float("nan")
-    copy = Copy(2 * config.copy_bytes, 2 * config.copy_bytes / copy_ms / 1e6, copy_ms, copy_entry.samples)
+    copy_ms = statistics.median(copy_samples) if copy_samples else float("nan")
+    copy = Copy(2 * config.copy_bytes, 2 * config.copy_bytes / copy_ms / 1e6, copy_ms, copy_samples)
     for r in results:
         if r.status == "ok":
             r.fraction_of_copy = r.gb_per_s / copy.gb_per_s
-    return results, copy, _metadata(config)
+    return results, copy, {"date": started, **_metadata(config), "others_cpu_fraction": others.fraction()}
+
+
+def _copy_entry(config: Config) -> _Entry:
+    """The bandwidth reference: ``dst.copy_(src)``, its buffers touched before timing.
+
+    Made after the workload's optimizers, and freed with them: on CPU, big buffers allocated first
+    shift where the params and states land, which alone changed torch's fused step by 1.7x here.
+    """
+    src = torch.randn(config.copy_bytes // 4, device=config.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return _Entry("copy", lambda: dst.copy_(src), config.copies_per_window)
 
 
 def _time_rounds(
@@ -422,6 +434,40 @@ def _summarize(entries: list[_Entry]) -> list[Result]:
     return results
 
 
+class _OtherProcesses:
+    """The share of the machine's CPU time that other processes took while we ran (Linux only).
+
+    A 2-thread step waits at every barrier for a thread the OS has parked to let another process in,
+    so a busy neighbour slows a per-tensor parallel loop far more than its share: worth a warning.
+    """
+
+    def __init__(self) -> None:
+        self._start = (time.monotonic(), self._busy(), self._ours())
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest time is in user
+
+    @staticmethod
+    def _ours() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def fraction(self) -> float | None:
+        wall0, busy0, ours0 = self._start
+        busy1, wall = self._busy(), time.monotonic() - wall0
+        if busy0 is None or busy1 is None or wall <= 0:
+            return None
+        others = (busy1 - busy0) - (self._ours() - ours0)
+        return max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -439,7 +485,6 @@ def _metadata(config: Config) -> dict[str, Any]:
     from . import __version__
 
     meta: dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": config.device,
         "device_name": _device_name(config.device),
         "torch": torch.__version__,
@@ -469,9 +514,16 @@ def format_report(results: list[Result], copy: Copy, meta: dict[str, Any]) -> st
         f"copy bandwidth (dst.copy_(src), {copy.bytes_per_copy // 2 / MiB:.0f} MiB, read+write): "
         f"{copy.gb_per_s:.1f} GB/s",
         f"{meta['steps']} timed steps in {meta['windows']} windows after {meta['warmup']} warm-up; "
-        "ms/step is the median window (min-max)" + (", amsgrad" if meta["amsgrad"] else ""),
-        "",
+        f"ms/step is the median {'step' if meta['steps'] == meta['windows'] else 'window'} (min-max)"
+        + (", amsgrad" if meta["amsgrad"] else ""),
     ]
+    others = meta.get("others_cpu_fraction")
+    if others is not None and others >= BUSY_WARNING:
+        lines.append(
+            f"warning: other processes used {100 * others:.0f}% of this machine's CPU time during the run; "
+            "multi-threaded CPU steps slow down far more than that share, so expect noisy numbers"
+        )
+    lines.append("")
     header = ("workload", "implementation", "ms/step", "min-max", "Mparams/s", "GB/s", "% copy", "vs torch-fused")
     rows: list[Sequence[str]] = []
     for r in results:
@@ -545,11 +597,17 @@ columns:
 
 timing: every implementation of a workload takes its warm-up steps, then the timed steps run in
 windows (steps rounded down to a multiple of --windows), interleaved across the implementations and
-the copy in an order rotated every round, so drift on a shared machine touches all alike.
+the copy in an order rotated every round, so drift on a shared machine touches all alike. On CPU
+each step is its own window by default: averaging steps before taking the median lets a busy
+machine's hiccups into the median (a 2-thread step stalls when a core is taken).
+On CPU a step's time also depends on where its four tensors happen to lie in memory relative to one
+another (measured here: 25 to 63 ms for torch's fused step on "big", by the gaps between them alone),
+so a standalone timing can differ from the table by that much, and so can two implementations
+whose states happen to land differently.
 
-defaults: every workload and implementation. On CPU 10 timed steps in 5 windows after 2 warm-up
+defaults: every workload and implementation. On CPU 10 timed steps, one per window, after 2 warm-up
 steps: about a minute on 2 cores (a GPT-2 for-loop step takes ~0.2 s there: slow, but not so slow
-that the for-loops need fewer steps); on CUDA 100 timed steps in 5 windows after 10 warm-up.
+that the for-loops need fewer steps); on CUDA 100 timed steps in 10 windows after 10 warm-up.
 Every implementation of a workload is alive at once, its params and grads shared (GPT-2 in float32:
 ~1 GB of params and grads plus ~1 GB of state per implementation, ~7 GB in all).
 Hyper-parameters: lr=1e-3, weight_decay=1e-2, torch's betas and eps.
@@ -591,7 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive, default=None, help="timed steps per implementation and workload")
     parser.add_argument("--warmup", type=_positive, default=None, help="untimed steps first (at least 1)")
     parser.add_argument(
-        "--windows", type=_positive, default=5, help="timing windows the steps are split into (default 5)"
+        "--windows",
+        type=_positive,
+        default=None,
+        help="timing windows the steps are split into (default: one per step on CPU, 10 on CUDA)",
     )
     parser.add_argument(
         "--threads",
@@ -625,18 +686,19 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         steps, warmup, copy_bytes = 3, 1, 8 * MiB
     else:
         steps, warmup, copy_bytes = (100, 10, 1024 * MiB) if cuda else (10, 2, 256 * MiB)
+    steps = args.steps or steps
     return Config(
         device=device,
         workloads=args.workloads,
         impls=args.impls,
-        steps=args.steps or steps,
+        steps=steps,
         warmup=args.warmup or warmup,
-        windows=args.windows,
+        windows=args.windows or (10 if cuda and not args.quick else steps),
         threads=args.threads or torch.get_num_threads(),
         amsgrad=args.amsgrad,
         quick=args.quick,
         copy_bytes=copy_bytes,
-        copies_per_window=20 if cuda and not args.quick else 3,
+        copies_per_window=20 if cuda and not args.quick else 1,
         progress=args.progress,
     )
 

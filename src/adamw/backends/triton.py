@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from types import ModuleType
@@ -48,7 +49,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Hyper
+from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
+from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
+from ..states.reference import KAHAN_KEY, lean_step
+from ..states.rounding import (
+    PURPOSE_EXP_AVG,
+    PURPOSE_EXP_AVG_SQ,
+    PURPOSE_MAX_EXP_AVG_SQ,
+    PURPOSE_PARAM,
+    rounding_key,
+)
+from ._common import Hyper, host_value
+from .lean import Lean, effective_param_update
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
 # full bandwidth (tune with scripts/gpu_check.sh). Under the interpreter every program is one
@@ -360,20 +372,7 @@ def clear_plans() -> None:
 
 def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -> None:
     param = lists[0][position]
-    if param.device.type == "cuda" and interpreted:
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set when adamw.backends.triton was imported: Triton's interpreter "
-            "runs CPU tensors only. Unset it to run the kernel on CUDA tensors"
-        )
-    if param.device.type == "cpu" and not interpreted:
-        raise RuntimeError(
-            "backend='triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
-            "in the environment before the first step (before adamw.backends.triton is imported)"
-        )
-    if param.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(
-            f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}"
-        )
+    _check_device(param, interpreted)
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise RuntimeError(f"backend='triton' steps float64/32/16 and bfloat16 params, not {param.dtype}")
     names = ("grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -392,6 +391,23 @@ def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -
         raise RuntimeError(
             "backend='triton' needs each step counter to be a float32 scalar on its param's device "
             f"(as AdamW(fused=True) creates them), but got {step.dtype} {tuple(step.shape)} on {step.device}"
+        )
+
+
+def _check_device(param: Tensor, interpreted: bool) -> None:
+    if param.device.type == "cuda" and interpreted:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set when adamw.backends.triton was imported: Triton's interpreter "
+            "runs CPU tensors only. Unset it to run the kernel on CUDA tensors"
+        )
+    if param.device.type == "cpu" and not interpreted:
+        raise RuntimeError(
+            "backend='triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before the first step (before adamw.backends.triton is imported)"
+        )
+    if param.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(
+            f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}"
         )
 
 
@@ -436,7 +452,11 @@ def _is_capturing(device: torch.device) -> bool:
 
 
 def _is_interpreted(kernels: ModuleType) -> bool:
-    return type(kernels.adamw_kernel).__name__ == "InterpretedFunction"
+    return _is_interpreted_kernel(kernels.adamw_kernel)
+
+
+def _is_interpreted_kernel(kernel: Any) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def _kernels() -> ModuleType:
@@ -450,3 +470,292 @@ def _kernels() -> ModuleType:
             ) from error
         raise
     return _triton_kernels
+
+
+# --------------------------------------------------------------------------------------------------
+# the lean step: bf16 or 8-bit moments, bf16 params written by stochastic rounding or Kahan
+
+# Blocks of 256 values per program (a power of two). On GPUs a program streams 1024 values (tune
+# on a GPU). Under the interpreter two blocks per program: fewer (slow) programs, and a test tensor
+# still ends in a program with a short block, or with a block wholly past its end.
+LEAN_CUDA_BLOCKS = 4
+LEAN_CUDA_NUM_WARPS = 4
+LEAN_INTERPRETER_BLOCKS = 2
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_UPDATES = {"round": 0, "stochastic": 1, "kahan": 2}  # the kernel's UPDATE_* switches
+_KEY_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # table column order
+_lean_codes: dict[torch.device, Tensor] = {}
+
+
+@dataclass
+class _LeanTensor:
+    """One param of a lean launch: its tensors in table-column order (None: not used) and keys."""
+
+    position: int
+    columns: list[Tensor | None]  # param, grad, exp_avg, exp_avg_sq, max, their absmaxes, Kahan comp
+    written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy the kernel writes, the state's tensor)
+    step: int
+    stream: int
+
+
+def step_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    state_steps: list[Tensor],
+    streams: list[int],
+    hyper: Hyper,
+    lean: Lean,
+) -> None:
+    """The lean step of :mod:`adamw.backends.lean` in one Triton launch per (device, dtypes, storage).
+
+    Mirrors :func:`adamw.states.lean_step` bit for bit (see :mod:`adamw.backends._triton_lean_kernels`
+    for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
+    per step): the lean path is not capturable. Params the kernel does not take (float64 or
+    complex128, or state laid out other than their format says) run the reference itself.
+    """
+    if not params:
+        return
+    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
+    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
+        return  # GradScaler found an inf: skip the step, counters included (as the reference)
+    kernels = _lean_kernels()
+    interpreted = _is_interpreted_kernel(kernels.lean_kernel)
+    step_numbers = _bump_steps(state_steps)
+    launches: dict[tuple[Any, ...], list[_LeanTensor]] = {}
+    for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
+        param_update = effective_param_update(param, lean.param_update)
+        fmt = format_for(param, lean.state_precision)
+        columns = _lean_columns(param, _lean_grad(grad, hyper.grad_scale), state, fmt, hyper.amsgrad, param_update)
+        if columns is None:
+            if hyper.grad_scale is not None:
+                grad = grad / hyper.grad_scale.to(grad.device)
+            _reference_step(param, grad, state, step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
+            continue
+        _check_device(param, interpreted)
+        real, real_grad, exp_avg = columns[0], columns[1], columns[2]
+        assert real is not None and real_grad is not None and exp_avg is not None
+        key = (param.device, real.dtype, real_grad.dtype, exp_avg.dtype, param_update)
+        launches.setdefault(key, []).append(_stage(i, columns, step_numbers[i], streams[i]))
+    if not launches:
+        return
+    scalars = _lean_scalars(lr, beta1, beta2, hyper)
+    for (device, dtype, grad_dtype, moment_dtype, param_update), tensors in launches.items():
+        grad_scale = _on_device(hyper.grad_scale, device) if grad_dtype == torch.float32 else None
+        table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, lean.seed, kernels)
+        tl = kernels.tl
+        launch = kernels.lean_kernel[(n_chunks,)]
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            launch(
+                table,
+                chunk_tensor,
+                _codes_on(device),
+                grad_scale,
+                *scalars,
+                BLOCKS=blocks,
+                PARAM_DTYPE=_triton_dtype(dtype, kernels),
+                GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
+                MOMENT_DTYPE=tl.uint8 if moment_dtype == torch.uint8 else _triton_dtype(moment_dtype, kernels),
+                PARAM_UPDATE=_UPDATES[param_update],
+                AMSGRAD=hyper.amsgrad,
+                MAXIMIZE=hyper.maximize,
+                HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                num_warps=LEAN_CUDA_NUM_WARPS,
+                # No FMA but the two the reference has (tl.fma): contracting any other multiply-add
+                # would round differently from torch's kernels.
+                enable_fp_fusion=False,
+            )
+        for tensor in tensors:
+            for copy, original in tensor.written_back:
+                original.copy_(copy)
+
+
+def _bump_steps(state_steps: list[Tensor]) -> list[int]:
+    """``step += 1`` for every counter (as the reference, before the update), read back as ints."""
+    numbers = [0] * len(state_steps)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, step in enumerate(state_steps):
+        by_device.setdefault(step.device, []).append(i)
+    for positions in by_device.values():
+        counters = [state_steps[i] for i in positions]
+        torch._foreach_add_(counters, 1)
+        values = torch.stack([c.reshape(()).to(torch.float64) for c in counters]).tolist()
+        for i, value in zip(positions, values, strict=True):
+            numbers[i] = int(value)
+    return numbers
+
+
+def _lean_grad(grad: Tensor, grad_scale: Tensor | None) -> Tensor:
+    """The grad as the kernel reads it: float32 grads are unscaled in the kernel (a correctly rounded
+    division, as torch's); others are divided here by the reference's own op, whose result dtype and
+    rounding (a reciprocal, on the CPU) depend on the operands."""
+    if grad_scale is not None and (grad.dtype != torch.float32 or grad_scale.dtype != torch.float32):
+        grad = grad / grad_scale.to(grad.device)
+    return torch.view_as_real(grad) if grad.is_complex() else grad
+
+
+def _lean_columns(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
+) -> list[Tensor | None] | None:
+    """A param's tensors in table-column order, or None where the kernel does not take them (the
+    reference then steps the param, and raises if its state does not fit its format)."""
+    real = torch.view_as_real(param) if param.is_complex() else param
+    if real.dtype not in _STORAGE_DTYPES or grad.dtype not in _STORAGE_DTYPES:
+        return None
+    if grad.shape != real.shape or grad.device != real.device:
+        return None
+    keys = MOMENTS if amsgrad else MOMENTS[:2]
+    if any(key not in state for key in keys):
+        return None
+    quantized = isinstance(fmt, Int8Format)
+    moments = [_real(state[key]) for key in keys]
+    expected = _stored_dtype(fmt, real.dtype)
+    if any(m.dtype != expected or m.shape != real.shape or m.device != real.device for m in moments):
+        return None
+    absmaxes: list[Tensor | None] = [None, None, None]
+    if quantized:
+        for j, key in enumerate(keys):
+            absmax = state.get(key + ABSMAX_SUFFIX)
+            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
+                return None
+            absmaxes[j] = absmax
+    comp = None
+    if param_update == "kahan":
+        comp = state.get(KAHAN_KEY)
+        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
+            return None
+    return [real, grad, *moments, *([None] * (3 - len(moments))), *absmaxes, comp]
+
+
+def _stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``fmt`` stores a moment in (uint8: 8-bit codes); None for formats the kernel lacks."""
+    if isinstance(fmt, Int8Format):
+        return torch.uint8
+    if fmt.name == "param":
+        return param_dtype
+    return {"float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _stage(position: int, columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:
+    """Contiguous copies of the tensors that are not contiguous: the kernel runs over flat memory,
+    and the reference's blocks and random counters follow the flat (row-major) order."""
+    written_back = []
+    staged: list[Tensor | None] = []
+    for column, t in enumerate(columns):
+        if t is None or t.is_contiguous():
+            staged.append(t)
+            continue
+        copy = t.contiguous()
+        staged.append(copy)
+        if column != 1:  # the grad is only read
+            written_back.append((copy, t))
+    return _LeanTensor(position, staged, written_back, step, stream)
+
+
+def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:
+    """The group's scalars, each the float32 that torch makes of the reference's Python number."""
+    decay = _float32(1 - lr * hyper.weight_decay)
+    weight = _float32(1 - beta1)
+    small = abs(weight) < 0.5  # torch's lerp: w * (end - start) + start, else (w - 1) * (end - start) + end
+    coeff = weight if small else float(torch.tensor(weight, dtype=torch.float32) - 1)
+    return [decay, coeff, int(small), _float32(beta2), _float32(1 - beta2), _float32(hyper.eps)]
+
+
+def _float32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+
+
+def _lean_table(
+    tensors: list[_LeanTensor],
+    device: torch.device,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    seed: int,
+    kernels: ModuleType,
+) -> tuple[Tensor, Tensor, int, int]:
+    """The launch's table (a row per tensor; see the kernel module), chunk map, grid and blocks per
+    program, copied to ``device`` in one buffer."""
+    blocks = LEAN_INTERPRETER_BLOCKS if device.type == "cpu" else LEAN_CUDA_BLOCKS
+    chunk = blocks * BLOCK_SIZE
+    rows: list[list[int]] = []
+    step_scalars: list[list[float]] = []
+    chunks_per_tensor: list[int] = []
+    n_chunks = 0
+    for tensor in tensors:
+        numel = tensor.columns[0].numel()  # type: ignore[union-attr]
+        chunks = _cdiv(numel, chunk)
+        keys = [rounding_key(seed, tensor.step, tensor.stream, purpose) for purpose in _KEY_PURPOSES]
+        addresses = [0 if t is None else t.data_ptr() for t in tensor.columns]
+        rows.append([*addresses, numel, n_chunks, *keys])
+        # As the reference computes them, in float64 on the host.
+        bias_correction1 = 1 - beta1**tensor.step
+        bias_correction2 = 1 - beta2**tensor.step
+        step_scalars.append([-(lr / bias_correction1), bias_correction2**0.5])
+        chunks_per_tensor.append(chunks)
+        n_chunks += chunks
+    if n_chunks > _MAX_GRID:
+        raise RuntimeError(f"the lean Triton kernel takes at most {_MAX_GRID} programs per launch")
+    packed = torch.tensor(step_scalars, dtype=torch.float64).to(torch.float32).view(torch.int64)
+    table = torch.cat([torch.tensor(rows, dtype=torch.int64), packed], dim=1).reshape(-1)
+    assert table.numel() == len(tensors) * int(kernels.ROW)
+    chunk_tensor = torch.repeat_interleave(
+        torch.arange(len(tensors), dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
+    )
+    if n_chunks % 2:
+        chunk_tensor = torch.cat([chunk_tensor, chunk_tensor.new_zeros(1)])
+    buffer, _ = _to_device(torch.cat([table, chunk_tensor.view(torch.int64)]), device, capturing=False)
+    return buffer[: table.numel()], buffer[table.numel() :].view(torch.int32), n_chunks, blocks
+
+
+def _codes_on(device: torch.device) -> Tensor:
+    """Both code tables, values then midpoints, as one float32 tensor (the kernel's CODE_* offsets)."""
+    if device not in _lean_codes:
+        parts = [*SIGNED_CODE.tables(device), *UNSIGNED_CODE.tables(device)]
+        _lean_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
+    return _lean_codes[device]
+
+
+def _reference_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    step: int,
+    stream: int,
+    hyper: Hyper,
+    lean: Lean,
+    lr: float,
+    beta1: float,
+    beta2: float,
+) -> None:
+    lean_step(
+        param,
+        grad,
+        state,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=hyper.eps,
+        weight_decay=hyper.weight_decay,
+        amsgrad=hyper.amsgrad,
+        maximize=hyper.maximize,
+        step=step,
+        state_precision=lean.state_precision,
+        param_update=effective_param_update(param, lean.param_update),
+        seed=lean.seed,
+        stream=stream,
+    )
+
+
+def _lean_kernels() -> ModuleType:
+    _kernels()  # the same error when Triton is missing
+    from . import _triton_lean_kernels
+
+    assert int(_triton_lean_kernels.QBLOCK) == BLOCK_SIZE
+    return _triton_lean_kernels

@@ -1,0 +1,454 @@
+r"""The lean Triton kernel: decode the moments, update, write the param and re-encode, in one pass.
+
+Mirrors :func:`adamw.states.lean_step` operation for operation, in float32, as torch's CPU kernels
+evaluate it (so the two agree bit for bit)::
+
+    g      <- grad (/ grad_scale, correctly rounded)    (-g with maximize)
+    p      <- param                       (Kahan: param + comp, in float32)
+    p      <- p * (1 - lr*wd)             (torch's p.mul_)
+    m      <- fma(c, g - m, base)         (torch's lerp: c = w, base = m when |w| < 0.5, else w - 1, g)
+    v      <- fma((1 - b2) * g, g, v * b2)   (torch's mul_ then addcmul_, which compilers contract)
+    vmax   <- max(vmax, v)                (amsgrad; then vmax is used below)
+    denom  =  sqrt(v) / sqrt(bc2) + eps
+    p      <- p + (-(lr / bc1) * m) / denom   (torch's addcdiv_)
+
+torch's CPU kernels for ``lerp`` and ``addcmul`` round once where a multiply feeds an add (AVX2 and
+AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel calls ``tl.fma`` there
+and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
+Every scalar is computed on the host exactly as the reference computes it and rounded to float32
+as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
+``sqrt_rn``).
+
+Storage, per constexpr switch:
+
+* ``MOMENT_DTYPE``: float32, bfloat16 (stochastic rounding), float16 (to nearest) or uint8: 8-bit
+  blockwise codes (:mod:`adamw.states.quantize`). Each program owns ``BLOCKS`` whole blocks of 256 values, so
+  a block's new absmax is a ``tl.max`` over one row of the tile, taken after the update.
+* ``PARAM_UPDATE``: round to nearest, stochastic rounding, or Kahan (``comp`` holds what the last
+  rounding lost).
+
+Stochastic rounding draws ``hash32(hash32(i) ^ key)`` per flat element ``i`` (``lowbias32``, see
+:mod:`adamw.states.rounding`); the keys are computed on the host per tensor and purpose.
+
+Couplings with the host side (:func:`adamw.backends.triton.step_lean`): ``table`` has ``ROW`` int64
+per tensor (columns below; an address of 0 is never read); ``chunk_tensor`` names the tensor of
+every program; ``codes`` is the float32 concatenation of the signed code's values and midpoints and
+the unsigned code's values and midpoints (``CODE_*`` offsets).
+"""
+
+# No `from __future__ import annotations`: Triton reads the annotations.
+import triton
+import triton.language as tl
+
+QBLOCK = tl.constexpr(256)  # adamw.states.quantize.BLOCK_SIZE (checked on the host)
+
+ROW = tl.constexpr(16)
+COL_PARAM = tl.constexpr(0)
+COL_GRAD = tl.constexpr(1)
+COL_EXP_AVG = tl.constexpr(2)
+COL_EXP_AVG_SQ = tl.constexpr(3)
+COL_MAX = tl.constexpr(4)
+COL_EXP_AVG_ABSMAX = tl.constexpr(5)
+COL_EXP_AVG_SQ_ABSMAX = tl.constexpr(6)
+COL_MAX_ABSMAX = tl.constexpr(7)
+COL_COMP = tl.constexpr(8)
+COL_NUMEL = tl.constexpr(9)
+COL_FIRST_CHUNK = tl.constexpr(10)
+COL_KEY_PARAM = tl.constexpr(11)
+COL_KEY_EXP_AVG = tl.constexpr(12)
+COL_KEY_EXP_AVG_SQ = tl.constexpr(13)
+COL_KEY_MAX = tl.constexpr(14)
+COL_SCALARS = tl.constexpr(15)  # float32 bits: -(lr / bc1) in the low word, sqrt(bc2) in the high one
+
+UPDATE_ROUND = tl.constexpr(0)
+UPDATE_STOCHASTIC = tl.constexpr(1)
+UPDATE_KAHAN = tl.constexpr(2)
+
+# Offsets into the `codes` tensor.
+SIGNED_TOP = tl.constexpr(127)
+UNSIGNED_TOP = tl.constexpr(255)
+CODE_SIGNED_VALUES = tl.constexpr(0)
+CODE_SIGNED_MIDS = tl.constexpr(256)
+CODE_UNSIGNED_VALUES = tl.constexpr(383)
+CODE_UNSIGNED_MIDS = tl.constexpr(639)
+CODE_SIZE = tl.constexpr(894)
+LADDER_STEPS = tl.constexpr(8)  # adamw.states.quantize.LADDER_STEPS_PER_OCTAVE
+
+
+# --------------------------------------------------------------------------------------------------
+# rounding
+
+
+@triton.jit
+def _hash32(x):
+    """lowbias32 of uint32 words (adamw.states.rounding.hash32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stochastic_bf16(x, offsets, key):
+    """float32 -> bfloat16 up or down at random (adamw.states.rounding.stochastic_round_to_bf16)."""
+    noise = _hash32(_hash32(offsets.to(tl.uint32)) ^ key) & 0xFFFF
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + noise) >> 16  # a carry out of the low 16 bits rounds |x| up
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _nearest_bf16(x):
+    """float32 -> bfloat16 to nearest even, by hand (the interpreter truncates; see _triton_kernels)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_param(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        if STOCHASTIC:
+            return _stochastic_bf16(x, offsets, key)
+        else:
+            return _nearest_bf16(x)
+    else:
+        return x.to(DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# moments
+
+
+@triton.jit
+def _encode(y, mids_ptr, SIGNED: tl.constexpr, TOP: tl.constexpr):
+    """Codes of normalized values: the number of midpoints strictly below each magnitude.
+
+    As adamw.states.quantize.Code.magnitude_index: a guess from the logarithm (on the ladder it is
+    the answer or one off it), then one comparison with each neighbouring midpoint. The guess may
+    come from any log2 (the GPU's is approximate): the midpoints decide.
+    """
+    if SIGNED:
+        magnitude = tl.abs(y)
+    else:
+        magnitude = y
+    # max(., 1e-30): no log of 0 (it would clamp to index 0 anyway); a NaN guess becomes 0 below.
+    guess = tl.floor(tl.log2(tl.maximum(magnitude, 1e-30)) * LADDER_STEPS + 0.5) + TOP
+    guess = tl.where(guess == guess, guess, 0.0)
+    guess = tl.minimum(tl.maximum(guess, 0.0), TOP * 1.0).to(tl.int32)
+    below = tl.load(mids_ptr + guess - 1, mask=guess > 0, other=float("-inf"))
+    above = tl.load(mids_ptr + guess, mask=guess < TOP, other=float("inf"))
+    index = guess - (magnitude <= below).to(tl.int32) + (magnitude > above).to(tl.int32)
+    if SIGNED:
+        index = index + tl.where(y < 0, 128, 0)
+    return index
+
+
+@triton.jit
+def _address(row_ptr, column: tl.constexpr, DTYPE: tl.constexpr):
+    return tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _load_moment(
+    row_ptr,
+    column: tl.constexpr,
+    absmax_column: tl.constexpr,
+    values_ptr,
+    offsets,
+    mask,
+    blocks,
+    block_mask,
+    MOMENT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    ptr = _address(row_ptr, column, MOMENT_DTYPE)
+    if MOMENT_DTYPE == tl.uint8:
+        codes = _load(ptr + offsets, mask, MASKED).to(tl.int32)
+        absmax = _load(_address(row_ptr, absmax_column, tl.float32) + blocks, block_mask, MASKED)
+        return tl.load(values_ptr + codes) * absmax[:, None]  # codes < 256: always inside the table
+    else:
+        return _load(ptr + offsets, mask, MASKED).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _store_moment(
+    row_ptr,
+    column: tl.constexpr,
+    absmax_column: tl.constexpr,
+    mids_ptr,
+    x,
+    offsets,
+    mask,
+    blocks,
+    block_mask,
+    key,
+    SIGNED: tl.constexpr,
+    TOP: tl.constexpr,
+    MOMENT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    ptr = _address(row_ptr, column, MOMENT_DTYPE)
+    if MOMENT_DTYPE == tl.uint8:
+        magnitude = tl.abs(x)
+        if MASKED:
+            magnitude = tl.where(mask, magnitude, 0.0)  # the reference pads a short block with zeros
+        absmax = tl.max(magnitude, axis=1)
+        # torch's amax propagates NaN; a GPU's max ignores it.
+        has_nan = tl.max(tl.where(magnitude != magnitude, 1, 0), axis=1)
+        absmax = tl.where(has_nan > 0, float("nan"), absmax)
+        _store(_address(row_ptr, absmax_column, tl.float32) + blocks, absmax, block_mask, MASKED)
+        safe = tl.where(absmax > 0, absmax, 1.0)
+        codes = _encode(tl.div_rn(x, safe[:, None]), mids_ptr, SIGNED, TOP)
+        _store(ptr + offsets, codes.to(tl.uint8), mask, MASKED)
+    elif MOMENT_DTYPE == tl.bfloat16:
+        _store(ptr + offsets, _stochastic_bf16(x, offsets, key), mask, MASKED)
+    else:
+        _store(ptr + offsets, x.to(MOMENT_DTYPE), mask, MASKED)
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+
+
+@triton.jit
+def _lean_tile(
+    row_ptr,
+    codes_ptr,
+    grad_scale,
+    offsets,
+    blocks,
+    numel,
+    decay,
+    lerp_coeff,
+    lerp_small,
+    beta2,
+    one_minus_beta2,
+    eps,
+    MASKED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    MOMENT_DTYPE: tl.constexpr,
+    PARAM_UPDATE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+):
+    mask = offsets < numel
+    block_mask = blocks * QBLOCK < numel
+    scalars = tl.load(row_ptr + COL_SCALARS)
+    neg_step_size = scalars.to(tl.int32).to(tl.float32, bitcast=True)
+    bias_correction2_sqrt = (scalars >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+    param_ptr = _address(row_ptr, COL_PARAM, PARAM_DTYPE)
+    comp_ptr = _address(row_ptr, COL_COMP, tl.bfloat16)  # 0 unless Kahan
+    p = _load(param_ptr + offsets, mask, MASKED).to(tl.float32)
+    if PARAM_UPDATE == UPDATE_KAHAN:
+        p = p + _load(comp_ptr + offsets, mask, MASKED).to(tl.float32)
+    g = _load(_address(row_ptr, COL_GRAD, GRAD_DTYPE) + offsets, mask, MASKED).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, grad_scale)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        p = p * decay
+
+    m = _load_moment(
+        row_ptr,
+        COL_EXP_AVG,
+        COL_EXP_AVG_ABSMAX,
+        codes_ptr + CODE_SIGNED_VALUES,
+        offsets,
+        mask,
+        blocks,
+        block_mask,
+        MOMENT_DTYPE,
+        MASKED,
+    )
+    v = _load_moment(
+        row_ptr,
+        COL_EXP_AVG_SQ,
+        COL_EXP_AVG_SQ_ABSMAX,
+        codes_ptr + CODE_UNSIGNED_VALUES,
+        offsets,
+        mask,
+        blocks,
+        block_mask,
+        MOMENT_DTYPE,
+        MASKED,
+    )
+    m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    if AMSGRAD:
+        v_max = _load_moment(
+            row_ptr,
+            COL_MAX,
+            COL_MAX_ABSMAX,
+            codes_ptr + CODE_UNSIGNED_VALUES,
+            offsets,
+            mask,
+            blocks,
+            block_mask,
+            MOMENT_DTYPE,
+            MASKED,
+        )
+        v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
+        denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
+    else:
+        v_max = v
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)
+
+    key_param = tl.load(row_ptr + COL_KEY_PARAM).to(tl.uint32)
+    stored = _to_param(p, offsets, key_param, PARAM_DTYPE, PARAM_UPDATE == UPDATE_STOCHASTIC)
+    _store(param_ptr + offsets, stored, mask, MASKED)
+    if PARAM_UPDATE == UPDATE_KAHAN:
+        _store(comp_ptr + offsets, _nearest_bf16(p - stored.to(tl.float32)), mask, MASKED)
+
+    _store_moment(
+        row_ptr,
+        COL_EXP_AVG,
+        COL_EXP_AVG_ABSMAX,
+        codes_ptr + CODE_SIGNED_MIDS,
+        m,
+        offsets,
+        mask,
+        blocks,
+        block_mask,
+        tl.load(row_ptr + COL_KEY_EXP_AVG).to(tl.uint32),
+        True,
+        SIGNED_TOP,
+        MOMENT_DTYPE,
+        MASKED,
+    )
+    _store_moment(
+        row_ptr,
+        COL_EXP_AVG_SQ,
+        COL_EXP_AVG_SQ_ABSMAX,
+        codes_ptr + CODE_UNSIGNED_MIDS,
+        v,
+        offsets,
+        mask,
+        blocks,
+        block_mask,
+        tl.load(row_ptr + COL_KEY_EXP_AVG_SQ).to(tl.uint32),
+        False,
+        UNSIGNED_TOP,
+        MOMENT_DTYPE,
+        MASKED,
+    )
+    if AMSGRAD:
+        _store_moment(
+            row_ptr,
+            COL_MAX,
+            COL_MAX_ABSMAX,
+            codes_ptr + CODE_UNSIGNED_MIDS,
+            v_max,
+            offsets,
+            mask,
+            blocks,
+            block_mask,
+            tl.load(row_ptr + COL_KEY_MAX).to(tl.uint32),
+            False,
+            UNSIGNED_TOP,
+            MOMENT_DTYPE,
+            MASKED,
+        )
+
+
+@triton.jit
+def lean_kernel(
+    table_ptr,
+    chunk_tensor_ptr,
+    codes_ptr,
+    grad_scale_ptr,
+    decay: tl.float32,
+    lerp_coeff: tl.float32,
+    lerp_small: tl.int32,
+    beta2: tl.float32,
+    one_minus_beta2: tl.float32,
+    eps: tl.float32,
+    BLOCKS: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    MOMENT_DTYPE: tl.constexpr,
+    PARAM_UPDATE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+):
+    """One lean AdamW step on the ``BLOCKS`` blocks of 256 values of program ``program_id``."""
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_tensor_ptr + pid).to(tl.int64)
+    row_ptr = table_ptr + tensor * ROW
+    numel = tl.load(row_ptr + COL_NUMEL)
+    first_block = (pid - tl.load(row_ptr + COL_FIRST_CHUNK)) * BLOCKS
+    blocks = first_block + tl.arange(0, BLOCKS)
+    offsets = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    else:
+        grad_scale = 1.0
+    # Scalars arrive as float32 values (exactly representable): tl.full keeps them float32 both
+    # when compiled and under the interpreter, which passes Python floats.
+    tile_args = (
+        row_ptr,
+        codes_ptr,
+        grad_scale,
+        offsets,
+        blocks,
+        numel,
+        tl.full([], decay, tl.float32),
+        tl.full([], lerp_coeff, tl.float32),
+        lerp_small,
+        tl.full([], beta2, tl.float32),
+        tl.full([], one_minus_beta2, tl.float32),
+        tl.full([], eps, tl.float32),
+    )
+    if (first_block + BLOCKS) * QBLOCK <= numel:  # unmasked: vector loads on full chunks
+        _lean_tile(
+            *tile_args,
+            MASKED=False,
+            PARAM_DTYPE=PARAM_DTYPE,
+            GRAD_DTYPE=GRAD_DTYPE,
+            MOMENT_DTYPE=MOMENT_DTYPE,
+            PARAM_UPDATE=PARAM_UPDATE,
+            AMSGRAD=AMSGRAD,
+            MAXIMIZE=MAXIMIZE,
+            HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
+            HAS_GRAD_SCALE=HAS_GRAD_SCALE,
+        )
+    else:
+        _lean_tile(
+            *tile_args,
+            MASKED=True,
+            PARAM_DTYPE=PARAM_DTYPE,
+            GRAD_DTYPE=GRAD_DTYPE,
+            MOMENT_DTYPE=MOMENT_DTYPE,
+            PARAM_UPDATE=PARAM_UPDATE,
+            AMSGRAD=AMSGRAD,
+            MAXIMIZE=MAXIMIZE,
+            HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
+            HAS_GRAD_SCALE=HAS_GRAD_SCALE,
+        )

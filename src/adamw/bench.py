@@ -9,7 +9,7 @@ takes its warm-up steps (which also allocate its state), then the timed steps ru
 windows of all implementations (and of the copy) are interleaved, in an order rotated every round, so
 that drift on a shared machine touches all of them alike. A window is bracketed by
 ``torch.cuda.synchronize`` on CUDA; its time divided by its steps is one sample; the report gives the
-median of the samples and their min and max.
+median of the samples and their min and max. On CPU a window is one step by default (see the help).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -286,7 +285,7 @@ def _random_params(shapes: list[Shape], dtype: torch.dtype, device: str) -> list
 
 @dataclass
 class _Entry:
-    """One implementation under test in one workload (or the copy, with ``impl`` None)."""
+    """One implementation under test in one workload, or the copy (with ``result`` None)."""
 
     name: str
     step: Callable[[], object]
@@ -456,8 +455,7 @@ class _OtherProcesses:
 
     @staticmethod
     def _ours() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+        return time.process_time()
 
     def fraction(self) -> float | None:
         wall0, busy0, ours0 = self._start
@@ -466,6 +464,15 @@ class _OtherProcesses:
             return None
         others = (busy1 - busy0) - (self._ours() - ours0)
         return max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def _max_rss_mib() -> float | None:
+    """This process's peak resident memory (Unix; Linux reports KiB)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _device_name(device: str) -> str:
@@ -496,7 +503,7 @@ def _metadata(config: Config) -> dict[str, Any]:
         "windows": _windowing(config)[0],
         "amsgrad": config.amsgrad,
         "quick": config.quick,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mib": _max_rss_mib(),
     }
     if config.device == "cuda":
         meta["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB

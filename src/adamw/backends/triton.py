@@ -527,7 +527,8 @@ def step_lean(
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         param_update = effective_param_update(param, lean.param_update)
         fmt = format_for(param, lean.state_precision)
-        columns = _lean_columns(param, _lean_grad(grad, hyper.grad_scale), state, fmt, hyper.amsgrad, param_update)
+        kernel_grad, unscale = _lean_grad(grad, hyper.grad_scale)
+        columns = _lean_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
         if columns is None:
             if hyper.grad_scale is not None:
                 grad = grad / hyper.grad_scale.to(grad.device)
@@ -536,13 +537,13 @@ def step_lean(
         _check_device(param, interpreted)
         real, real_grad, exp_avg = columns[0], columns[1], columns[2]
         assert real is not None and real_grad is not None and exp_avg is not None
-        key = (param.device, real.dtype, real_grad.dtype, exp_avg.dtype, param_update)
+        key = (param.device, real.dtype, real_grad.dtype, exp_avg.dtype, param_update, unscale)
         launches.setdefault(key, []).append(_stage(i, columns, step_numbers[i], streams[i]))
     if not launches:
         return
     scalars = _lean_scalars(lr, beta1, beta2, hyper)
-    for (device, dtype, grad_dtype, moment_dtype, param_update), tensors in launches.items():
-        grad_scale = _on_device(hyper.grad_scale, device) if grad_dtype == torch.float32 else None
+    for (device, dtype, grad_dtype, moment_dtype, param_update, unscale), tensors in launches.items():
+        grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
         table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, lean.seed, kernels)
         tl = kernels.tl
         launch = kernels.lean_kernel[(n_chunks,)]
@@ -587,13 +588,17 @@ def _bump_steps(state_steps: list[Tensor]) -> list[int]:
     return numbers
 
 
-def _lean_grad(grad: Tensor, grad_scale: Tensor | None) -> Tensor:
-    """The grad as the kernel reads it: float32 grads are unscaled in the kernel (a correctly rounded
-    division, as torch's); others are divided here by the reference's own op, whose result dtype and
-    rounding (a reciprocal, on the CPU) depend on the operands."""
-    if grad_scale is not None and (grad.dtype != torch.float32 or grad_scale.dtype != torch.float32):
+def _lean_grad(grad: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, bool]:
+    """The grad as the kernel reads it, and whether the kernel divides it by ``grad_scale``.
+
+    Float32 grads are unscaled in the kernel (a correctly rounded division, as torch's). Others are
+    divided here by the reference's own op, whose result dtype and rounding (a reciprocal for
+    bfloat16 on the CPU, complex division) depend on the operands.
+    """
+    unscale = grad_scale is not None and grad.dtype == torch.float32 and grad_scale.dtype == torch.float32
+    if grad_scale is not None and not unscale:
         grad = grad / grad_scale.to(grad.device)
-    return torch.view_as_real(grad) if grad.is_complex() else grad
+    return _real(grad), unscale
 
 
 def _lean_columns(

@@ -17,7 +17,10 @@
  *
  * Work split: the tensors of a call are one concatenated range of elements, cut into one chunk per
  * thread (cuts rounded to 64 elements inside a tensor, so no two threads write one cache line);
- * each thread walks across tensor boundaries, so 1000 small tensors balance like one big one.
+ * each thread walks across tensor boundaries, so 1000 small tensors balance like one big one. One
+ * parallel region per call, not one per tensor: when other processes share the cores, every region
+ * waits for its slowest (descheduled) thread, and torch's per-tensor regions pay that per tensor.
+ * Static chunks, not dynamic ones: one long stream per thread measured faster (memory bound).
  *
  * Built with -ffp-contract=off, with fmaf/fma written out exactly where torch's vector loop fuses
  * (its vec::fmadd, and the one multiply-add its compiler contracts), so the two round alike on

@@ -15,6 +15,7 @@ triton     :mod:`adamw.backends.triton`: our Triton kernel (``fused=True`` on CU
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Literal
 
@@ -205,8 +206,13 @@ def adamw_lean(
 
 
 def _lean_kernel(name: str) -> Callable[..., None] | None:
-    """The lean variant of a fused backend's kernel, where it has one."""
+    """The lean variant of a fused backend's kernel (``step_lean`` in its module or in a ``<name>_lean``
+    module beside it), where it has one."""
     if name not in FUSED_BACKENDS:
         return None
     module = importlib.import_module(f"adamw.backends.{name}")
-    return getattr(module, "step_lean", None)
+    if hasattr(module, "step_lean"):
+        return module.step_lean  # type: ignore[no-any-return]
+    if importlib.util.find_spec(f"adamw.backends.{name}_lean") is None:
+        return None
+    return importlib.import_module(f"adamw.backends.{name}_lean").step_lean  # type: ignore[no-any-return]

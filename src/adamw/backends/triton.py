@@ -668,7 +668,7 @@ def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[f
     decay = _float32(1 - lr * hyper.weight_decay)
     weight = _float32(1 - beta1)
     small = abs(weight) < 0.5  # torch's lerp: w * (end - start) + start, else (w - 1) * (end - start) + end
-    coeff = weight if small else float(torch.tensor(weight, dtype=torch.float32) - 1)
+    coeff = weight if small else weight - 1  # exact for w in [0.5, 1], as torch's float32 w - 1
     return [decay, coeff, int(small), _float32(beta2), _float32(1 - beta2), _float32(hyper.eps)]
 
 

@@ -1,0 +1,329 @@
+/* The lean CPU kernel of adamw: one AdamW step with bf16 or 8-bit moments (and bf16 params written
+ * by stochastic rounding or Kahan compensation) over a whole group of tensors in one call.
+ *
+ * Mirrors adamw/states/reference.py (lean_step) operation for operation, in float32, as torch's CPU
+ * ops evaluate it, so the two agree bit for bit (as _triton_lean_kernels.py does on GPUs):
+ *   g      <- grad (/ grad_scale, correctly rounded)   (-g with maximize)
+ *   p      <- param                      (Kahan: param + comp, in float32)
+ *   p      <- p * (1 - lr*wd)            (torch's p.mul_)
+ *   m      <- fma(c, g - m, base)        (torch's lerp: c = w, base = m when |w| < 0.5, else w - 1, g)
+ *   v      <- fma((1 - b2) * g, g, v * b2)   (torch's mul_ then addcmul_, which its build contracts)
+ *   vmax   <- maximum(vmax, v)           (amsgrad, NaN propagating; then vmax is used below)
+ *   denom  =  sqrt(v) / sqrt(bc2) + eps
+ *   p      <- p + (-(lr / bc1) * m) / denom  (torch's addcdiv_)
+ * Built with -ffp-contract=off, no fast-math: fmaf exactly where torch fuses, sqrtf and '/' round
+ * to nearest. Scalars are rounded to float32 here from the doubles the host computes as the
+ * reference does.
+ *
+ * Storage (adamw/states/quantize.py, rounding.py), per tensor:
+ *   moments float32, float16 (to nearest), bfloat16 (stochastic rounding) or uint8: 8-bit blockwise
+ *   codes of 256 values with a float32 absmax per block, taken after the update; y = x / absmax
+ *   (absmax 0 or NaN: 1); code = number of float32 midpoints strictly below |y| (+128 when y < 0
+ *   for the signed code). The index is guessed from the float's exponent and top mantissa bits
+ *   (within one of the answer on the 2^(-k/8) ladder), then fixed by comparing with the two
+ *   neighbouring midpoints: the same answer as quantize.Code.magnitude_index.
+ *   Stochastic rounding draws hash32(hash32(i) ^ key), i the element's flat index in its tensor
+ *   (lowbias32), keys computed on the host per tensor and purpose.
+ *
+ * Work split: each tensor is a run of 256-value blocks; the group's blocks are one range, cut into
+ * one contiguous piece per thread (one OpenMP region per call). A block is processed in phases over
+ * 256-float stack buffers (load, math, store), each a branch-free loop the compiler vectorizes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
+enum { UPDATE_ROUND = 0, UPDATE_STOCHASTIC = 1, UPDATE_KAHAN = 2 };
+enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_MAX = 3 };
+
+#define QBLOCK 256          /* adamw.states.quantize.BLOCK_SIZE (checked by the host) */
+#define SIGNED_TOP 127
+#define UNSIGNED_TOP 255
+#define GUESS_BITS 6        /* mantissa bits that index the log guess table */
+#define MIN_PARALLEL_BLOCKS 128
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* One tensor of a call: the host fills these (adamw/backends/cpu_lean.py, class _Tensor). */
+typedef struct {
+    void *param;
+    const void *grad;
+    void *moment[3];       /* exp_avg, exp_avg_sq, max_exp_avg_sq (NULL without amsgrad) */
+    float *absmax[3];      /* 8-bit only */
+    uint16_t *comp;        /* Kahan only (bfloat16) */
+    int64_t numel;
+    int64_t first_block;   /* of this tensor in the call's block range */
+    uint32_t key[4];       /* param, exp_avg, exp_avg_sq, max_exp_avg_sq */
+    double neg_step_size;  /* -(lr / bc1) */
+    double bc2_sqrt;       /* sqrt(bc2) */
+    int32_t param_dtype, grad_dtype, moment_dtype, param_update, unscale, pad;
+} LeanTensor;
+
+typedef struct {
+    float decay, lerp_coeff, beta2, one_minus_beta2, eps, grad_scale;
+    int lerp_small, amsgrad, maximize, weight_decay;
+    /* bounds[i], bounds[i + 1]: magnitude i's interval (-inf, the midpoints, +inf) */
+    float signed_values[256], signed_bounds[SIGNED_TOP + 2];
+    float unsigned_values[256], unsigned_bounds[UNSIGNED_TOP + 2];
+    int32_t guess[1 << GUESS_BITS];  /* round(8 * log2(mantissa)) at each bucket's centre */
+} Group;
+
+/* ---------------------------------------------------------------------------------------------
+ * bit casts, conversions, rounding */
+
+INLINE uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
+
+/* To nearest even, NaN to the canonical quiet NaN (c10::BFloat16's rule). */
+INLINE uint16_t nearest_bf16(float f) {
+    uint32_t u = bits_of(f);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7FC0u : rounded);
+}
+
+INLINE uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+/* Up or down at random: a carry out of the low 16 bits rounds |x| up (rounding.py). */
+INLINE uint16_t stochastic_bf16(float f, uint32_t index, uint32_t key) {
+    uint32_t noise = hash32(hash32(index) ^ key) & 0xFFFFu;
+    uint32_t rounded = (bits_of(f) + noise) >> 16;
+    return (uint16_t)(f != f ? 0x7FC0u : rounded);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * one block: load, math, store */
+
+INLINE void load_values(float *out, const void *src, int dtype, int64_t start, int len) {
+    if (dtype == DTYPE_FLOAT32) {
+        const float *s = (const float *)src + start;
+        for (int i = 0; i < len; i++) out[i] = s[i];
+    } else if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int i = 0; i < len; i++) out[i] = bf16_to_float(s[i]);
+    } else {
+        const _Float16 *s = (const _Float16 *)src + start;
+        for (int i = 0; i < len; i++) out[i] = (float)s[i];
+    }
+}
+
+INLINE void load_moment(float *out, const LeanTensor *t, int which, const float *values, int64_t start,
+                        int len) {
+    if (t->moment_dtype == DTYPE_UINT8) {
+        const uint8_t *codes = (const uint8_t *)t->moment[which] + start;
+        const float absmax = t->absmax[which][start / QBLOCK];
+        for (int i = 0; i < len; i++) out[i] = values[codes[i]] * absmax;
+    } else {
+        load_values(out, t->moment[which], t->moment_dtype, start, len);
+    }
+}
+
+/* The code of each normalized value: quantize.Code.magnitude_index, plus the sign bit. */
+INLINE void encode_block(uint8_t *codes, const float *x, int len, float absmax, const float *bounds,
+                         int top, int is_signed, const int32_t *guess_table) {
+    const float safe = absmax > 0 ? absmax : 1.0f;
+    for (int i = 0; i < len; i++) {
+        const float y = x[i] / safe;
+        const float magnitude = is_signed ? fabsf(y) : y;
+        const uint32_t b = bits_of(magnitude);
+        int32_t guess = top + 8 * ((int32_t)(b >> 23) - 127) + guess_table[(b >> (23 - GUESS_BITS)) & ((1 << GUESS_BITS) - 1)];
+        guess = magnitude > 0 ? guess : 0;  /* 0, negative (unsigned code) and NaN: index 0 */
+        guess = guess < 0 ? 0 : (guess > top ? top : guess);
+        int32_t index = guess - (magnitude <= bounds[guess]) + (magnitude > bounds[guess + 1]);
+        if (is_signed) index += y < 0 ? 128 : 0;
+        codes[i] = (uint8_t)index;
+    }
+}
+
+INLINE float block_absmax(const float *x, int len) {
+    float m = 0.0f;
+    int nan = 0;
+    for (int i = 0; i < len; i++) {
+        const float a = fabsf(x[i]);
+        m = a > m ? a : m;
+        nan |= a != a;
+    }
+    return nan ? NAN : m;  /* torch's amax propagates NaN */
+}
+
+INLINE void store_moment(const LeanTensor *t, int which, const Group *gr, const float *x, int64_t start,
+                         int len, uint32_t key) {
+    void *dst = t->moment[which];
+    if (t->moment_dtype == DTYPE_UINT8) {
+        const float absmax = block_absmax(x, len);
+        t->absmax[which][start / QBLOCK] = absmax;
+        if (which == 0)
+            encode_block((uint8_t *)dst + start, x, len, absmax, gr->signed_bounds, SIGNED_TOP, 1, gr->guess);
+        else
+            encode_block((uint8_t *)dst + start, x, len, absmax, gr->unsigned_bounds, UNSIGNED_TOP, 0, gr->guess);
+    } else if (t->moment_dtype == DTYPE_BFLOAT16) {
+        uint16_t *d = (uint16_t *)dst + start;
+        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(x[i], (uint32_t)(start + i), key);
+    } else if (t->moment_dtype == DTYPE_FLOAT16) {
+        _Float16 *d = (_Float16 *)dst + start;
+        for (int i = 0; i < len; i++) d[i] = (_Float16)x[i];
+    } else {
+        float *d = (float *)dst + start;
+        for (int i = 0; i < len; i++) d[i] = x[i];
+    }
+}
+
+INLINE void store_param(const LeanTensor *t, const float *p, int64_t start, int len) {
+    if (t->param_dtype == DTYPE_FLOAT32) {
+        float *d = (float *)t->param + start;
+        for (int i = 0; i < len; i++) d[i] = p[i];
+    } else if (t->param_dtype == DTYPE_FLOAT16) {
+        _Float16 *d = (_Float16 *)t->param + start;
+        for (int i = 0; i < len; i++) d[i] = (_Float16)p[i];
+    } else if (t->param_update == UPDATE_STOCHASTIC) {
+        uint16_t *d = (uint16_t *)t->param + start;
+        const uint32_t key = t->key[PURPOSE_PARAM];
+        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(p[i], (uint32_t)(start + i), key);
+    } else if (t->param_update == UPDATE_KAHAN) {
+        uint16_t *d = (uint16_t *)t->param + start;
+        uint16_t *c = t->comp + start;
+        for (int i = 0; i < len; i++) {
+            const uint16_t stored = nearest_bf16(p[i]);
+            d[i] = stored;
+            c[i] = nearest_bf16(p[i] - bf16_to_float(stored));
+        }
+    } else {
+        uint16_t *d = (uint16_t *)t->param + start;
+        for (int i = 0; i < len; i++) d[i] = nearest_bf16(p[i]);
+    }
+}
+
+static void step_block(const LeanTensor *t, const Group *gr, int64_t start, int len) {
+    float p[QBLOCK], g[QBLOCK], m[QBLOCK], v[QBLOCK], vmax[QBLOCK];
+    load_values(p, t->param, t->param_dtype, start, len);
+    if (t->param_update == UPDATE_KAHAN) {
+        const uint16_t *c = t->comp + start;
+        for (int i = 0; i < len; i++) p[i] = p[i] + bf16_to_float(c[i]);
+    }
+    load_values(g, t->grad, t->grad_dtype, start, len);
+    if (t->unscale) {
+        const float scale = gr->grad_scale;
+        for (int i = 0; i < len; i++) g[i] = g[i] / scale;
+    }
+    if (gr->maximize)
+        for (int i = 0; i < len; i++) g[i] = -g[i];
+    load_moment(m, t, 0, gr->signed_values, start, len);
+    load_moment(v, t, 1, gr->unsigned_values, start, len);
+    if (gr->amsgrad) load_moment(vmax, t, 2, gr->unsigned_values, start, len);
+
+    const float decay = gr->decay, coeff = gr->lerp_coeff, beta2 = gr->beta2, omb2 = gr->one_minus_beta2;
+    const float eps = gr->eps, nss = (float)t->neg_step_size, bc2s = (float)t->bc2_sqrt;
+    if (gr->weight_decay)
+        for (int i = 0; i < len; i++) p[i] = p[i] * decay;
+    if (gr->lerp_small)
+        for (int i = 0; i < len; i++) m[i] = fmaf(coeff, g[i] - m[i], m[i]);
+    else
+        for (int i = 0; i < len; i++) m[i] = fmaf(coeff, g[i] - m[i], g[i]);
+    for (int i = 0; i < len; i++) v[i] = fmaf(omb2 * g[i], g[i], v[i] * beta2);
+    if (gr->amsgrad) {
+        for (int i = 0; i < len; i++) {
+            const float a = vmax[i], b = v[i];
+            vmax[i] = a != a ? a : (a > b ? a : b);  /* torch.maximum: NaN propagates */
+        }
+        for (int i = 0; i < len; i++) p[i] = p[i] + (nss * m[i]) / (sqrtf(vmax[i]) / bc2s + eps);
+    } else {
+        for (int i = 0; i < len; i++) p[i] = p[i] + (nss * m[i]) / (sqrtf(v[i]) / bc2s + eps);
+    }
+
+    store_param(t, p, start, len);
+    store_moment(t, 0, gr, m, start, len, t->key[PURPOSE_EXP_AVG]);
+    store_moment(t, 1, gr, v, start, len, t->key[PURPOSE_EXP_AVG_SQ]);
+    if (gr->amsgrad) store_moment(t, 2, gr, vmax, start, len, t->key[PURPOSE_MAX]);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the call */
+
+static int64_t tensor_at(const LeanTensor *tensors, int64_t n, int64_t block) {
+    int64_t lo = 0, hi = n - 1;  /* the last tensor whose first block is <= block */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (tensors[mid].first_block <= block) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void fill_table(float *bounds, const float *mids, int top) {
+    bounds[0] = -INFINITY;
+    for (int i = 0; i < top; i++) bounds[i + 1] = mids[i];
+    bounds[top + 1] = INFINITY;
+}
+
+/* codes: the signed code's 256 values and 127 midpoints, then the unsigned code's 256 values and
+ * 255 midpoints (adamw.states.quantize's tables, as the host passes them). Returns 0, or -1 for a
+ * tensor of an unknown dtype. */
+int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, const float *codes,
+                    double decay, double lerp_weight, double beta2, double one_minus_beta2, double eps,
+                    double grad_scale, int amsgrad, int maximize, int weight_decay, int num_threads) {
+    for (int64_t k = 0; k < n; k++) {
+        const LeanTensor *t = &tensors[k];
+        if (t->param_dtype != DTYPE_FLOAT32 && t->param_dtype != DTYPE_BFLOAT16 && t->param_dtype != DTYPE_FLOAT16)
+            return -1;
+        if (t->grad_dtype != DTYPE_FLOAT32 && t->grad_dtype != DTYPE_BFLOAT16 && t->grad_dtype != DTYPE_FLOAT16)
+            return -1;
+        if (t->moment_dtype < DTYPE_FLOAT32 || t->moment_dtype > DTYPE_UINT8 || t->moment_dtype == 1) return -1;
+    }
+    static Group zero;
+    Group gr = zero;
+    const float w = (float)lerp_weight;
+    gr.decay = (float)decay;
+    gr.lerp_small = fabsf(w) < 0.5f;
+    gr.lerp_coeff = gr.lerp_small ? w : w - 1.0f;
+    gr.beta2 = (float)beta2;
+    gr.one_minus_beta2 = (float)one_minus_beta2;
+    gr.eps = (float)eps;
+    gr.grad_scale = (float)grad_scale;
+    gr.amsgrad = amsgrad;
+    gr.maximize = maximize;
+    gr.weight_decay = weight_decay;
+    memcpy(gr.signed_values, codes, 256 * sizeof(float));
+    fill_table(gr.signed_bounds, codes + 256, SIGNED_TOP);
+    memcpy(gr.unsigned_values, codes + 256 + SIGNED_TOP, 256 * sizeof(float));
+    fill_table(gr.unsigned_bounds, codes + 512 + SIGNED_TOP, UNSIGNED_TOP);
+    for (int i = 0; i < (1 << GUESS_BITS); i++)
+        gr.guess[i] = (int32_t)lrint(8.0 * log2(1.0 + (i + 0.5) / (1 << GUESS_BITS)));
+
+    int threads = num_threads > 0 ? num_threads : 1;
+    if (total_blocks < MIN_PARALLEL_BLOCKS) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int k = 0, count = 1;
+#ifdef _OPENMP
+        k = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        const int64_t begin = total_blocks * k / count, end = total_blocks * (k + 1) / count;
+        if (begin < end) {
+            for (int64_t i = tensor_at(tensors, n, begin); i < n && tensors[i].first_block < end; i++) {
+                const LeanTensor *t = &tensors[i];
+                const int64_t blocks = (t->numel + QBLOCK - 1) / QBLOCK;
+                const int64_t lo = (begin > t->first_block ? begin : t->first_block) - t->first_block;
+                const int64_t hi = (end < t->first_block + blocks ? end : t->first_block + blocks) - t->first_block;
+                for (int64_t b = lo; b < hi; b++) {
+                    const int64_t start = b * QBLOCK;
+                    const int64_t left = t->numel - start;
+                    step_block(t, &gr, start, left < QBLOCK ? (int)left : QBLOCK);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* The ABI version the Python loader checks, bumped with any change to LeanTensor or adamw_lean_step. */
+int adamw_lean_abi_version(void) { return 1; }

@@ -1,0 +1,351 @@
+"""The lean CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
+copy): ``adamw_cpu_lean.c``, one call per group and step.
+
+Mirrors :func:`adamw.states.lean_step` bit for bit (see the comment at the top of the C source for
+the operation order and the storage rules). Built, cached and loaded by :mod:`adamw.backends.cpu`'s
+machinery (compiler, flags, cache directory); a missing compiler fails as that kernel's does.
+
+Params the kernel does not take (float64 or complex128, or a state laid out other than its format
+says) run the reference itself. Unlike :func:`adamw.backends.cpu.step` this reads the step counters
+on the host (one ``item`` per param): the lean path is not capturable.
+
+**GradScaler.** As :mod:`adamw.backends.lean`: a nonzero ``found_inf`` skips the step, counters
+included; float32 grads are divided by ``grad_scale`` in the kernel (a correctly rounded division,
+as torch's), others by torch's op on the host, whose rounding for reduced types differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
+from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
+from ..states.reference import KAHAN_KEY, lean_step
+from ..states.rounding import (
+    PURPOSE_EXP_AVG,
+    PURPOSE_EXP_AVG_SQ,
+    PURPOSE_MAX_EXP_AVG_SQ,
+    PURPOSE_PARAM,
+    rounding_key,
+)
+from . import cpu
+from ._common import Hyper, host_value
+from .lean import Lean, effective_param_update
+
+SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
+ABI_VERSION = 1
+QBLOCK = 256  # the C source's QBLOCK
+
+# The kernel's dtype codes (its enum); float64 and complex128 params run the reference.
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4}
+_UPDATE_CODES = {"round": 0, "stochastic": 1, "kahan": 2}
+_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # LeanTensor.key order
+
+
+class _Tensor(ctypes.Structure):
+    """The C source's ``LeanTensor``, field for field."""
+
+    _fields_ = [
+        ("param", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("moment", ctypes.c_void_p * 3),
+        ("absmax", ctypes.c_void_p * 3),
+        ("comp", ctypes.c_void_p),
+        ("numel", ctypes.c_int64),
+        ("first_block", ctypes.c_int64),
+        ("key", ctypes.c_uint32 * 4),
+        ("neg_step_size", ctypes.c_double),
+        ("bc2_sqrt", ctypes.c_double),
+        ("param_dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("moment_dtype", ctypes.c_int32),
+        ("param_update", ctypes.c_int32),
+        ("unscale", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# building and loading: cpu.py's compiler, flags, cache directory and CPU identity
+
+
+@dataclass(frozen=True)
+class Library:
+    path: Path
+    openmp: bool
+    step_fn: Callable[..., int]
+
+
+_lock = threading.Lock()
+_library: Library | None = None
+
+
+def library() -> Library:
+    """The lean kernel, compiled on first use (or found in the cache) and loaded once per process."""
+    global _library
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None:
+            _library = _build_and_load()
+    return _library
+
+
+def _library_name(cc: list[str], flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    resolved = shutil.which(cc[0]) or cc[0]
+    for part in (*cc, resolved, str(os.stat(resolved).st_mtime_ns), *cpu._BASE_FLAGS, *flags, cpu._cpu_identity()):
+        h.update(part.encode() + b"\0")
+    return f"adamw_cpu_lean-{h.hexdigest()[:20]}-{sys.platform}.so"
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
+    """Build into ``target`` atomically; the compiler's error text on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".adamw_cpu_lean-", dir=target.parent)
+    os.close(fd)
+    try:
+        command = [*cc, *cpu._BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            return (result.stderr or result.stdout).strip()[-2000:]
+        os.replace(tmp, target)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build_and_load() -> Library:
+    cc = cpu.compiler()
+    errors: list[str] = []
+    for flags in cpu._FLAG_SETS:
+        path = cpu.cache_dir() / _library_name(cc, flags)
+        if not path.exists():
+            try:
+                error = _compile(cc, flags, path)
+            except OSError as exc:
+                errors.append(f"{path}: {exc}")
+                continue
+            if error is not None:
+                errors.append(f"{' '.join([*cc, *flags])}: {error}")
+                continue
+        try:
+            step_fn = _bind(ctypes.CDLL(str(path)))
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        openmp = "-fopenmp" in flags
+        if not openmp:
+            warnings.warn("adamw's lean CPU kernel was built without OpenMP: it runs on one thread", RuntimeWarning, 3)
+        return Library(path, openmp, step_fn)
+    raise RuntimeError(
+        "adamw's lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than "
+        "torch's) could not be compiled; step without it (fused=None), or fix the compiler. Errors:\n"
+        + "\n".join(errors)
+    )
+
+
+def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
+    if lib.adamw_lean_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"adamw's lean CPU kernel has ABI {lib.adamw_lean_abi_version()}, expected {ABI_VERSION}")
+    fn = lib.adamw_lean_step
+    ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    # tensors, n, total_blocks, codes, decay, lerp_weight, beta2, one_minus_beta2, eps, grad_scale,
+    # amsgrad, maximize, weight_decay, num_threads
+    fn.argtypes = [ptr, i64, i64, ptr, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32]
+    fn.restype = i32
+    return fn
+
+
+def _codes() -> Tensor:
+    """Both code tables, values then midpoints (the C source's layout of ``codes``)."""
+    parts = [*SIGNED_CODE.tables("cpu"), *UNSIGNED_CODE.tables("cpu")]
+    return torch.cat([t.to(torch.float32) for t in parts]).contiguous()
+
+
+_CODES = _codes()
+assert _CODES.numel() == 256 + 127 + 256 + 255 and BLOCK_SIZE == QBLOCK
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+
+
+def step_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    state_steps: list[Tensor],
+    streams: list[int],
+    hyper: Hyper,
+    lean: Lean,
+) -> None:
+    """The lean step of :mod:`adamw.backends.lean` in one kernel call per group."""
+    if not params:
+        return
+    fn = library().step_fn
+    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
+    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
+        return  # GradScaler found an inf: skip the step, counters included (as the reference)
+    scale = hyper.grad_scale
+    rows: list[_Tensor] = []
+    written_back: list[tuple[Tensor, Tensor]] = []
+    keep_alive: list[Tensor] = []
+    total_blocks = 0
+    for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
+        step_t += 1
+        step = int(step_t.item())
+        param_update = effective_param_update(param, lean.param_update)
+        fmt = format_for(param, lean.state_precision)
+        unscale = scale is not None and grad.dtype == torch.float32 and scale.dtype == torch.float32
+        if scale is not None and not unscale:
+            grad = grad / scale.to(grad.device)
+        columns = _columns(param, grad, state, fmt, hyper.amsgrad, param_update)
+        if columns is None:
+            if unscale:
+                grad = grad / scale.to(grad.device)  # type: ignore[union-attr]
+            lean_step(
+                param,
+                grad,
+                state,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=hyper.eps,
+                weight_decay=hyper.weight_decay,
+                amsgrad=hyper.amsgrad,
+                maximize=hyper.maximize,
+                step=step,
+                state_precision=lean.state_precision,
+                param_update=param_update,
+                seed=lean.seed,
+                stream=stream,
+            )
+            continue
+        staged = _stage(columns, written_back)
+        keep_alive += [t for t in staged if t is not None]
+        real, real_grad = staged[0], staged[1]
+        assert real is not None and real_grad is not None and staged[2] is not None
+        if real.numel() == 0:
+            continue
+        row = _Tensor()
+        row.param, row.grad = real.data_ptr(), real_grad.data_ptr()
+        for j in range(3):
+            moment, absmax = staged[2 + j], staged[5 + j]
+            row.moment[j] = 0 if moment is None else moment.data_ptr()
+            row.absmax[j] = 0 if absmax is None else absmax.data_ptr()
+        comp = staged[8]
+        row.comp = 0 if comp is None else comp.data_ptr()
+        row.numel, row.first_block = real.numel(), total_blocks
+        for j, purpose in enumerate(_PURPOSES):
+            row.key[j] = rounding_key(lean.seed, step, stream, purpose)
+        row.neg_step_size = -(lr / (1 - beta1**step))  # as the reference computes them, in float64
+        row.bc2_sqrt = (1 - beta2**step) ** 0.5
+        row.param_dtype, row.grad_dtype = _DTYPE_CODES[real.dtype], _DTYPE_CODES[real_grad.dtype]
+        row.moment_dtype = _DTYPE_CODES[staged[2].dtype]
+        row.param_update, row.unscale = _UPDATE_CODES[param_update], int(unscale)
+        rows.append(row)
+        total_blocks += num_blocks(real.numel())
+    if rows:
+        table = (_Tensor * len(rows))(*rows)
+        rc = fn(
+            ctypes.addressof(table),
+            len(rows),
+            total_blocks,
+            _CODES.data_ptr(),
+            1 - lr * hyper.weight_decay,
+            1 - beta1,
+            beta2,
+            1 - beta2,
+            hyper.eps,
+            float(scale.item()) if scale is not None else 1.0,
+            int(hyper.amsgrad),
+            int(hyper.maximize),
+            int(hyper.weight_decay != 0),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"adamw's lean CPU kernel failed with code {rc}")
+    for copy, original in written_back:
+        original.copy_(copy)
+
+
+def _columns(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
+) -> list[Tensor | None] | None:
+    """param, grad, the three moments, their absmaxes and the Kahan buffer (None: unused), or None
+    where the kernel does not take the param (the reference then steps it, and raises if its state
+    does not fit its format)."""
+    real, real_grad = _real(param), _real(grad)
+    if real.dtype not in _DTYPE_CODES or real_grad.dtype not in _DTYPE_CODES or real.dtype == torch.uint8:
+        return None
+    if real_grad.dtype == torch.uint8 or real_grad.shape != real.shape or not real.is_cpu or not real_grad.is_cpu:
+        return None
+    keys = MOMENTS if amsgrad else MOMENTS[:2]
+    if any(key not in state for key in keys):
+        return None
+    quantized = isinstance(fmt, Int8Format)
+    moments = [_real(state[key]) for key in keys]
+    expected = _stored_dtype(fmt, real.dtype)
+    if any(m.dtype != expected or m.shape != real.shape or not m.is_cpu for m in moments):
+        return None
+    absmaxes: list[Tensor | None] = [None, None, None]
+    if quantized:
+        for j, key in enumerate(keys):
+            absmax = state.get(key + ABSMAX_SUFFIX)
+            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
+                return None
+            absmaxes[j] = absmax
+    comp = None
+    if param_update == "kahan":
+        comp = state.get(KAHAN_KEY)
+        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
+            return None
+    return [real, real_grad, *moments, *([None] * (3 - len(moments))), *absmaxes, comp]
+
+
+def _stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``fmt`` stores a moment in (uint8: 8-bit codes); None for formats the kernel lacks."""
+    if isinstance(fmt, Int8Format):
+        return torch.uint8
+    if fmt.name == "param":
+        return param_dtype
+    return {"float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _stage(columns: list[Tensor | None], written_back: list[tuple[Tensor, Tensor]]) -> list[Tensor | None]:
+    """Contiguous stand-ins for non-contiguous tensors: the kernel runs over flat memory, and the
+    reference's blocks and random counters follow the flat (row-major) order."""
+    staged: list[Tensor | None] = []
+    for column, t in enumerate(columns):
+        if t is None or t.is_contiguous():
+            staged.append(t)
+            continue
+        copy = t.contiguous()
+        staged.append(copy)
+        if column != 1:  # the grad is only read
+            written_back.append((copy, t))
+    return staged
+
+
+library()  # built or loaded now, so that a missing compiler fails the import, i.e. before a step

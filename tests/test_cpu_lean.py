@@ -1,0 +1,262 @@
+"""The lean CPU kernel (``adamw.backends.cpu_lean.step_lean``) against the lean reference, bit for bit.
+
+Two AdamW optimizers on copies of the same params, one with ``fused=True`` (the C kernel) and one
+with ``backend="forloop"`` (which runs :func:`adamw.states.lean_step`), same ``state_precision``,
+``param_update`` and ``seed``; after every step the params and every state entry must be equal bit
+for bit.
+
+One tolerance, with its reason: torch's CPU float32 ``sqrt`` (its vectorized math library) is
+within 1 ulp but not always correctly rounded, and the kernel's ``sqrtf`` is. The bitwise tests give
+the reference a correctly rounded sqrt (numpy's); ``test_torch_sqrt_moves_params_by_ulps`` checks
+what that leaves against torch's own: the moments stay bitwise (the sqrt only feeds the param), the
+params within the bound a 1-ulp denominator implies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import adamw
+from adamw.backends import cpu_lean
+from adamw.states import SIGNED_CODE, quantize
+
+STEPS = 3
+SEED = 1234
+
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+# Per case: state_precision, param_update, and the dtypes of the params (shapes in make_params):
+# 4196 values (8-bit: a short last block), a transposed 64x72 (run through contiguous copies), a
+# 7x5 (float32 moments under "8bit": a group mixing 8-bit and float32 moments) and 5000 values.
+# Extras test what the kernel routes elsewhere: a float64 param (the reference steps it) and a
+# complex64 one (its real view).
+CASES: dict[str, tuple[str, str, list[torch.dtype]]] = {
+    "8bit": ("8bit", "round", [f32, f32, f32, torch.complex64]),
+    "bf16": ("bf16", "round", [f32, bf16, f16, torch.float64]),
+    "param-stochastic": ("param", "stochastic", [bf16, bf16, f16, bf16]),  # float16: moments in float16
+    "param-kahan": ("param", "kahan", [bf16, bf16, f32, bf16]),  # float32: plain, float32 moments
+    "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16, bf16]),
+}
+FLAGS: dict[str, dict[str, Any]] = {
+    "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),
+    "amsgrad-wd": dict(amsgrad=True, maximize=False, weight_decay=0.1, betas=(0.9, 0.999)),
+    # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
+    "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
+}
+
+
+@pytest.fixture
+def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The reference with a correctly rounded float32 sqrt (see the module docstring)."""
+    torch_sqrt = torch.Tensor.sqrt
+
+    def sqrt(self: Tensor) -> Tensor:
+        if self.dtype == torch.float32 and self.device.type == "cpu":
+            return torch.from_numpy(np.sqrt(self.detach().numpy()))
+        return torch_sqrt(self)
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
+    yield
+
+
+def make_params(dtypes: list[torch.dtype]) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shapes: list[tuple[int, ...]] = [(4196,), (72, 64), (7, 5), (5000,)]
+    params = []
+    for dtype, shape in zip(dtypes, shapes, strict=False):
+        p = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32)
+        params.append(p.to(dtype))
+    params[1] = params[1].t()  # a transposed view
+    return params
+
+
+def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.complex64 if p.is_complex() else torch.float32)
+            grads.append((g * scale).to(p.dtype))
+        out.append(grads)
+    return out
+
+
+def optimizer(params: list[Tensor], fused: bool, state_precision: str, param_update: str, **flags: Any) -> Any:
+    return adamw.AdamW(
+        params,
+        lr=1e-2,
+        fused=True if fused else None,
+        backend=None if fused else "forloop",
+        state_precision=state_precision,
+        param_update=param_update,
+        seed=SEED,
+        **flags,
+    )
+
+
+def leaves(init: list[Tensor]) -> list[Tensor]:
+    """Copies of ``init`` with the same layout (the transposed view stays transposed)."""
+    return [torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(p)) for p in init]
+
+
+def bits(t: Tensor) -> Tensor:
+    t = _real(t.detach())
+    return t.reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_bitwise(ours: Tensor, ref: Tensor, what: str) -> None:
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{what}: {ours.dtype} {ours.shape} vs {ref.dtype}"
+    if not torch.equal(bits(ours), bits(ref)):
+        a, b = _real(ours.detach()).double(), _real(ref.detach()).double()
+        differ = (a != b).sum().item()
+        raise AssertionError(f"{what}: {differ} of {ref.numel()} differ, max |diff| {(a - b).abs().max().item():.3g}")
+
+
+def assert_same_run(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
+    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+        assert_bitwise(p, q, f"step {step}, param {i}")
+        mine, theirs = ours.state[p], ref.state[q]
+        assert set(mine) == set(theirs), f"param {i}: state keys {sorted(mine)} vs {sorted(theirs)}"
+        for key in theirs:
+            assert_bitwise(mine[key], theirs[key], f"step {step}, param {i}, state[{key!r}]")
+
+
+def run_both(
+    case: str, flags: dict[str, Any], steps: int = STEPS, grad_scale: float | None = None
+) -> tuple[Any, Any, list[Tensor], list[Tensor], list[list[Tensor]]]:
+    state_precision, param_update, dtypes = CASES[case]
+    init = make_params(dtypes)
+    params, ref_params = leaves(init), leaves(init)
+    ours = optimizer(params, True, state_precision, param_update, **flags)
+    ref = optimizer(ref_params, False, state_precision, param_update, **flags)
+    grads = make_grads(init, steps, scale=grad_scale or 1.0)
+    if grad_scale is not None:
+        ours.grad_scale, ref.grad_scale = torch.tensor(grad_scale), torch.tensor(grad_scale)
+        ours.found_inf, ref.found_inf = torch.tensor(0.0), torch.tensor(0.0)
+    return ours, ref, params, ref_params, grads
+
+
+def step_both(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], grads: list[Tensor]) -> None:
+    for p, q, g in zip(params, ref_params, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of params each kernel call took (so a test fails if the kernel never ran)."""
+    calls: list[int] = []
+    library = cpu_lean.library()
+    original = library.step_fn
+
+    def counting(table: int, n: int, *args: Any) -> int:
+        calls.append(n)
+        return original(table, n, *args)
+
+    monkeypatch.setattr(cpu_lean, "_library", cpu_lean.Library(library.path, library.openmp, counting))
+    return calls
+
+
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case: str, flags: dict[str, Any], rounded_sqrt: None, kernel_calls: list[int]) -> None:
+    ours, ref, params, ref_params, grads = run_both(case, flags)
+    for step, step_grads in enumerate(grads, 1):
+        step_both(ours, ref, params, ref_params, step_grads)
+        assert_same_run(ours, ref, params, ref_params, step)
+    expected = sum(p.dtype != torch.float64 for p in params)
+    assert kernel_calls == [expected] * STEPS, "one kernel call per step, for every param it takes"
+
+
+@pytest.mark.parametrize("case", ["8bit", "8bit-stochastic"])
+def test_grad_scale_and_found_inf(case: str, rounded_sqrt: None) -> None:
+    """GradScaler's contract as the reference reads it: grads divided by grad_scale (float32 grads in
+    the kernel, others by torch's op), and a nonzero found_inf skips the step, counters included."""
+    ours, ref, params, ref_params, grads = run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
+    step_both(ours, ref, params, ref_params, grads[0])
+    assert_same_run(ours, ref, params, ref_params, 1)
+
+    before = [(p.detach().clone(), {k: v.clone() for k, v in ours.state[p].items()}) for p in params]
+    ours.found_inf.fill_(1.0)
+    for p, g in zip(params, grads[1], strict=True):
+        p.grad = g.clone()
+    ours.step()
+    for i, (p, (value, state)) in enumerate(zip(params, before, strict=True)):
+        assert_bitwise(p, value, f"skipped step, param {i}")
+        for key, entry in state.items():
+            assert_bitwise(ours.state[p][key], entry, f"skipped step, param {i}, state[{key!r}]")
+
+
+def test_codes_on_midpoints(rounded_sqrt: None) -> None:
+    """Values exactly on the signed code's float32 midpoints (which take the smaller magnitude) and
+    one float32 step either side: the kernel's codes are quantize()'s, the definition. With beta1 = 0
+    the new exp_avg is the grad itself, in the kernel and in the reference."""
+    _, mids = SIGNED_CODE.tables()
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))
+    one, zero = torch.ones(1), torch.zeros(1)
+    blocks = [  # 256 values each, whose largest magnitude is a power of two: y = x / absmax is exact
+        torch.cat([one, mids, up, zero]),
+        torch.cat([-one, -mids, -down, -zero]),
+        torch.cat([one, down, -mids, -one]),
+        torch.cat([one / 2, up / 2, -down / 2, one / 4]),
+    ]
+    grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
+    init = [torch.randn(grad.numel())]
+    params, ref_params = leaves(init), leaves(init)
+    flags = dict(betas=(0.0, 0.999), weight_decay=0.0)
+    ours = optimizer(params, True, "8bit", "round", **flags)
+    ref = optimizer(ref_params, False, "8bit", "round", **flags)
+    step_both(ours, ref, params, ref_params, [grad])
+    codes, absmax = quantize(grad, SIGNED_CODE)
+    assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
+    assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
+    assert_same_run(ours, ref, params, ref_params, 1)
+
+
+def test_unsigned_codes_over_the_range(rounded_sqrt: None) -> None:
+    """exp_avg_sq's codes over its whole ladder (2^-32 .. 1 of the absmax, and below): with beta1 = 0
+    and beta2 = 0 the new exp_avg_sq is g*g, and grads spread over 2^-17 .. 1 hit every code."""
+    n = 32 * 256
+    block = torch.exp2(torch.linspace(-17.0, 0.0, 256))  # the largest is 1: the absmax of its block
+    jitter = torch.exp2(torch.rand(32, 256, generator=torch.Generator().manual_seed(2)) / 8)  # within a step
+    grad = (block * jitter).clamp(max=1.0).reshape(-1)
+    grad = grad * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    init = [torch.randn(n)]
+    params, ref_params = leaves(init), leaves(init)
+    flags = dict(betas=(0.0, 0.0), weight_decay=0.0)
+    ours = optimizer(params, True, "8bit", "round", **flags)
+    ref = optimizer(ref_params, False, "8bit", "round", **flags)
+    step_both(ours, ref, params, ref_params, [grad])
+    assert len(torch.unique(ref.state[ref_params[0]]["exp_avg_sq"])) > 200
+    assert_same_run(ours, ref, params, ref_params, 1)
+
+
+def test_torch_sqrt_moves_params_by_ulps() -> None:
+    """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
+    param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most
+    two ulps of it, and the sum may then round the other way)."""
+    ours, ref, params, ref_params, grads = run_both("8bit", FLAGS["amsgrad-wd"])
+    tolerance = [torch.zeros(_real(q).shape, dtype=torch.float64) for q in ref_params]
+    for step, step_grads in enumerate(grads, 1):
+        previous = [q.detach().clone() for q in ref_params]
+        step_both(ours, ref, params, ref_params, step_grads)
+        for i, (p, q, prev) in enumerate(zip(params, ref_params, previous, strict=True)):
+            for key in ref.state[q]:
+                assert_bitwise(ours.state[p][key], ref.state[q][key], f"step {step}, param {i}, state[{key!r}]")
+            value, update = _real(q.detach()), _real(q.detach() - prev)
+            ulp = (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
+            tolerance[i] = tolerance[i] + ulp + 2.0**-21 * update.abs().double()
+            diff = (_real(p.detach()).double() - value.double()).abs()
+            assert bool((diff <= tolerance[i]).all()), f"step {step}, param {i}: {diff.max().item():.3g} over"
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t

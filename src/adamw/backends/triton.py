@@ -34,6 +34,12 @@ this module is first imported (that is, before the first step with ``backend="tr
 A plan assumes that a tensor whose address and size are unchanged also keeps its dtype and layout.
 Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
 through contiguous copies held by the plan (correct, and slower).
+
+Lean groups (``state_precision``/``param_update`` other than torch's) run :func:`step_lean`: the
+kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per (device, param dtype, grad
+dtype, moment storage, param_update), bit for bit the lean reference. Its table is built every step
+(the step numbers, bias corrections and rounding keys in it change), after reading the counters on
+the host: the lean path syncs once per step and is not capturable.
 """
 
 from __future__ import annotations
@@ -492,7 +498,6 @@ _lean_codes: dict[torch.device, Tensor] = {}
 class _LeanTensor:
     """One param of a lean launch: its tensors in table-column order (None: not used) and keys."""
 
-    position: int
     columns: list[Tensor | None]  # param, grad, exp_avg, exp_avg_sq, max, their absmaxes, Kahan comp
     written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy the kernel writes, the state's tensor)
     step: int
@@ -522,55 +527,71 @@ def step_lean(
         return  # GradScaler found an inf: skip the step, counters included (as the reference)
     kernels = _lean_kernels()
     interpreted = _is_interpreted_kernel(kernels.lean_kernel)
-    step_numbers = _bump_steps(state_steps)
-    launches: dict[tuple[Any, ...], list[_LeanTensor]] = {}
+    # Sort every param to the kernel or the reference before anything changes: a device error
+    # leaves params, state and counters as they were.
+    by_launch: dict[tuple[Any, ...], list[tuple[int, list[Tensor | None]]]] = {}
+    by_reference: list[int] = []
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         param_update = effective_param_update(param, lean.param_update)
-        fmt = format_for(param, lean.state_precision)
         kernel_grad, unscale = _lean_grad(grad, hyper.grad_scale)
+        fmt = format_for(param, lean.state_precision)
         columns = _lean_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
         if columns is None:
-            if hyper.grad_scale is not None:
-                grad = grad / hyper.grad_scale.to(grad.device)
-            _reference_step(param, grad, state, step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
+            by_reference.append(i)
             continue
         _check_device(param, interpreted)
-        real, real_grad, exp_avg = columns[0], columns[1], columns[2]
-        assert real is not None and real_grad is not None and exp_avg is not None
-        key = (param.device, real.dtype, real_grad.dtype, exp_avg.dtype, param_update, unscale)
-        launches.setdefault(key, []).append(_stage(i, columns, step_numbers[i], streams[i]))
-    if not launches:
-        return
+        dtypes = tuple(t.dtype for t in columns[:3] if t is not None)  # param, grad, moments
+        by_launch.setdefault((param.device, *dtypes, param_update, unscale), []).append((i, columns))
+
+    step_numbers = _bump_steps(state_steps)
+    for i in by_reference:
+        grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
+        _reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
     scalars = _lean_scalars(lr, beta1, beta2, hyper)
-    for (device, dtype, grad_dtype, moment_dtype, param_update, unscale), tensors in launches.items():
-        grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
-        table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, lean.seed, kernels)
-        tl = kernels.tl
-        launch = kernels.lean_kernel[(n_chunks,)]
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            launch(
-                table,
-                chunk_tensor,
-                _codes_on(device),
-                grad_scale,
-                *scalars,
-                BLOCKS=blocks,
-                PARAM_DTYPE=_triton_dtype(dtype, kernels),
-                GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
-                MOMENT_DTYPE=tl.uint8 if moment_dtype == torch.uint8 else _triton_dtype(moment_dtype, kernels),
-                PARAM_UPDATE=_UPDATES[param_update],
-                AMSGRAD=hyper.amsgrad,
-                MAXIMIZE=hyper.maximize,
-                HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
-                HAS_GRAD_SCALE=grad_scale is not None,
-                num_warps=LEAN_CUDA_NUM_WARPS,
-                # No FMA but the two the reference has (tl.fma): contracting any other multiply-add
-                # would round differently from torch's kernels.
-                enable_fp_fusion=False,
-            )
-        for tensor in tensors:
-            for copy, original in tensor.written_back:
-                original.copy_(copy)
+    for key, entries in by_launch.items():
+        tensors = [_stage(columns, step_numbers[i], streams[i]) for i, columns in entries]
+        _launch_lean(key, tensors, scalars, hyper, lr, beta1, beta2, lean.seed, kernels)
+
+
+def _launch_lean(
+    key: tuple[Any, ...],
+    tensors: list[_LeanTensor],
+    scalars: list[float | int],
+    hyper: Hyper,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    seed: int,
+    kernels: ModuleType,
+) -> None:
+    device, dtype, grad_dtype, moment_dtype, param_update, unscale = key
+    grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
+    table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, seed, kernels)
+    tl = kernels.tl
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernels.lean_kernel[(n_chunks,)](
+            table,
+            chunk_tensor,
+            _codes_on(device),
+            grad_scale,
+            *scalars,
+            BLOCKS=blocks,
+            PARAM_DTYPE=_triton_dtype(dtype, kernels),
+            GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
+            MOMENT_DTYPE=tl.uint8 if moment_dtype == torch.uint8 else _triton_dtype(moment_dtype, kernels),
+            PARAM_UPDATE=_UPDATES[param_update],
+            AMSGRAD=hyper.amsgrad,
+            MAXIMIZE=hyper.maximize,
+            HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            num_warps=LEAN_CUDA_NUM_WARPS,
+            # No FMA but the two the reference has (tl.fma): contracting any other multiply-add
+            # would round differently from torch's kernels.
+            enable_fp_fusion=False,
+        )
+    for tensor in tensors:
+        for copy, original in tensor.written_back:
+            original.copy_(copy)
 
 
 def _bump_steps(state_steps: list[Tensor]) -> list[int]:
@@ -647,7 +668,7 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _stage(position: int, columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:
+def _stage(columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:
     """Contiguous copies of the tensors that are not contiguous: the kernel runs over flat memory,
     and the reference's blocks and random counters follow the flat (row-major) order."""
     written_back = []
@@ -660,7 +681,7 @@ def _stage(position: int, columns: list[Tensor | None], step: int, stream: int) 
         staged.append(copy)
         if column != 1:  # the grad is only read
             written_back.append((copy, t))
-    return _LeanTensor(position, staged, written_back, step, stream)
+    return _LeanTensor(staged, written_back, step, stream)
 
 
 def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:

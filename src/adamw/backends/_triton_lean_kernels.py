@@ -17,13 +17,18 @@ AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel cal
 and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
 Every scalar is computed on the host exactly as the reference computes it and rounded to float32
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
-``sqrt_rn``).
+``sqrt_rn``). The one known difference: torch's CPU float32 ``sqrt`` (MKL's vector math,
+high-accuracy mode) is within 1 ulp but not correctly rounded, so a param (never a moment: the sqrt
+only feeds the param) may differ from the reference's by an ulp of the update and a rounding flip
+per step; with a correctly rounded sqrt in the reference the two agree bit for bit
+(tests/test_triton_lean.py checks both).
 
 Storage, per constexpr switch:
 
 * ``MOMENT_DTYPE``: float32, bfloat16 (stochastic rounding), float16 (to nearest) or uint8: 8-bit
-  blockwise codes (:mod:`adamw.states.quantize`). Each program owns ``BLOCKS`` whole blocks of 256 values, so
-  a block's new absmax is a ``tl.max`` over one row of the tile, taken after the update.
+  blockwise codes (:mod:`adamw.states.quantize`). Each program owns ``BLOCKS`` whole blocks of 256
+  values, a row of its tile each, so a block's new absmax is a ``tl.max`` over its row, taken after
+  the update.
 * ``PARAM_UPDATE``: round to nearest, stochastic rounding, or Kahan (``comp`` holds what the last
   rounding lost).
 

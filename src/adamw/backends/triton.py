@@ -627,6 +627,8 @@ def _lean_columns(
 ) -> list[Tensor | None] | None:
     """A param's tensors in table-column order, or None where the kernel does not take them (the
     reference then steps the param, and raises if its state does not fit its format)."""
+    if type(param) not in _PLAIN_TYPES or type(grad) not in _PLAIN_TYPES:
+        return None  # e.g. DTensors: the reference runs their torch ops
     real = torch.view_as_real(param) if param.is_complex() else param
     if real.dtype not in _STORAGE_DTYPES or grad.dtype not in _STORAGE_DTYPES:
         return None
@@ -636,6 +638,8 @@ def _lean_columns(
     if any(key not in state for key in keys):
         return None
     quantized = isinstance(fmt, Int8Format)
+    if any(type(state[key]) not in _PLAIN_TYPES for key in keys):
+        return None
     moments = [_real(state[key]) for key in keys]
     expected = _stored_dtype(fmt, real.dtype)
     if any(m.dtype != expected or m.shape != real.shape or m.device != real.device for m in moments):

@@ -18,6 +18,10 @@ implies.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,3 +251,62 @@ def test_torch_sqrt_moves_params_by_ulps() -> None:
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+# --------------------------------------------------------------------------------------------------
+# compiled for a GPU (no GPU needed: Triton compiles to PTX on the CPU)
+
+_COMPILE_CHECK = textwrap.dedent(
+    r"""
+    import os, re
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from adamw.backends import _triton_lean_kernels as K, triton as backend
+
+    def lean_ptx(param, grad, moments, update, amsgrad, flags):
+        constants = dict(BLOCKS=backend.LEAN_CUDA_BLOCKS, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments,
+                         PARAM_UPDATE=update, AMSGRAD=amsgrad, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                         HAS_GRAD_SCALE=flags)
+        floats = {n: "fp32" for n in ["decay", "lerp_coeff", "beta2", "one_minus_beta2", "eps"]}
+        signature = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "codes_ptr": "*fp32",
+                     "grad_scale_ptr": "*fp32", "lerp_small": "i32", **floats}
+        signature.update({name: "constexpr" for name in constants})
+        source = triton.compiler.ASTSource(fn=K.lean_kernel, signature=signature, constexprs=constants)
+        options = {"num_warps": backend.LEAN_CUDA_NUM_WARPS, "enable_fp_fusion": backend.LEAN_FP_FUSION}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    variants = [
+        (tl.float32, tl.float32, tl.uint8, 0, True, True),
+        (tl.bfloat16, tl.bfloat16, tl.uint8, 1, True, False),
+        (tl.bfloat16, tl.bfloat16, tl.bfloat16, 2, True, True),
+        (tl.float16, tl.float16, tl.float16, 0, False, False),
+        (tl.bfloat16, tl.float32, tl.float32, 1, False, True),
+    ]
+    for variant in variants:
+        ptx = lean_ptx(*variant)
+        # Per element: one sqrt and the reference's two FMAs (lerp, addcmul), and no other FMA
+        # (the log2 guess of the 8-bit codes has its own, flushing subnormals: it only guesses).
+        fmas, sqrts = len(re.findall(r"\bfma\.rn\.f32\b", ptx)), len(re.findall(r"\bsqrt\.rn\.f32\b", ptx))
+        assert sqrts > 0 and fmas == 2 * sqrts, (variant, fmas, sqrts)
+        assert not re.search(r"\b(mad\S*\.f32|div\.(approx|full)|sqrt\.approx|rsqrt)\b", ptx), variant
+        assert not re.search(r"\b(add|sub|mul|div|sqrt|max|min)\.\S*ftz", ptx), variant
+    print("ok")
+    """
+)
+
+
+def test_kernel_compiles_for_hopper_rounding_as_the_reference() -> None:
+    """The real compiler (not the interpreter) accepts the storage variants for sm_90, and rounds as
+    the reference does: correctly rounded division and sqrt, no flushed subnormals, and exactly the
+    reference's two FMAs per element (what bit-for-bit equality on a GPU rests on)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile for a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -487,6 +487,9 @@ def _kernels() -> ModuleType:
 LEAN_CUDA_BLOCKS = 4
 LEAN_CUDA_NUM_WARPS = 4
 LEAN_INTERPRETER_BLOCKS = 2
+# No FMA but the two the reference has (tl.fma): contracting any other multiply-add would round
+# differently from torch's kernels.
+LEAN_FP_FUSION = False
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPDATES = {"round": 0, "stochastic": 1, "kahan": 2}  # the kernel's UPDATE_* switches
@@ -585,9 +588,7 @@ def _launch_lean(
             HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
             HAS_GRAD_SCALE=grad_scale is not None,
             num_warps=LEAN_CUDA_NUM_WARPS,
-            # No FMA but the two the reference has (tl.fma): contracting any other multiply-add
-            # would round differently from torch's kernels.
-            enable_fp_fusion=False,
+            enable_fp_fusion=LEAN_FP_FUSION,
         )
     for tensor in tensors:
         for copy, original in tensor.written_back:

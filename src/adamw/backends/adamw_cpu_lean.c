@@ -128,32 +128,37 @@ INLINE void load_moment(float *out, const LeanTensor *t, int which, const float 
     }
 }
 
-/* The code of each normalized value: quantize.Code.magnitude_index, plus the sign bit. */
+/* The code of each normalized value: quantize.Code.magnitude_index, plus the sign bit. Two loops,
+ * 32-bit lanes then the narrowing to bytes, so that each vectorizes. */
 INLINE void encode_block(uint8_t *codes, const float *x, int len, float absmax, const float *bounds,
                          int top, int is_signed, const int32_t *guess_table) {
     const float safe = absmax > 0 ? absmax : 1.0f;
+    int32_t index[QBLOCK];
     for (int i = 0; i < len; i++) {
         const float y = x[i] / safe;
         const float magnitude = is_signed ? fabsf(y) : y;
         const uint32_t b = bits_of(magnitude);
-        int32_t guess = top + 8 * ((int32_t)(b >> 23) - 127) + guess_table[(b >> (23 - GUESS_BITS)) & ((1 << GUESS_BITS) - 1)];
+        const int32_t octave = (int32_t)(b >> 23) - 127;
+        int32_t guess = top + 8 * octave + guess_table[(b >> (23 - GUESS_BITS)) & ((1u << GUESS_BITS) - 1)];
         guess = magnitude > 0 ? guess : 0;  /* 0, negative (unsigned code) and NaN: index 0 */
         guess = guess < 0 ? 0 : (guess > top ? top : guess);
-        int32_t index = guess - (magnitude <= bounds[guess]) + (magnitude > bounds[guess + 1]);
-        if (is_signed) index += y < 0 ? 128 : 0;
-        codes[i] = (uint8_t)index;
+        const float below = bounds[guess], above = bounds[guess + 1];
+        int32_t k = guess - (magnitude <= below ? 1 : 0) + (magnitude > above ? 1 : 0);
+        if (is_signed) k += y < 0 ? 128 : 0;
+        index[i] = k;
     }
+    for (int i = 0; i < len; i++) codes[i] = (uint8_t)index[i];
 }
 
+/* max |x| as integers: the bits of non-negative floats order as their values, and a NaN's above
+ * infinity's, so a NaN propagates as torch's amax propagates it. */
 INLINE float block_absmax(const float *x, int len) {
-    float m = 0.0f;
-    int nan = 0;
+    uint32_t m = 0;
     for (int i = 0; i < len; i++) {
-        const float a = fabsf(x[i]);
+        const uint32_t a = bits_of(x[i]) & 0x7FFFFFFFu;
         m = a > m ? a : m;
-        nan |= a != a;
     }
-    return nan ? NAN : m;  /* torch's amax propagates NaN */
+    return float_of(m);
 }
 
 INLINE void store_moment(const LeanTensor *t, int which, const Group *gr, const float *x, int64_t start,

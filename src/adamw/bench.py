@@ -145,7 +145,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation(
             "adamw-fused", "adamw.AdamW(fused=True): our C kernel on CPU, Triton on CUDA", _adamw(fused=True)
         ),
-        Implementation("adamw-fused-8bit", 'adamw.AdamW(fused=True, state_precision="8bit")', _adamw(fused=True, state_precision="8bit")),
+        Implementation(
+            "adamw-fused-8bit",
+            'adamw.AdamW(fused=True, state_precision="8bit")',
+            _adamw(fused=True, state_precision="8bit"),
+        ),
     )
 }
 BUSY_WARNING = 0.1  # others' share of CPU time above which the report warns that timings are noisy

@@ -76,7 +76,7 @@ def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     def sqrt(self: Tensor) -> Tensor:
         if self.dtype == torch.float32 and self.device.type == "cpu":
-            return torch.from_numpy(np.sqrt(self.detach().numpy()))
+            return torch.from_numpy(np.asarray(np.sqrt(self.detach().numpy())))
         return torch_sqrt(self)
 
     monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)

@@ -570,6 +570,8 @@ def _launch_lean(
     device, dtype, grad_dtype, moment_dtype, param_update, unscale = key
     grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
     table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, seed, kernels)
+    if n_chunks == 0:
+        return  # empty params only
     tl = kernels.tl
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         kernels.lean_kernel[(n_chunks,)](

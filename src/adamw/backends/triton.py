@@ -499,7 +499,7 @@ _lean_codes: dict[torch.device, Tensor] = {}
 
 @dataclass
 class _LeanTensor:
-    """One param of a lean launch: its tensors in table-column order (None: not used) and keys."""
+    """One param of a lean launch: its tensors in table-column order (None: not used), step and stream."""
 
     columns: list[Tensor | None]  # param, grad, exp_avg, exp_avg_sq, max, their absmaxes, Kahan comp
     written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy the kernel writes, the state's tensor)

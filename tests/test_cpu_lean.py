@@ -239,6 +239,59 @@ def test_unsigned_codes_over_the_range(rounded_sqrt: None) -> None:
     assert_same_run(ours, ref, params, ref_params, 1)
 
 
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+def test_codes_of_random_bit_patterns(flags: dict[str, Any], rounded_sqrt: None) -> None:
+    """Whole blocks of arbitrary float32 magnitudes in [0, 1] (random bit patterns: every exponent,
+    subnormals and zeros included), each block's absmax 1 so that y = x: the kernel's codes are
+    quantize()'s, over three steps (decoding what it encoded)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 64 * 256
+    grads = []
+    for _ in range(STEPS):
+        raw = torch.randint(0, 0x3F800001, (n,), generator=gen, dtype=torch.int32).view(torch.float32)
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        g = (raw * sign).reshape(-1, 256)
+        g[:, 0] = 1.0
+        g[1::7] = 0.0  # whole zero blocks
+        grads.append([g.reshape(-1)])
+    init = [torch.randn(n, generator=gen)]
+    params, ref_params = leaves(init), leaves(init)
+    ours = optimizer(params, True, "8bit", "round", **{**flags, "betas": (0.0, 0.0)})
+    ref = optimizer(ref_params, False, "8bit", "round", **{**flags, "betas": (0.0, 0.0)})
+    for step, step_grads in enumerate(grads, 1):
+        step_both(ours, ref, params, ref_params, step_grads)
+        assert_same_run(ours, ref, params, ref_params, step)
+        if not flags["maximize"]:
+            codes, _ = quantize(step_grads[0], SIGNED_CODE)
+            assert_bitwise(ours.state[params[0]]["exp_avg"], codes, f"step {step}, codes")
+
+
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+def test_non_finite_and_extreme_values(flags: dict[str, Any], rounded_sqrt: None) -> None:
+    """NaN, infinities, huge (v overflows), tiny and subnormal grads and signed zeros in whole blocks
+    (and a short last one): a NaN or infinity propagates to the block's absmax as in the reference,
+    and every output stays bitwise."""
+    gen = torch.Generator().manual_seed(4)
+    n = 24 * 256 + 100
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -1e30, 1e-40, -1e-45, 0.0, -0.0, 1e-20])
+    grads = []
+    for _ in range(STEPS):
+        g = torch.randn(n, generator=gen)
+        where = torch.randint(0, n, (40,), generator=gen)
+        g[where] = specials[torch.randint(0, len(specials), (40,), generator=gen)]
+        g[5 * 256 : 6 * 256] = 0.0
+        g[7 * 256 : 8 * 256] = -0.0
+        g[9 * 256 : 10 * 256] *= 1e-30
+        grads.append([g])
+    init = [torch.randn(n, generator=gen)]
+    params, ref_params = leaves(init), leaves(init)
+    ours = optimizer(params, True, "8bit", "round", **flags)
+    ref = optimizer(ref_params, False, "8bit", "round", **flags)
+    for step, step_grads in enumerate(grads, 1):
+        step_both(ours, ref, params, ref_params, step_grads)
+        assert_same_run(ours, ref, params, ref_params, step)
+
+
 def test_torch_sqrt_moves_params_by_ulps() -> None:
     """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
     param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most

@@ -63,6 +63,21 @@ typedef struct {
     int32_t param_dtype, grad_dtype, moment_dtype, param_update, unscale, pad;
 } LeanTensor;
 
+/* Both tables in arithmetic form (checked against the host's tables by ladder_init: ok = 0 if not):
+ *   decode: bits(values[j]) = dec[j & 7] + ((j & 0xF8) << 20), j the magnitude index (signed: 0 is 0)
+ *   encode: the midpoint between ladder entries k and k + 1 (2^(-k/8) and 2^(-(k+1)/8)) is
+ *     M[k & 7] * 2^-(k >> 3), each M[r] in [0.5, 1) and descending. For y > 0 (not NaN) with biased
+ *     exponent E and mantissa bits u, c = #{r : u > mantissa(M[r])} = cbase[u >> 19] + (u > bnd[u >> 19])
+ *     (at most one M per 1/16 of the octave), and the number of ladder midpoints below y is
+ *     clamp(8E + c + K - 1016, 0, K), K = 126 (signed; plus [s0 < y], s0 the midpoint next to 0) or
+ *     255 (unsigned). */
+typedef struct {
+    int ok;
+    float s0;
+    uint32_t sdec[16], udec[16];  /* dec[i & 7] */
+    uint32_t cbase[16], bnd[16];
+} Ladder;
+
 typedef struct {
     float decay, lerp_coeff, beta2, one_minus_beta2, eps, grad_scale;
     int lerp_small, amsgrad, maximize, weight_decay;
@@ -70,6 +85,7 @@ typedef struct {
     float signed_values[256], signed_bounds[SIGNED_TOP + 2];
     float unsigned_values[256], unsigned_bounds[UNSIGNED_TOP + 2];
     int32_t guess[1 << GUESS_BITS];  /* round(8 * log2(mantissa)) at each bucket's centre */
+    Ladder ladder;
 } Group;
 
 /* ---------------------------------------------------------------------------------------------
@@ -252,6 +268,168 @@ static void step_block(const LeanTensor *t, const Group *gr, int64_t start, int 
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * the ladder's arithmetic form (see Ladder) */
+
+static void ladder_init(Ladder *L, const float *codes) {
+    const float *sv = codes, *sm = codes + 256, *uv = codes + 256 + SIGNED_TOP, *um = codes + 512 + SIGNED_TOP;
+    memset(L, 0, sizeof *L);
+    uint32_t M[8];
+    int ok = 1;
+    for (int r = 0; r < 8; r++) {
+        M[r] = bits_of(um[254 - r]);  /* unsigned midpoint j lies between ladder 254 - j and 255 - j */
+        if ((M[r] >> 23) != 126 || (r > 0 && M[r] >= M[r - 1])) ok = 0;
+    }
+    for (int j = 0; j < UNSIGNED_TOP; j++) {
+        const int k = 254 - j;
+        if (bits_of(um[j]) != M[k & 7] - ((uint32_t)(k >> 3) << 23)) ok = 0;
+    }
+    for (int j = 1; j < SIGNED_TOP; j++) {
+        const int k = 126 - j;
+        if (bits_of(sm[j]) != M[k & 7] - ((uint32_t)(k >> 3) << 23)) ok = 0;
+    }
+    L->s0 = sm[0];
+    for (int i = 0; i < 16; i++) {
+        L->udec[i] = bits_of(uv[i & 7]);
+        L->sdec[i] = L->udec[i] + (16u << 23);  /* signed magnitude j: 2^16 times unsigned j's */
+    }
+    for (int c = 0; c < 256; c++) {
+        const uint32_t j = (uint32_t)c & 127u;
+        const uint32_t s = (j == 0 ? 0u : L->sdec[j & 7] + ((j & 0xF8u) << 20)) | (((uint32_t)c & 128u) << 24);
+        const uint32_t u = L->udec[c & 7] + (((uint32_t)c & 0xF8u) << 20);
+        if (s != bits_of(sv[c]) || u != bits_of(uv[c])) ok = 0;
+    }
+    for (int b = 0; b < 16; b++) {
+        const uint32_t lo = (uint32_t)b << 19, hi = (uint32_t)(b + 1) << 19;
+        int below = 0, inside = 0;
+        L->bnd[b] = 0xFFFFFFFFu;
+        for (int r = 0; r < 8; r++) {
+            const uint32_t mant = M[r] & 0x7FFFFFu;
+            if (mant < lo) below++;
+            else if (mant < hi) { inside++; L->bnd[b] = mant; }
+        }
+        L->cbase[b] = (uint32_t)below;
+        if (inside > 1) ok = 0;
+    }
+    L->ok = ok;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* ---------------------------------------------------------------------------------------------
+ * the 8-bit fast path: float32 param and grad, all moments 8-bit, a whole block; 16 lanes at a time,
+ * the same operations as step_block */
+
+INLINE __m512 decode16(const uint8_t *codes, __m512i dec, __m512 absmax, int is_signed) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
+    const __m512i j = is_signed ? _mm512_and_si512(c, _mm512_set1_epi32(127)) : c;
+    __m512i b = _mm512_add_epi32(_mm512_permutexvar_epi32(j, dec),
+                                 _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(0xF8)), 20));
+    if (is_signed) {
+        b = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(j, j), b);
+        b = _mm512_or_si512(b, _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(128)), 24));
+    }
+    return _mm512_mul_ps(_mm512_castsi512_ps(b), absmax);
+}
+
+INLINE __m128i encode16(__m512 x, __m512 safe, __m512i cbase, __m512i bnd, __m512 s0, int is_signed) {
+    const __m512 y = _mm512_div_ps(x, safe);
+    const __m512i yb = _mm512_castps_si512(y);
+    const __m512i b = is_signed ? _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF)) : yb;
+    const __m512 mag = _mm512_castsi512_ps(b);
+    const __mmask16 pos = _mm512_cmp_ps_mask(mag, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512i u = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFF));
+    const __m512i bucket = _mm512_srli_epi32(u, 19);
+    __m512i c = _mm512_permutexvar_epi32(bucket, cbase);
+    const __mmask16 above = _mm512_cmpgt_epu32_mask(u, _mm512_permutexvar_epi32(bucket, bnd));
+    c = _mm512_mask_sub_epi32(c, above, c, _mm512_set1_epi32(-1));
+    const int K = is_signed ? SIGNED_TOP - 1 : UNSIGNED_TOP;
+    __m512i n = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(b, 23), 3), c);
+    n = _mm512_add_epi32(n, _mm512_set1_epi32(K - 1016));
+    n = _mm512_min_epi32(_mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_set1_epi32(K));
+    if (is_signed) {
+        const __mmask16 big = _mm512_cmp_ps_mask(mag, s0, _CMP_GT_OQ);
+        n = _mm512_mask_sub_epi32(n, big, n, _mm512_set1_epi32(-1));
+    }
+    n = _mm512_maskz_mov_epi32(pos, n);
+    if (is_signed) {
+        const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+        n = _mm512_mask_or_epi32(n, neg, n, _mm512_set1_epi32(128));
+    }
+    return _mm512_cvtepi32_epi8(n);
+}
+
+INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const Ladder *L, int is_signed) {
+    const __m512 safe = _mm512_set1_ps(absmax > 0 ? absmax : 1.0f);
+    const __m512i cbase = _mm512_loadu_si512(L->cbase), bnd = _mm512_loadu_si512(L->bnd);
+    const __m512 s0 = _mm512_set1_ps(L->s0);
+    for (int i = 0; i < QBLOCK; i += 16)
+        _mm_storeu_si128((__m128i *)(codes + i), encode16(_mm512_load_ps(x + i), safe, cbase, bnd, s0, is_signed));
+}
+
+INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }
+
+INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int amsgrad) {
+    float *param = (float *)t->param + start;
+    const float *grad = (const float *)t->grad + start;
+    uint8_t *codes[3];
+    for (int w = 0; w < 3; w++) codes[w] = t->moment[w] ? (uint8_t *)t->moment[w] + start : NULL;
+    const int64_t blk = start / QBLOCK;
+    const __m512 am = _mm512_set1_ps(t->absmax[0][blk]), av = _mm512_set1_ps(t->absmax[1][blk]);
+    const __m512 ax = amsgrad ? _mm512_set1_ps(t->absmax[2][blk]) : am;
+    const __m512i sdec = _mm512_loadu_si512(gr->ladder.sdec), udec = _mm512_loadu_si512(gr->ladder.udec);
+    const __m512 decay = _mm512_set1_ps(gr->decay), coeff = _mm512_set1_ps(gr->lerp_coeff);
+    const __m512 beta2 = _mm512_set1_ps(gr->beta2), omb2 = _mm512_set1_ps(gr->one_minus_beta2);
+    const __m512 eps = _mm512_set1_ps(gr->eps), scale = _mm512_set1_ps(gr->grad_scale);
+    const __m512 nss = _mm512_set1_ps((float)t->neg_step_size), bc2s = _mm512_set1_ps((float)t->bc2_sqrt);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), sign = _mm512_set1_epi32((int)0x80000000u);
+    const int unscale = t->unscale, maximize = gr->maximize, wd = gr->weight_decay, small = gr->lerp_small;
+    float m_out[QBLOCK] __attribute__((aligned(64))), v_out[QBLOCK] __attribute__((aligned(64)));
+    float x_out[QBLOCK] __attribute__((aligned(64)));
+    __m512i mmax = _mm512_setzero_si512(), vmax = mmax, xmax = mmax;
+    for (int i = 0; i < QBLOCK; i += 16) {
+        __m512 p = _mm512_loadu_ps(param + i), g = _mm512_loadu_ps(grad + i);
+        if (unscale) g = _mm512_div_ps(g, scale);
+        if (maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));
+        __m512 m = decode16(codes[0] + i, sdec, am, 1);
+        __m512 v = decode16(codes[1] + i, udec, av, 0);
+        if (wd) p = _mm512_mul_ps(p, decay);
+        m = _mm512_fmadd_ps(coeff, _mm512_sub_ps(g, m), small ? m : g);
+        v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, g), g, _mm512_mul_ps(v, beta2));
+        __m512 d = v;
+        if (amsgrad) {
+            const __m512 a = decode16(codes[2] + i, udec, ax, 0);
+            d = _mm512_mask_mov_ps(_mm512_max_ps(a, v), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+            _mm512_store_ps(x_out + i, d);
+            xmax = _mm512_max_epu32(xmax, _mm512_and_si512(_mm512_castps_si512(d), abs_mask));
+        }
+        p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(nss, m), _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(d), bc2s), eps)));
+        _mm512_storeu_ps(param + i, p);
+        _mm512_store_ps(m_out + i, m);
+        _mm512_store_ps(v_out + i, v);
+        mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(m), abs_mask));
+        vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+    }
+    const float amax_m = absmax16(mmax), amax_v = absmax16(vmax);
+    t->absmax[0][blk] = amax_m;
+    t->absmax[1][blk] = amax_v;
+    encode_block16(codes[0], m_out, amax_m, &gr->ladder, 1);
+    encode_block16(codes[1], v_out, amax_v, &gr->ladder, 0);
+    if (amsgrad) {
+        const float amax_x = absmax16(xmax);
+        t->absmax[2][blk] = amax_x;
+        encode_block16(codes[2], x_out, amax_x, &gr->ladder, 0);
+    }
+}
+
+static void fast_block_plain(const LeanTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 0); }
+static void fast_block_amsgrad(const LeanTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 1); }
+#define HAVE_FAST_BLOCK 1
+#else
+#define HAVE_FAST_BLOCK 0
+#endif
+
+/* ---------------------------------------------------------------------------------------------
  * the call */
 
 static int64_t tensor_at(const LeanTensor *tensors, int64_t n, int64_t block) {
@@ -302,6 +480,7 @@ int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, 
     fill_table(gr.unsigned_bounds, codes + 512 + SIGNED_TOP, UNSIGNED_TOP);
     for (int i = 0; i < (1 << GUESS_BITS); i++)
         gr.guess[i] = (int32_t)lrint(8.0 * log2(1.0 + (i + 0.5) / (1 << GUESS_BITS)));
+    ladder_init(&gr.ladder, codes);
 
     int threads = num_threads > 0 ? num_threads : 1;
     if (total_blocks < MIN_PARALLEL_BLOCKS) threads = 1;
@@ -319,7 +498,18 @@ int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, 
                 const int64_t blocks = (t->numel + QBLOCK - 1) / QBLOCK;
                 const int64_t lo = (begin > t->first_block ? begin : t->first_block) - t->first_block;
                 const int64_t hi = (end < t->first_block + blocks ? end : t->first_block + blocks) - t->first_block;
-                for (int64_t b = lo; b < hi; b++) {
+                int64_t b = lo;
+#if HAVE_FAST_BLOCK
+                if (gr.ladder.ok && t->moment_dtype == DTYPE_UINT8 && t->param_dtype == DTYPE_FLOAT32 &&
+                    t->grad_dtype == DTYPE_FLOAT32 && t->param_update != UPDATE_KAHAN) {
+                    const int64_t whole = hi < t->numel / QBLOCK ? hi : t->numel / QBLOCK;
+                    if (gr.amsgrad)
+                        for (; b < whole; b++) fast_block_amsgrad(t, &gr, b * QBLOCK);
+                    else
+                        for (; b < whole; b++) fast_block_plain(t, &gr, b * QBLOCK);
+                }
+#endif
+                for (; b < hi; b++) {
                     const int64_t start = b * QBLOCK;
                     const int64_t left = t->numel - start;
                     step_block(t, &gr, start, left < QBLOCK ? (int)left : QBLOCK);

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import adamw
 from adamw.in_backward import step_in_backward
+from adamw.optimizer import _decode_8bit
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -38,6 +39,18 @@ JOB_TIMEOUT_S = 120.0
 # extra AdamW keyword arguments that select it. A new format (e.g. "8bit": {"state_precision": "8bit"})
 # is one entry here and one in test_distributed.TOLERANCES.
 STATE_FORMATS: dict[str, dict[str, Any]] = {"param": {}}
+# The lean formats, run by the distributed jobs only for now: tests/test_in_backward.py's checkpoint
+# move between the standard and in-backward optimizers is not bitwise for them (their stochastic
+# rounding streams are keyed by the param's index in its optimizer, which differs).
+DIST_STATE_FORMATS: dict[str, dict[str, Any]] = {
+    **STATE_FORMATS,
+    "bf16": {"state_precision": "bf16"},
+    "8bit": {"state_precision": "8bit"},
+    "bf16-stochastic": {"param_update": "stochastic"},
+    "bf16-kahan": {"param_update": "kahan"},
+}
+# Formats whose model trains in bfloat16 (param_update only changes how bfloat16 params are written).
+BF16_PARAM_FORMATS = ("bf16-stochastic", "bf16-kahan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +70,13 @@ class Config:
 # the model, the data, the optimizer: identical in every process
 
 
-def make_model() -> nn.Sequential:
-    # 7 and 1 output rows shard unevenly on 2 ranks (4+3, and 1+0: rank 1 holds empty shards).
+def make_model(state_format: str = "param") -> nn.Sequential:
+    # 7 and 1 output rows shard unevenly on 2 ranks (4+3, and 1+0: rank 1 holds empty shards). The
+    # first weight has 4128 values: quantized under "8bit" (>= 4096) although each shard holds 2064,
+    # and its 256-value blocks do not end at the shard boundary.
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 7), nn.Tanh(), nn.Linear(7, 1))
+    model = nn.Sequential(nn.Linear(12, 344), nn.Tanh(), nn.Linear(344, 7), nn.Tanh(), nn.Linear(7, 1))
+    return model.to(torch.bfloat16) if state_format in BF16_PARAM_FORMATS else model
 
 
 def global_batches() -> list[tuple[Tensor, Tensor]]:
@@ -80,7 +96,8 @@ def rank_slice(batch: tuple[Tensor, Tensor], rank: int, world_size: int) -> tupl
 
 def loss_of(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
-    return nn.functional.mse_loss(model(x), y)  # mean over the (local) batch
+    dtype = next(model.parameters()).dtype
+    return nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))  # mean over the (local) batch
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -91,7 +108,11 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def adamw_options(config: Config) -> dict[str, Any]:
-    return dict(lr=1e-2, weight_decay=0.1, backend=config.backend, **STATE_FORMATS[config.state_format])
+    options = dict(lr=1e-2, weight_decay=0.1, backend=config.backend, **DIST_STATE_FORMATS[config.state_format])
+    if config.state_format != "param":
+        # Every checkpoint of these runs may be resharded (DCP 2 ranks -> 1): 8-bit moments as float32.
+        options["reshardable_state_dict"] = True
+    return options
 
 
 def make_optimizer(model: nn.Module, config: Config) -> adamw.AdamW:
@@ -116,17 +137,21 @@ def full(t: Tensor) -> Tensor:
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Params and every state entry by param name, unsharded (collective under FSDP2: every rank calls)."""
+    """Params and every state entry by param name, unsharded (collective under FSDP2: every rank calls).
+
+    8-bit moments are decoded to float32: their blocks are cut per shard, so codes and absmaxes of
+    a sharded run are not comparable with a single process's, the values they stand for are.
+    """
     names = {p: name for name, p in model.named_parameters()}
     return {
         "params": {names[p]: full(p) for p in names},
-        "state": {names[p]: {k: full(v) for k, v in s.items()} for p, s in opt.state.items()},
+        "state": {names[p]: {k: full(v) for k, v in _decode_8bit(s, p).items()} for p, s in opt.state.items()},
     }
 
 
 def train_single(config: Config, steps: int = STEPS) -> tuple[nn.Sequential, adamw.AdamW]:
     """The reference: one process, the full global batch, the same options."""
-    model = make_model()
+    model = make_model(config.state_format)
     opt = make_optimizer(model, config)
     for batch in global_batches()[:steps]:
         train_step(model, opt, batch, config)
@@ -140,7 +165,7 @@ def train_single(config: Config, steps: int = STEPS) -> tuple[nn.Sequential, ada
 def ddp_job(rank: int, config: Config, out_dir: Path) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = DistributedDataParallel(make_model())
+    model = DistributedDataParallel(make_model(config.state_format))
     if config.in_backward:
         try:
             step_in_backward(model, lr=1e-2, backend=config.backend)
@@ -176,13 +201,13 @@ def _fully_shard(model: nn.Sequential) -> nn.Sequential:
 def fsdp2_job(rank: int, config: Config, out_dir: Path) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
-    model = _fully_shard(make_model())
+    model = _fully_shard(make_model(config.state_format))
     opt = make_optimizer(model, config)
     for batch in global_batches():
         train_step(model, opt, rank_slice(batch, rank, WORLD_SIZE), config)
     # The states must stay DTensors sharded like their params: DCP saves and reshards them by that.
     placements = {
-        name: [(type(v).__name__, getattr(v, "placements", None) == p.placements) for v in opt.state[p].values()]
+        name: {k: (type(v).__name__, getattr(v, "placements", None) == p.placements) for k, v in opt.state[p].items()}
         for name, p in model.named_parameters()
         if isinstance(p, DTensor)
     }
@@ -193,7 +218,7 @@ def zero_job(rank: int, config: Config, out_dir: Path) -> dict[str, Any]:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
-    model = DistributedDataParallel(make_model())
+    model = DistributedDataParallel(make_model(config.state_format))
     opt = ZeroRedundancyOptimizer(param_groups(model.module), optimizer_class=adamw.AdamW, **adamw_options(config))
     for batch in global_batches():
         loss_of(model, rank_slice(batch, rank, WORLD_SIZE)).backward()
@@ -217,7 +242,7 @@ def dcp_job(rank: int, config: Config, out_dir: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model = _fully_shard(make_model())
+    model = _fully_shard(make_model(config.state_format))
     opt = make_optimizer(model, config)
     batches = global_batches()
     for batch in batches[:CHECKPOINT_AT]:
@@ -240,7 +265,7 @@ def load_checkpoint_single(config: Config, out_dir: Path) -> tuple[nn.Sequential
         set_optimizer_state_dict,
     )
 
-    model = make_model()
+    model = make_model(config.state_format)
     opt = make_optimizer(model, config)
     with warnings.catch_warnings():
         # Loading without a process group is the point here, not a mistake to warn about.

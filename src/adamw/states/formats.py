@@ -200,14 +200,17 @@ def _check_shape(state: dict[str, Tensor], key: str, param: Tensor, fmt: StateFo
             )
 
 
-def convert_state(state: dict[str, Tensor], param: Tensor, state_precision: str) -> dict[str, Tensor]:
+def convert_state(
+    state: dict[str, Tensor], param: Tensor, state_precision: str, target: StateFormat | None = None
+) -> dict[str, Tensor]:
     """``state`` with its moments re-stored in ``state_precision`` (a new dict; other entries kept).
 
     Reads any format this module writes and torch.optim.AdamW's, so a checkpoint moves between
     formats: torch's float32 moments become 8-bit codes, 8-bit codes become bf16, and so on.
-    Rounding is to nearest, so a conversion is deterministic.
+    Rounding is to nearest, so a conversion is deterministic. ``target`` overrides the format
+    ``state_precision`` picks for ``param`` (a DTensor's local shard takes its whole param's).
     """
-    target = format_for(param, state_precision)
+    target = target or format_for(param, state_precision)
     dtype = compute_dtype(param)
     out = {k: v for k, v in state.items() if not any(k == m + ABSMAX_SUFFIX for m in MOMENTS)}
     for key in MOMENTS:

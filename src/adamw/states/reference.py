@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .formats import MOMENTS, compute_dtype, format_for
+from .formats import ABSMAX_SUFFIX, MOMENTS, StateFormat, compute_dtype, format_for
 from .rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -33,10 +33,25 @@ KAHAN_KEY = "kahan_comp"
 _PURPOSES = {"exp_avg": PURPOSE_EXP_AVG, "exp_avg_sq": PURPOSE_EXP_AVG_SQ, "max_exp_avg_sq": PURPOSE_MAX_EXP_AVG_SQ}
 
 
-def init_lean_state(param: Tensor, *, amsgrad: bool, state_precision: str, param_update: str) -> dict[str, Tensor]:
-    """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does)."""
+def init_lean_state(
+    param: Tensor, *, amsgrad: bool, state_precision: str, param_update: str, fmt: StateFormat | None = None
+) -> dict[str, Tensor]:
+    """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does).
+
+    For a DTensor param (FSDP2), see "Sharded params" at the end of this module: entries shaped like
+    the param are DTensors sharded like it; an 8-bit absmax is a plain tensor of the local shard's blocks.
+    """
     check_param_update(param_update, param.dtype)
-    fmt = format_for(param, state_precision)
+    if is_dtensor(param):
+        local = init_lean_state(
+            param.to_local(),  # type: ignore[attr-defined]
+            amsgrad=amsgrad,
+            state_precision=state_precision,
+            param_update=param_update,
+            fmt=format_for(param, state_precision),  # the 4096-value rule on the global numel
+        )
+        return {k: like_param(k, v, param) for k, v in local.items()}
+    fmt = fmt or format_for(param, state_precision)
     state: dict[str, Tensor] = {}
     for key in MOMENTS if amsgrad else MOMENTS[:2]:
         state.update(fmt.zeros(param, key))
@@ -62,15 +77,41 @@ def lean_step(
     param_update: str,
     seed: int = 0,
     stream: int = 0,
+    fmt: StateFormat | None = None,
 ) -> None:
     """One AdamW step of one param (in place), its moments stored in ``state_precision``.
 
     ``step`` is this step's number (1 for the first). ``seed`` and ``stream`` (e.g. the param's index
     in the optimizer) key stochastic rounding, of the param and of bf16 moments, through
     :func:`adamw.states.rounding.rounding_key`: the same seed replays the same run, on any backend.
+    ``fmt`` overrides the format ``state_precision`` picks for ``param`` (a shard: see below).
+
+    A DTensor param (FSDP2) steps its local shard: see "Sharded params" at the end of this module.
     """
     check_param_update(param_update, param.dtype)
-    fmt = format_for(param, state_precision)
+    if is_dtensor(param):
+        # to_local() returns views: the in-place updates below land in the DTensors' shards.
+        local_state = {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}  # type: ignore[attr-defined]
+        lean_step(
+            param.to_local(),  # type: ignore[attr-defined]
+            grad.to_local() if is_dtensor(grad) else grad,  # type: ignore[attr-defined]
+            local_state,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            step=step,
+            state_precision=state_precision,
+            param_update=param_update,
+            seed=seed,
+            stream=stream,
+            fmt=format_for(param, state_precision),  # the 4096-value rule on the global numel
+        )
+        return
+    fmt = fmt or format_for(param, state_precision)
     dtype = compute_dtype(param)
     real_param = torch.view_as_real(param) if param.is_complex() else param
     g = (torch.view_as_real(grad) if grad.is_complex() else grad).to(dtype)
@@ -113,3 +154,42 @@ def lean_step(
         updated["max_exp_avg_sq"] = max_exp_avg_sq
     for key, value in updated.items():
         fmt.encode(state, key, value, rounding_key(seed, step, stream, _PURPOSES[key]))
+
+
+# Sharded params (FSDP2 DTensors, sharded on dim 0). The lean step is elementwise except for the
+# 8-bit blocks, so each rank steps its local shard, and the rules that must not depend on the world
+# size are judged on the whole param: whether it is quantized at all (4096 values) is decided on the
+# global numel. What does depend on the sharding, by design:
+# * the 256-value blocks (and their absmax) are cut from the LOCAL shard, so a block never spans two
+#   ranks and a step needs no communication; a sharded 8-bit run therefore quantizes slightly
+#   differently from a single-process one (within the format's rounding), and the absmax of a
+#   shard cannot be resharded: a checkpoint of it is written in float32 (AdamW.state_dict).
+# * stochastic rounding counts elements from the start of the local shard, so a lean run's bits
+#   depend on the sharding (each rounding is still unbiased; results agree within tolerance).
+# State entries shaped like the param (bf16 moments, 8-bit codes, float32 moments, the Kahan
+# buffer) are DTensors with the param's mesh and placements, so DCP saves and reshards them; an
+# absmax is a plain tensor of this rank's blocks.
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed where it is absent)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def like_param(key: str, local: Tensor, param: Tensor) -> Tensor:
+    """State entry ``key`` as a DTensor sharded like ``param`` where it is shaped like ``param``'s
+    local shard (moments, codes, Kahan buffer); an absmax and the step stay plain tensors."""
+    if not is_dtensor(param) or is_dtensor(local) or key == "step" or key.endswith(ABSMAX_SUFFIX):
+        return local
+    if local.shape != param.to_local().shape:  # type: ignore[attr-defined]
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )

@@ -292,6 +292,32 @@ def test_non_finite_and_extreme_values(flags: dict[str, Any], rounded_sqrt: None
         assert_same_run(ours, ref, params, ref_params, step)
 
 
+def test_codes_near_midpoints_of_any_absmax(rounded_sqrt: None) -> None:
+    """Blocks whose absmax is not a power of two (y = x / absmax is rounded) with values a few ulps
+    either side of midpoint * absmax: the codes of the correctly rounded quotient, as quantize()."""
+    gen = torch.Generator().manual_seed(5)
+    _, mids = SIGNED_CODE.tables()
+    blocks = []
+    for _ in range(48):
+        absmax = 1.0 + torch.rand(1, generator=gen) * (1 - 2**-20)
+        absmax = absmax * 2.0 ** torch.randint(-20, 20, (1,), generator=gen).float()
+        pick = mids[torch.randint(0, len(mids), (255,), generator=gen)]
+        x = (pick * absmax).view(torch.int32) + torch.randint(-4, 5, (255,), generator=gen, dtype=torch.int32)
+        x = x.view(torch.float32) * torch.where(torch.rand(255, generator=gen) < 0.5, -1.0, 1.0)
+        blocks.append(torch.cat([absmax, x]))
+    grad = torch.cat(blocks)
+    init = [torch.randn(grad.numel(), generator=gen)]
+    for flags in ({"betas": (0.0, 0.0), "amsgrad": True}, {"betas": (0.0, 0.999)}):
+        params, ref_params = leaves(init), leaves(init)
+        ours = optimizer(params, True, "8bit", "round", weight_decay=0.0, **flags)
+        ref = optimizer(ref_params, False, "8bit", "round", weight_decay=0.0, **flags)
+        step_both(ours, ref, params, ref_params, [grad])
+        codes, absmax = quantize(grad, SIGNED_CODE)
+        assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
+        assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
+        assert_same_run(ours, ref, params, ref_params, 1)
+
+
 def test_torch_sqrt_moves_params_by_ulps() -> None:
     """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
     param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most

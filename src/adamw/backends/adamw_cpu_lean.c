@@ -72,7 +72,7 @@ typedef struct {
  *     clamp(8E + c + K - 1016, 0, K), K = 126 (signed; plus [s0 < y], s0 the midpoint next to 0) or
  *     255 (unsigned). */
 typedef struct {
-    int ok;
+    int ok, near_ok;
     float s0;
     uint32_t sdec[16], udec[16];  /* dec[i & 7] */
     uint32_t cbase[16], bnd[16];
@@ -270,6 +270,8 @@ static void step_block(const LeanTensor *t, const Group *gr, int64_t start, int 
 /* ---------------------------------------------------------------------------------------------
  * the ladder's arithmetic form (see Ladder) */
 
+#define NEAR_ULPS 8  /* see encode16_recip */
+
 static void ladder_init(Ladder *L, const float *codes) {
     const float *sv = codes, *sm = codes + 256, *uv = codes + 256 + SIGNED_TOP, *um = codes + 512 + SIGNED_TOP;
     memset(L, 0, sizeof *L);
@@ -301,7 +303,7 @@ static void ladder_init(Ladder *L, const float *codes) {
     for (int b = 0; b < 16; b++) {
         const uint32_t lo = (uint32_t)b << 19, hi = (uint32_t)(b + 1) << 19;
         int below = 0, inside = 0;
-        L->bnd[b] = 0xFFFFFFFFu;
+        L->bnd[b] = 0x7FFFFFFFu;  /* none: u > bnd never, and u - bnd is far from 0 */
         for (int r = 0; r < 8; r++) {
             const uint32_t mant = M[r] & 0x7FFFFFu;
             if (mant < lo) below++;
@@ -311,6 +313,11 @@ static void ladder_init(Ladder *L, const float *codes) {
         if (inside > 1) ok = 0;
     }
     L->ok = ok;
+    L->near_ok = ok;
+    for (int r = 0; r < 8; r++) {
+        const uint32_t edge = M[r] & 0x7FFFFu;  /* within its bucket of 2^19 */
+        if (edge <= 2 * NEAR_ULPS || edge >= (1u << 19) - 2 * NEAR_ULPS) L->near_ok = 0;
+    }
 }
 
 #if defined(__AVX512F__)
@@ -332,8 +339,8 @@ INLINE __m512 decode16(const uint8_t *codes, __m512i dec, __m512 absmax, int is_
     return _mm512_mul_ps(_mm512_castsi512_ps(b), absmax);
 }
 
-INLINE __m128i encode16(__m512 x, __m512 safe, __m512i cbase, __m512i bnd, __m512 s0, int is_signed) {
-    const __m512 y = _mm512_div_ps(x, safe);
+/* The codes of y = x / absmax, y given (the correctly rounded quotient): Ladder's count. */
+INLINE __m128i codes16(__m512 y, __m512i cbase, __m512i bnd, __m512 s0, int is_signed) {
     const __m512i yb = _mm512_castps_si512(y);
     const __m512i b = is_signed ? _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF)) : yb;
     const __m512 mag = _mm512_castsi512_ps(b);
@@ -359,12 +366,41 @@ INLINE __m128i encode16(__m512 x, __m512 safe, __m512i cbase, __m512i bnd, __m51
     return _mm512_cvtepi32_epi8(n);
 }
 
+/* Without the division where that gives the same codes: q0 = x * (1/absmax) (both rounded) is within
+ * 3 ulps of the quotient y when absmax and q0 are normal, so unless a midpoint lies within NEAR_ULPS
+ * of q0 (Ladder.near_ok: no midpoint's mantissa lies within NEAR_ULPS of an octave's or a bucket's
+ * edge, so the bucket's own midpoint is the only candidate) q0 and y have the same count, sign and
+ * code. Near a midpoint, or small (the signed code's s0 and underflow), the lanes are recomputed
+ * with the division. */
+INLINE __m128i encode16_recip(__m512 x, __m512 safe, __m512 recip, __m512i cbase, __m512i bnd, __m512 s0,
+                              __m512 small, int is_signed) {
+    const __m512 q0 = _mm512_mul_ps(x, recip);
+    const __m512i u = _mm512_and_si512(_mm512_castps_si512(q0), _mm512_set1_epi32(0x7FFFFF));
+    const __m512i bn = _mm512_permutexvar_epi32(_mm512_srli_epi32(u, 19), bnd);
+    const __mmask16 near = _mm512_cmple_epu32_mask(_mm512_add_epi32(_mm512_sub_epi32(u, bn), _mm512_set1_epi32(NEAR_ULPS)),
+                                                   _mm512_set1_epi32(2 * NEAR_ULPS));
+    const __m512 mag = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(q0), _mm512_set1_epi32(0x7FFFFFFF)));
+    const __mmask16 tiny = _mm512_cmp_ps_mask(mag, small, _CMP_LT_OQ) &
+                           _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (__builtin_expect((near | tiny) != 0, 0)) return codes16(_mm512_div_ps(x, safe), cbase, bnd, s0, is_signed);
+    return codes16(q0, cbase, bnd, s0, is_signed);
+}
+
 INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const Ladder *L, int is_signed) {
     const __m512 safe = _mm512_set1_ps(absmax > 0 ? absmax : 1.0f);
     const __m512i cbase = _mm512_loadu_si512(L->cbase), bnd = _mm512_loadu_si512(L->bnd);
     const __m512 s0 = _mm512_set1_ps(L->s0);
+    const uint32_t e = bits_of(absmax) >> 23;  /* absmax >= 0 */
+    if (L->near_ok && e >= 1 && e <= 252) {     /* normal, with a normal reciprocal */
+        const __m512 recip = _mm512_set1_ps(1.0f / absmax);
+        const __m512 small = _mm512_set1_ps(is_signed ? 0x1p-15f : 0x1p-60f);
+        for (int i = 0; i < QBLOCK; i += 16)
+            _mm_storeu_si128((__m128i *)(codes + i),
+                             encode16_recip(_mm512_load_ps(x + i), safe, recip, cbase, bnd, s0, small, is_signed));
+        return;
+    }
     for (int i = 0; i < QBLOCK; i += 16)
-        _mm_storeu_si128((__m128i *)(codes + i), encode16(_mm512_load_ps(x + i), safe, cbase, bnd, s0, is_signed));
+        _mm_storeu_si128((__m128i *)(codes + i), codes16(_mm512_div_ps(_mm512_load_ps(x + i), safe), cbase, bnd, s0, is_signed));
 }
 
 INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }

@@ -35,20 +35,16 @@ GLOBAL_BATCH = 16
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 JOB_TIMEOUT_S = 120.0
 
-# State formats the jobs (and tests/test_in_backward.py) run, by name (adamw.states' names): the
-# extra AdamW keyword arguments that select it. A new format (e.g. "8bit": {"state_precision": "8bit"})
-# is one entry here and one in test_distributed.TOLERANCES.
-STATE_FORMATS: dict[str, dict[str, Any]] = {"param": {}}
-# The lean formats, run by the distributed jobs only for now: tests/test_in_backward.py's checkpoint
-# move between the standard and in-backward optimizers is not bitwise for them (their stochastic
-# rounding streams are keyed by the param's index in its optimizer, which differs).
-DIST_STATE_FORMATS: dict[str, dict[str, Any]] = {
-    **STATE_FORMATS,
+# State formats the jobs (and tests/test_in_backward.py) run, by name: the extra AdamW keyword
+# arguments that select it. A new format is one entry here and one in test_distributed.TOLERANCES.
+STATE_FORMATS: dict[str, dict[str, Any]] = {
+    "param": {},
     "bf16": {"state_precision": "bf16"},
     "8bit": {"state_precision": "8bit"},
     "bf16-stochastic": {"param_update": "stochastic"},
     "bf16-kahan": {"param_update": "kahan"},
 }
+DIST_STATE_FORMATS = STATE_FORMATS
 # Formats whose model trains in bfloat16 (param_update only changes how bfloat16 params are written).
 BF16_PARAM_FORMATS = ("bf16-stochastic", "bf16-kahan")
 

@@ -142,6 +142,9 @@ class AdamW(Optimizer):
         )
         _check_group_options(defaults)
         defaults["betas"] = tuple(_squeeze(b) for b in betas)
+        # Each param's number in the order it was added: the stream of its stochastic rounding. Kept
+        # apart from param_groups, which step_in_backward narrows to one param while it steps.
+        self._streams: dict[Tensor, int] = {}
         super().__init__(params, defaults)
         self.reshardable_state_dict = reshardable_state_dict
         uses_fused_kernel = bool(fused) or backend in FUSED_BACKENDS
@@ -157,6 +160,8 @@ class AdamW(Optimizer):
             options = {**getattr(self, "defaults", {}), **param_group}
             _check_group_options(options)
         super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._streams.setdefault(p, len(self._streams))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Called by ``load_state_dict`` (and unpickling) with the groups to install.
@@ -381,9 +386,10 @@ class AdamW(Optimizer):
         return loss
 
     def _lean_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
-        # The param's index in the whole optimizer keys its stochastic rounding: stable across steps
-        # and checkpoints, and distinct for every param.
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        # The param's number in the optimizer keys its stochastic rounding: stable across steps and
+        # checkpoints, and distinct for every param.
+        if not hasattr(self, "_streams"):  # unpickled from a pickle that predates it
+            self._streams = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         beta1, beta2 = group["betas"]
         # DTensor params (FSDP2) step their local shards in the torch-ops reference, whatever the
         # backend: the lean kernels take plain tensors, and the 4096-value rule needs the whole param.
@@ -400,7 +406,7 @@ class AdamW(Optimizer):
             grads,
             [self.state[p] for p in params],
             [self.state[p]["step"] for p in params],
-            [index[id(p)] for p in params],
+            [self._streams[p] for p in params],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,

@@ -42,6 +42,7 @@ CASES: dict[str, tuple[str, str, list[torch.dtype]]] = {
     "param-stochastic": ("param", "stochastic", [bf16, bf16, f16, bf16]),  # float16: moments in float16
     "param-kahan": ("param", "kahan", [bf16, bf16, f32, bf16]),  # float32: plain, float32 moments
     "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16, bf16]),
+    "8bit-kahan": ("8bit", "kahan", [bf16, f16, bf16, f32]),  # float16: rounded to nearest
 }
 FLAGS: dict[str, dict[str, Any]] = {
     "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),

@@ -406,8 +406,22 @@ INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const L
 INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }
 
 INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int amsgrad) {
-    float *param = (float *)t->param + start;
+    /* float32 params (other than Kahan's) and grads in place; others through buffers, as step_block */
+    float p_buf[QBLOCK] __attribute__((aligned(64))), g_buf[QBLOCK] __attribute__((aligned(64)));
+    const int direct = t->param_dtype == DTYPE_FLOAT32 && t->param_update != UPDATE_KAHAN;
+    float *param = direct ? (float *)t->param + start : p_buf;
+    if (!direct) {
+        load_values(p_buf, t->param, t->param_dtype, start, QBLOCK);
+        if (t->param_update == UPDATE_KAHAN) {
+            const uint16_t *c = t->comp + start;
+            for (int i = 0; i < QBLOCK; i++) p_buf[i] = p_buf[i] + bf16_to_float(c[i]);
+        }
+    }
     const float *grad = (const float *)t->grad + start;
+    if (t->grad_dtype != DTYPE_FLOAT32) {
+        load_values(g_buf, t->grad, t->grad_dtype, start, QBLOCK);
+        grad = g_buf;
+    }
     uint8_t *codes[3];
     for (int w = 0; w < 3; w++) codes[w] = t->moment[w] ? (uint8_t *)t->moment[w] + start : NULL;
     const int64_t blk = start / QBLOCK;
@@ -446,6 +460,7 @@ INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int 
         mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(m), abs_mask));
         vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
     }
+    if (!direct) store_param(t, p_buf, start, QBLOCK);
     const float amax_m = absmax16(mmax), amax_v = absmax16(vmax);
     t->absmax[0][blk] = amax_m;
     t->absmax[1][blk] = amax_v;
@@ -536,8 +551,7 @@ int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, 
                 const int64_t hi = (end < t->first_block + blocks ? end : t->first_block + blocks) - t->first_block;
                 int64_t b = lo;
 #if HAVE_FAST_BLOCK
-                if (gr.ladder.ok && t->moment_dtype == DTYPE_UINT8 && t->param_dtype == DTYPE_FLOAT32 &&
-                    t->grad_dtype == DTYPE_FLOAT32 && t->param_update != UPDATE_KAHAN) {
+                if (gr.ladder.ok && t->moment_dtype == DTYPE_UINT8) {
                     const int64_t whole = hi < t->numel / QBLOCK ? hi : t->numel / QBLOCK;
                     if (gr.amsgrad)
                         for (; b < whole; b++) fast_block_amsgrad(t, &gr, b * QBLOCK);

@@ -237,6 +237,53 @@ def test_many_tensors_step_exactly_as_their_concatenation(dtype: torch.dtype) ->
         torch.set_num_threads(threads)
 
 
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+_PAYLOAD_NAN = {
+    torch.float32: 0x7FC01234,
+    torch.float64: 0x7FF8000000001234,
+    torch.bfloat16: 0x7FC5,
+    torch.float16: 0x7E05,
+}
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"amsgrad": True, "maximize": True, "grad_scale": torch.tensor(4.0)}],
+    ids=["plain", "amsgrad-maximize-unscale"],
+)
+def test_vector_loop_rounds_as_the_scalar_loop(dtype: torch.dtype, flags: dict[str, Any]) -> None:
+    """A long tensor runs the vector loop (AVX-512 conversions for 16-bit types where the CPU has
+    them), one-value tensors the scalar one: the same bits, subnormals, zeros, infinities and NaNs
+    included (compared as integers, so NaN payloads count)."""
+    gen = torch.Generator().manual_seed(6)
+    values = [torch.randn(512, generator=gen) for _ in range(4)]
+    values[2], values[3] = values[2].abs() * 0.1, values[3].abs() * 0.01  # moments: v >= 0
+    for v in values:
+        v[::7] *= 1e-39  # float32/bfloat16 subnormals
+        v[3::11] *= 1e-6  # float16 subnormals
+        v[5::13] = 0.0
+    values[1][17], values[1][40], values[0][99] = float("nan"), float("-inf"), float("-nan")
+    hyper = _hyper(**flags)
+    results = []
+    for split in (False, True):
+        tensors = [v.to(dtype) for v in values]
+        tensors[1].view(_INT_VIEW[dtype])[23] = _PAYLOAD_NAN[dtype]  # a NaN that carries a payload
+        lists = [list(t.split(1)) if split else [t] for t in tensors]
+        states = {"exp_avg": lists[2], "exp_avg_sq": lists[3], "step": [torch.zeros(()) for _ in lists[0]]}
+        states["max_exp_avg_sq"] = [t.clone() for t in lists[3]] if flags.get("amsgrad") else []
+        for _ in range(2):
+            _step_backend(lists[0], lists[1], states, hyper)
+        results.append([t.view(_INT_VIEW[dtype]) for t in tensors])
+    for name, whole, one_by_one in zip(("param", "grad", "exp_avg", "exp_avg_sq"), *results, strict=True):
+        assert torch.equal(whole, one_by_one), name
+
+
 def test_float64_step_counters_count_alike() -> None:
     """backend="cpu" keeps a loaded checkpoint's counters as they are: float64 ones must work too."""
     results = []

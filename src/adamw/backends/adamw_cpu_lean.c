@@ -327,80 +327,112 @@ static void ladder_init(Ladder *L, const float *codes) {
  * the 8-bit fast path: float32 param and grad, all moments 8-bit, a whole block; 16 lanes at a time,
  * the same operations as step_block */
 
-INLINE __m512 decode16(const uint8_t *codes, __m512i dec, __m512 absmax, int is_signed) {
+/* dec16: dec[i & 7] - ((i & 7) << 20), so that perm(c, dec16) + ((c & 0xFF or 0x7F) << 20) is Ladder's
+ * decode (the permute reads the code's low 4 bits). */
+INLINE __m512i dec16_table(const uint32_t *dec) {
+    uint32_t d[16];
+    for (int i = 0; i < 16; i++) d[i] = dec[i] - ((uint32_t)(i & 7) << 20);
+    return _mm512_loadu_si512(d);
+}
+
+INLINE __m512 decode16(const uint8_t *codes, __m512i dec16, __m512 absmax, int is_signed) {
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
-    const __m512i j = is_signed ? _mm512_and_si512(c, _mm512_set1_epi32(127)) : c;
-    __m512i b = _mm512_add_epi32(_mm512_permutexvar_epi32(j, dec),
-                                 _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(0xF8)), 20));
-    if (is_signed) {
-        b = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(j, j), b);
-        b = _mm512_or_si512(b, _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(128)), 24));
+    const __m512i w = _mm512_slli_epi32(c, 20);
+    __m512i b;
+    if (is_signed) {  /* magnitude 0 for c & 127 == 0; the sign from c & 128 */
+        b = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(c, _mm512_set1_epi32(127)), _mm512_permutexvar_epi32(c, dec16),
+                                   _mm512_and_si512(w, _mm512_set1_epi32(127 << 20)));
+        b = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(c, 24), _mm512_set1_epi32((int)0x80000000u), 0xF8);
+    } else {
+        b = _mm512_add_epi32(_mm512_permutexvar_epi32(c, dec16), w);
     }
     return _mm512_mul_ps(_mm512_castsi512_ps(b), absmax);
 }
 
-/* The codes of y = x / absmax, y given (the correctly rounded quotient): Ladder's count. */
-INLINE __m128i codes16(__m512 y, __m512i cbase, __m512i bnd, __m512 s0, int is_signed) {
-    const __m512i yb = _mm512_castps_si512(y);
-    const __m512i b = is_signed ? _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF)) : yb;
-    const __m512 mag = _mm512_castsi512_ps(b);
-    const __mmask16 pos = _mm512_cmp_ps_mask(mag, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __m512i u = _mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFF));
-    const __m512i bucket = _mm512_srli_epi32(u, 19);
-    __m512i c = _mm512_permutexvar_epi32(bucket, cbase);
-    const __mmask16 above = _mm512_cmpgt_epu32_mask(u, _mm512_permutexvar_epi32(bucket, bnd));
-    c = _mm512_mask_sub_epi32(c, above, c, _mm512_set1_epi32(-1));
+/* Per code: perm(bucket, adj) = cbase[bucket] - (bucket >> 1) + K - 1016 (+ 1 signed, for s0), so that
+ * (b >> 20) + adj + (u > bnd) is Ladder's 8E + c + K - 1016; bnd9 = bnd << 9 (compared with u << 9). */
+typedef struct {
+    __m512i adj, bnd9;
+    __m512 s0;
+} Enc16;
+
+INLINE Enc16 enc16_tables(const Ladder *L, int is_signed) {
     const int K = is_signed ? SIGNED_TOP - 1 : UNSIGNED_TOP;
-    __m512i n = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(b, 23), 3), c);
-    n = _mm512_add_epi32(n, _mm512_set1_epi32(K - 1016));
-    n = _mm512_min_epi32(_mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_set1_epi32(K));
-    if (is_signed) {
-        const __mmask16 big = _mm512_cmp_ps_mask(mag, s0, _CMP_GT_OQ);
-        n = _mm512_mask_sub_epi32(n, big, n, _mm512_set1_epi32(-1));
+    uint32_t adj[16], bnd9[16];
+    for (int i = 0; i < 16; i++) {
+        adj[i] = L->cbase[i] - (uint32_t)(i >> 1) + (uint32_t)(K - 1016 + (is_signed ? 1 : 0));
+        bnd9[i] = L->bnd[i] == 0x7FFFFFFFu ? 0xFFFFFFFFu : L->bnd[i] << 9;
     }
-    n = _mm512_maskz_mov_epi32(pos, n);
+    Enc16 e;
+    e.adj = _mm512_loadu_si512(adj);
+    e.bnd9 = _mm512_loadu_si512(bnd9);
+    e.s0 = _mm512_set1_ps(L->s0);
+    return e;
+}
+
+/* The codes of y (the correctly rounded x / absmax, or what stands for it: encode16_recip), given
+ * b = y's bits (signed: without the sign), t = b << 9 and bn9 = its bucket's bnd9. Ladder's count,
+ * clamped: for y <= 0 or NaN (signed: |y| <= s0) the count is 0; signed codes add 128 for any y < 0. */
+INLINE __m128i codes16(__m512 y, __m512i b, __m512i t, __m512i bn9, const Enc16 *e, int is_signed) {
+    __m512i n = _mm512_add_epi32(_mm512_srli_epi32(b, 20), _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->adj));
+    n = _mm512_mask_sub_epi32(n, _mm512_cmpgt_epu32_mask(t, bn9), n, _mm512_set1_epi32(-1));
     if (is_signed) {
+        const __mmask16 big = _mm512_cmp_ps_mask(_mm512_castsi512_ps(b), e->s0, _CMP_GT_OQ);
+        n = _mm512_maskz_min_epi32(big, _mm512_max_epi32(n, _mm512_set1_epi32(1)), _mm512_set1_epi32(SIGNED_TOP));
         const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
         n = _mm512_mask_or_epi32(n, neg, n, _mm512_set1_epi32(128));
+    } else {
+        const __mmask16 pos = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ);
+        n = _mm512_maskz_min_epi32(pos, _mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_set1_epi32(UNSIGNED_TOP));
     }
     return _mm512_cvtepi32_epi8(n);
 }
 
+INLINE __m512i magnitude_bits(__m512 y, int is_signed) {
+    const __m512i yb = _mm512_castps_si512(y);
+    return is_signed ? _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF)) : yb;
+}
+
+INLINE __m128i encode16_div(__m512 x, __m512 safe, const Enc16 *e, int is_signed) {
+    const __m512 y = _mm512_div_ps(x, safe);
+    const __m512i b = magnitude_bits(y, is_signed), t = _mm512_slli_epi32(b, 9);
+    return codes16(y, b, t, _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->bnd9), e, is_signed);
+}
+
 /* Without the division where that gives the same codes: q0 = x * (1/absmax) (both rounded) is within
- * 3 ulps of the quotient y when absmax and q0 are normal, so unless a midpoint lies within NEAR_ULPS
- * of q0 (Ladder.near_ok: no midpoint's mantissa lies within NEAR_ULPS of an octave's or a bucket's
- * edge, so the bucket's own midpoint is the only candidate) q0 and y have the same count, sign and
- * code. Near a midpoint, or small (the signed code's s0 and underflow), the lanes are recomputed
- * with the division. */
-INLINE __m128i encode16_recip(__m512 x, __m512 safe, __m512 recip, __m512i cbase, __m512i bnd, __m512 s0,
-                              __m512 small, int is_signed) {
+ * 3 ulps of the quotient y when absmax, its reciprocal and q0 are normal, so unless a midpoint lies
+ * within NEAR_ULPS of q0 (Ladder.near_ok: no midpoint's mantissa lies within 2 NEAR_ULPS of an
+ * octave's or a bucket's edge, so the bucket's own midpoint is the only candidate) q0 and y have the
+ * same count, sign and code. Near a midpoint, and for the signed code below 2^-15 (s0, and the sign
+ * of an underflow), the vector is recomputed with the division. The unsigned code needs no such
+ * check: below 2^-100 both counts are 0. */
+INLINE __m128i encode16_recip(__m512 x, __m512 safe, __m512 recip, const Enc16 *e, int is_signed) {
     const __m512 q0 = _mm512_mul_ps(x, recip);
-    const __m512i u = _mm512_and_si512(_mm512_castps_si512(q0), _mm512_set1_epi32(0x7FFFFF));
-    const __m512i bn = _mm512_permutexvar_epi32(_mm512_srli_epi32(u, 19), bnd);
-    const __mmask16 near = _mm512_cmple_epu32_mask(_mm512_add_epi32(_mm512_sub_epi32(u, bn), _mm512_set1_epi32(NEAR_ULPS)),
-                                                   _mm512_set1_epi32(2 * NEAR_ULPS));
-    const __m512 mag = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(q0), _mm512_set1_epi32(0x7FFFFFFF)));
-    const __mmask16 tiny = _mm512_cmp_ps_mask(mag, small, _CMP_LT_OQ) &
-                           _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    if (__builtin_expect((near | tiny) != 0, 0)) return codes16(_mm512_div_ps(x, safe), cbase, bnd, s0, is_signed);
-    return codes16(q0, cbase, bnd, s0, is_signed);
+    const __m512i b = magnitude_bits(q0, is_signed), t = _mm512_slli_epi32(b, 9);
+    const __m512i bn9 = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->bnd9);
+    const __m512i window = _mm512_set1_epi32(NEAR_ULPS << 9);
+    __mmask16 redo = _mm512_cmple_epu32_mask(_mm512_add_epi32(_mm512_sub_epi32(t, bn9), window),
+                                             _mm512_add_epi32(window, window));
+    if (is_signed) {
+        const __mmask16 nonzero = _mm512_test_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+        redo |= _mm512_mask_cmplt_epu32_mask(nonzero, b, _mm512_set1_epi32(0x38000000));  /* 2^-15 */
+    }
+    if (__builtin_expect(redo != 0, 0)) return encode16_div(x, safe, e, is_signed);
+    return codes16(q0, b, t, bn9, e, is_signed);
 }
 
 INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const Ladder *L, int is_signed) {
     const __m512 safe = _mm512_set1_ps(absmax > 0 ? absmax : 1.0f);
-    const __m512i cbase = _mm512_loadu_si512(L->cbase), bnd = _mm512_loadu_si512(L->bnd);
-    const __m512 s0 = _mm512_set1_ps(L->s0);
-    const uint32_t e = bits_of(absmax) >> 23;  /* absmax >= 0 */
-    if (L->near_ok && e >= 1 && e <= 252) {     /* normal, with a normal reciprocal */
+    const Enc16 e = enc16_tables(L, is_signed);
+    const uint32_t ex = bits_of(absmax) >> 23;  /* absmax >= 0 */
+    if (L->near_ok && ex >= 1 && ex <= 252) {   /* normal, with a normal reciprocal */
         const __m512 recip = _mm512_set1_ps(1.0f / absmax);
-        const __m512 small = _mm512_set1_ps(is_signed ? 0x1p-15f : 0x1p-60f);
         for (int i = 0; i < QBLOCK; i += 16)
-            _mm_storeu_si128((__m128i *)(codes + i),
-                             encode16_recip(_mm512_load_ps(x + i), safe, recip, cbase, bnd, s0, small, is_signed));
+            _mm_storeu_si128((__m128i *)(codes + i), encode16_recip(_mm512_load_ps(x + i), safe, recip, &e, is_signed));
         return;
     }
     for (int i = 0; i < QBLOCK; i += 16)
-        _mm_storeu_si128((__m128i *)(codes + i), codes16(_mm512_div_ps(_mm512_load_ps(x + i), safe), cbase, bnd, s0, is_signed));
+        _mm_storeu_si128((__m128i *)(codes + i), encode16_div(_mm512_load_ps(x + i), safe, &e, is_signed));
 }
 
 INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }
@@ -427,7 +459,7 @@ INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int 
     const int64_t blk = start / QBLOCK;
     const __m512 am = _mm512_set1_ps(t->absmax[0][blk]), av = _mm512_set1_ps(t->absmax[1][blk]);
     const __m512 ax = amsgrad ? _mm512_set1_ps(t->absmax[2][blk]) : am;
-    const __m512i sdec = _mm512_loadu_si512(gr->ladder.sdec), udec = _mm512_loadu_si512(gr->ladder.udec);
+    const __m512i sdec = dec16_table(gr->ladder.sdec), udec = dec16_table(gr->ladder.udec);
     const __m512 decay = _mm512_set1_ps(gr->decay), coeff = _mm512_set1_ps(gr->lerp_coeff);
     const __m512 beta2 = _mm512_set1_ps(gr->beta2), omb2 = _mm512_set1_ps(gr->one_minus_beta2);
     const __m512 eps = _mm512_set1_ps(gr->eps), scale = _mm512_set1_ps(gr->grad_scale);

@@ -76,6 +76,8 @@ typedef struct {
     float s0;
     uint32_t sdec[16], udec[16];  /* dec[i & 7] */
     uint32_t cbase[16], bnd[16];
+    /* the same, as the AVX-512 path reads them (see decode16, Enc16) */
+    uint32_t sdec16[16], udec16[16], sadj[16], uadj[16], bnd9[16];
 } Ladder;
 
 typedef struct {
@@ -312,6 +314,13 @@ static void ladder_init(Ladder *L, const float *codes) {
         L->cbase[b] = (uint32_t)below;
         if (inside > 1) ok = 0;
     }
+    for (int i = 0; i < 16; i++) {
+        L->sdec16[i] = L->sdec[i] - ((uint32_t)(i & 7) << 20);
+        L->udec16[i] = L->udec[i] - ((uint32_t)(i & 7) << 20);
+        L->sadj[i] = L->cbase[i] - (uint32_t)(i >> 1) + (uint32_t)(SIGNED_TOP - 1 - 1016 + 1);
+        L->uadj[i] = L->cbase[i] - (uint32_t)(i >> 1) + (uint32_t)(UNSIGNED_TOP - 1016);
+        L->bnd9[i] = L->bnd[i] == 0x7FFFFFFFu ? 0xFFFFFFFFu : L->bnd[i] << 9;
+    }
     L->ok = ok;
     L->near_ok = ok;
     for (int r = 0; r < 8; r++) {
@@ -327,14 +336,8 @@ static void ladder_init(Ladder *L, const float *codes) {
  * the 8-bit fast path: float32 param and grad, all moments 8-bit, a whole block; 16 lanes at a time,
  * the same operations as step_block */
 
-/* dec16: dec[i & 7] - ((i & 7) << 20), so that perm(c, dec16) + ((c & 0xFF or 0x7F) << 20) is Ladder's
- * decode (the permute reads the code's low 4 bits). */
-INLINE __m512i dec16_table(const uint32_t *dec) {
-    uint32_t d[16];
-    for (int i = 0; i < 16; i++) d[i] = dec[i] - ((uint32_t)(i & 7) << 20);
-    return _mm512_loadu_si512(d);
-}
-
+/* dec16 (Ladder.sdec16, udec16): dec[i & 7] - ((i & 7) << 20), so that perm(c, dec16) + ((c & 0xFF or
+ * 0x7F) << 20) is Ladder's decode (the permute reads the code's low 4 bits). */
 INLINE __m512 decode16(const uint8_t *codes, __m512i dec16, __m512 absmax, int is_signed) {
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
     const __m512i w = _mm512_slli_epi32(c, 20);
@@ -349,7 +352,7 @@ INLINE __m512 decode16(const uint8_t *codes, __m512i dec16, __m512 absmax, int i
     return _mm512_mul_ps(_mm512_castsi512_ps(b), absmax);
 }
 
-/* Per code: perm(bucket, adj) = cbase[bucket] - (bucket >> 1) + K - 1016 (+ 1 signed, for s0), so that
+/* Per code (Ladder.sadj, uadj, bnd9): perm(bucket, adj) = cbase[bucket] - (bucket >> 1) + K - 1016 (+ 1 signed, for s0), so that
  * (b >> 20) + adj + (u > bnd) is Ladder's 8E + c + K - 1016; bnd9 = bnd << 9 (compared with u << 9). */
 typedef struct {
     __m512i adj, bnd9;
@@ -357,15 +360,9 @@ typedef struct {
 } Enc16;
 
 INLINE Enc16 enc16_tables(const Ladder *L, int is_signed) {
-    const int K = is_signed ? SIGNED_TOP - 1 : UNSIGNED_TOP;
-    uint32_t adj[16], bnd9[16];
-    for (int i = 0; i < 16; i++) {
-        adj[i] = L->cbase[i] - (uint32_t)(i >> 1) + (uint32_t)(K - 1016 + (is_signed ? 1 : 0));
-        bnd9[i] = L->bnd[i] == 0x7FFFFFFFu ? 0xFFFFFFFFu : L->bnd[i] << 9;
-    }
     Enc16 e;
-    e.adj = _mm512_loadu_si512(adj);
-    e.bnd9 = _mm512_loadu_si512(bnd9);
+    e.adj = _mm512_loadu_si512(is_signed ? L->sadj : L->uadj);
+    e.bnd9 = _mm512_loadu_si512(L->bnd9);
     e.s0 = _mm512_set1_ps(L->s0);
     return e;
 }
@@ -459,7 +456,7 @@ INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int 
     const int64_t blk = start / QBLOCK;
     const __m512 am = _mm512_set1_ps(t->absmax[0][blk]), av = _mm512_set1_ps(t->absmax[1][blk]);
     const __m512 ax = amsgrad ? _mm512_set1_ps(t->absmax[2][blk]) : am;
-    const __m512i sdec = dec16_table(gr->ladder.sdec), udec = dec16_table(gr->ladder.udec);
+    const __m512i sdec = _mm512_loadu_si512(gr->ladder.sdec16), udec = _mm512_loadu_si512(gr->ladder.udec16);
     const __m512 decay = _mm512_set1_ps(gr->decay), coeff = _mm512_set1_ps(gr->lerp_coeff);
     const __m512 beta2 = _mm512_set1_ps(gr->beta2), omb2 = _mm512_set1_ps(gr->one_minus_beta2);
     const __m512 eps = _mm512_set1_ps(gr->eps), scale = _mm512_set1_ps(gr->grad_scale);

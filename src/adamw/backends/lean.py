@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..states import lean_step
+from ..states import KAHAN_KEY, lean_step
+from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat
+from ..states.quantize import num_blocks
 from ._common import Hyper, host_value
 
 
@@ -63,3 +65,44 @@ def step(
             seed=lean.seed,
             stream=stream,
         )
+
+
+def state_columns(
+    real: Tensor, param: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
+) -> list[Tensor | None] | None:
+    """For a lean kernel: a param's moments (padded to three), their absmaxes and its Kahan buffer
+    (None where unused), laid out as ``fmt`` says and beside ``real`` (the param's real view); or None
+    where the state does not fit, and the reference steps the param (and raises if it must)."""
+    keys = MOMENTS if amsgrad else MOMENTS[:2]
+    if any(key not in state or type(state[key]) not in (Tensor, torch.nn.Parameter) for key in keys):
+        return None
+    moments = [real_view(state[key]) for key in keys]
+    expected = stored_dtype(fmt, real.dtype)
+    if any(m.dtype != expected or m.shape != real.shape or m.device != real.device for m in moments):
+        return None
+    absmaxes: list[Tensor | None] = [None, None, None]
+    if isinstance(fmt, Int8Format):
+        for j, key in enumerate(keys):
+            absmax = state.get(key + ABSMAX_SUFFIX)
+            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
+                return None
+            absmaxes[j] = absmax
+    comp = None
+    if param_update == "kahan":
+        comp = state.get(KAHAN_KEY)
+        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
+            return None
+    return [*moments, *([None] * (3 - len(moments))), *absmaxes, comp]
+
+
+def stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``fmt`` stores a moment in (uint8: 8-bit codes); None for formats kernels lack."""
+    if isinstance(fmt, Int8Format):
+        return torch.uint8
+    if fmt.name == "param":
+        return param_dtype
+    return {"float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
+
+
+def real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t

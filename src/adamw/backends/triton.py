@@ -55,9 +55,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
-from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
-from ..states.reference import KAHAN_KEY, lean_step
+from ..states.formats import StateFormat, format_for
+from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE
+from ..states.reference import lean_step
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -66,7 +66,8 @@ from ..states.rounding import (
     rounding_key,
 )
 from ._common import Hyper, host_value
-from .lean import Lean, effective_param_update
+from .lean import Lean, effective_param_update, state_columns
+from .lean import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
 # full bandwidth (tune with scripts/gpu_check.sh). Under the interpreter every program is one
@@ -637,42 +638,8 @@ def _lean_columns(
         return None
     if grad.shape != real.shape or grad.device != real.device:
         return None
-    keys = MOMENTS if amsgrad else MOMENTS[:2]
-    if any(key not in state for key in keys):
-        return None
-    quantized = isinstance(fmt, Int8Format)
-    if any(type(state[key]) not in _PLAIN_TYPES for key in keys):
-        return None
-    moments = [_real(state[key]) for key in keys]
-    expected = _stored_dtype(fmt, real.dtype)
-    if any(m.dtype != expected or m.shape != real.shape or m.device != real.device for m in moments):
-        return None
-    absmaxes: list[Tensor | None] = [None, None, None]
-    if quantized:
-        for j, key in enumerate(keys):
-            absmax = state.get(key + ABSMAX_SUFFIX)
-            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
-                return None
-            absmaxes[j] = absmax
-    comp = None
-    if param_update == "kahan":
-        comp = state.get(KAHAN_KEY)
-        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
-            return None
-    return [real, grad, *moments, *([None] * (3 - len(moments))), *absmaxes, comp]
-
-
-def _stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype ``fmt`` stores a moment in (uint8: 8-bit codes); None for formats the kernel lacks."""
-    if isinstance(fmt, Int8Format):
-        return torch.uint8
-    if fmt.name == "param":
-        return param_dtype
-    return {"float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
+    columns = state_columns(real, param, state, fmt, amsgrad, param_update)
+    return None if columns is None else [real, grad, *columns]
 
 
 def _stage(columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:

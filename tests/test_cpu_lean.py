@@ -14,6 +14,7 @@ params within the bound a 1-ulp denominator implies.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,7 +163,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(n)
         return original(table, n, *args)
 
-    monkeypatch.setattr(cpu_lean, "_library", cpu_lean.Library(library.path, library.openmp, counting))
+    monkeypatch.setattr(cpu_lean, "_library", dataclasses.replace(library, step_fn=counting))
     return calls
 
 

@@ -127,24 +127,24 @@ def _cpu_identity() -> str:
     return platform.processor() + platform.machine()
 
 
-def _library_name(cc: list[str], flags: tuple[str, ...]) -> str:
+def _library_name(cc: list[str], flags: tuple[str, ...], source: Path = SOURCE) -> str:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    h.update(source.read_bytes())
     resolved = shutil.which(cc[0]) or cc[0]
     stat = os.stat(resolved)
     for part in (*cc, resolved, str(stat.st_mtime_ns), *_BASE_FLAGS, *flags, _cpu_identity(), sys.platform):
         h.update(part.encode() + b"\0")
-    return f"adamw_cpu-{h.hexdigest()[:20]}.so"
+    return f"{source.stem}-{h.hexdigest()[:20]}.so"
 
 
-def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
-    """Build into ``target`` atomically; the compiler's error text on failure."""
+def _compile(cc: list[str], flags: tuple[str, ...], target: Path, source: Path = SOURCE) -> str | None:
+    """Build ``source`` into ``target`` atomically; the compiler's error text on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".adamw_cpu-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{source.stem}-", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run(
-            [*cc, *_BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"],
+            [*cc, *_BASE_FLAGS, *flags, str(source), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -174,35 +174,42 @@ def library() -> Library:
 
 
 def _build_and_load() -> Library:
+    return build_and_load(SOURCE, _bind, "fused CPU kernel (fused=True on CPU tensors)", "fused=None or foreach=True")
+
+
+def build_and_load(source: Path, bind: Callable[[ctypes.CDLL], Callable[..., int]], what: str, instead: str) -> Library:
+    """Compile ``source`` (or find it in the cache) with the first flag set the compiler takes, load it
+    and ``bind`` its entry point. ``what`` names the kernel and ``instead`` the way to step without it,
+    in the error raised when no flag set builds."""
     cc = compiler()
     errors: list[str] = []
     for flags in _FLAG_SETS:
-        path, compiled, error = _cached_or_built(cc, flags)
+        path, compiled, error = _cached_or_built(cc, flags, source)
         if path is None:
             errors.append(error)
             continue
         try:
-            step_fn = _bind(ctypes.CDLL(str(path)))
+            step_fn = bind(ctypes.CDLL(str(path)))
         except OSError as exc:
             errors.append(f"{path}: {exc}")
             continue
         openmp = "-fopenmp" in flags
         if not openmp:
             warnings.warn(
-                "adamw's CPU kernel was built without OpenMP (the compiler rejected -fopenmp): it runs on one thread",
+                f"adamw's {what} was built without OpenMP (the compiler rejected -fopenmp): it runs on one thread",
                 RuntimeWarning,
                 stacklevel=3,
             )
         return Library(path, compiled, openmp, step_fn)
     raise RuntimeError(
-        "adamw's fused CPU kernel (fused=True on CPU tensors) could not be compiled; step without it "
-        "(fused=None or foreach=True), or fix the compiler. Errors:\n" + "\n".join(errors)
+        f"adamw's {what} could not be compiled; step without it ({instead}), or fix the compiler. "
+        "Errors:\n" + "\n".join(errors)
     )
 
 
-def _cached_or_built(cc: list[str], flags: tuple[str, ...]) -> tuple[Path | None, bool, str]:
+def _cached_or_built(cc: list[str], flags: tuple[str, ...], source: Path = SOURCE) -> tuple[Path | None, bool, str]:
     """(the library's path or None, whether it was compiled now, why not)."""
-    name = _library_name(cc, flags)
+    name = _library_name(cc, flags, source)
     fallback = Path(tempfile.gettempdir()) / (f"adamw-{os.getuid()}" if hasattr(os, "getuid") else "adamw")
     unwritable = []
     for directory in (cache_dir(), fallback):
@@ -210,7 +217,7 @@ def _cached_or_built(cc: list[str], flags: tuple[str, ...]) -> tuple[Path | None
         if path.exists():
             return path, False, ""
         try:
-            error = _compile(cc, flags, path)
+            error = _compile(cc, flags, path, source)
         except OSError as exc:  # an unwritable cache directory: try the next one
             unwritable.append(f"{path}: {exc}")
             continue

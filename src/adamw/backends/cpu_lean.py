@@ -17,16 +17,8 @@ as torch's), others by torch's op on the host, whose rounding for reduced types 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,85 +73,27 @@ class _Tensor(ctypes.Structure):
 
 
 # --------------------------------------------------------------------------------------------------
-# building and loading: cpu.py's compiler, flags, cache directory and CPU identity
-
-
-@dataclass(frozen=True)
-class Library:
-    path: Path
-    openmp: bool
-    step_fn: Callable[..., int]
+# building and loading: cpu.py's, for this source
 
 
 _lock = threading.Lock()
-_library: Library | None = None
+_library: cpu.Library | None = None
 
 
-def library() -> Library:
+def library() -> cpu.Library:
     """The lean kernel, compiled on first use (or found in the cache) and loaded once per process."""
     global _library
     if _library is not None:
         return _library
     with _lock:
         if _library is None:
-            _library = _build_and_load()
+            _library = cpu.build_and_load(
+                SOURCE,
+                _bind,
+                "lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
+                "fused=None",
+            )
     return _library
-
-
-def _library_name(cc: list[str], flags: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
-    resolved = shutil.which(cc[0]) or cc[0]
-    for part in (*cc, resolved, str(os.stat(resolved).st_mtime_ns), *cpu._BASE_FLAGS, *flags, cpu._cpu_identity()):
-        h.update(part.encode() + b"\0")
-    return f"adamw_cpu_lean-{h.hexdigest()[:20]}-{sys.platform}.so"
-
-
-def _compile(cc: list[str], flags: tuple[str, ...], target: Path) -> str | None:
-    """Build into ``target`` atomically; the compiler's error text on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".adamw_cpu_lean-", dir=target.parent)
-    os.close(fd)
-    try:
-        command = [*cc, *cpu._BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            return (result.stderr or result.stdout).strip()[-2000:]
-        os.replace(tmp, target)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _build_and_load() -> Library:
-    cc = cpu.compiler()
-    errors: list[str] = []
-    for flags in cpu._FLAG_SETS:
-        path = cpu.cache_dir() / _library_name(cc, flags)
-        if not path.exists():
-            try:
-                error = _compile(cc, flags, path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc}")
-                continue
-            if error is not None:
-                errors.append(f"{' '.join([*cc, *flags])}: {error}")
-                continue
-        try:
-            step_fn = _bind(ctypes.CDLL(str(path)))
-        except OSError as exc:
-            errors.append(f"{path}: {exc}")
-            continue
-        openmp = "-fopenmp" in flags
-        if not openmp:
-            warnings.warn("adamw's lean CPU kernel was built without OpenMP: it runs on one thread", RuntimeWarning, 3)
-        return Library(path, openmp, step_fn)
-    raise RuntimeError(
-        "adamw's lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than "
-        "torch's) could not be compiled; step without it (fused=None), or fix the compiler. Errors:\n"
-        + "\n".join(errors)
-    )
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from ..states.formats import StateFormat, format_for
 from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
-from ..states.reference import lean_step
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -36,7 +35,7 @@ from ..states.rounding import (
 )
 from . import cpu
 from ._common import Hyper, host_value
-from .lean import Lean, effective_param_update, state_columns
+from .lean import Lean, effective_param_update, reference_step, state_columns
 from .lean import real_view as _real
 
 SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
@@ -155,23 +154,7 @@ def step_lean(
         if columns is None:
             if unscale:
                 grad = grad / scale.to(grad.device)  # type: ignore[union-attr]
-            lean_step(
-                param,
-                grad,
-                state,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=hyper.eps,
-                weight_decay=hyper.weight_decay,
-                amsgrad=hyper.amsgrad,
-                maximize=hyper.maximize,
-                step=step,
-                state_precision=lean.state_precision,
-                param_update=param_update,
-                seed=lean.seed,
-                stream=stream,
-            )
+            reference_step(param, grad, state, step, stream, hyper, lean, lr, beta1, beta2)
             continue
         staged = _stage(columns, written_back)
         keep_alive += [t for t in staged if t is not None]

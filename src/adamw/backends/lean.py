@@ -48,24 +48,39 @@ def step(
         if hyper.grad_scale is not None:
             grad = grad / hyper.grad_scale.to(grad.device)
         step_t += 1
-        lean_step(
-            param,
-            grad,
-            state,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=hyper.eps,
-            weight_decay=hyper.weight_decay,
-            amsgrad=hyper.amsgrad,
-            maximize=hyper.maximize,
-            step=int(step_t.item()),
-            state_precision=lean.state_precision,
-            param_update=effective_param_update(param, lean.param_update),
-            seed=lean.seed,
-            stream=stream,
-        )
+        reference_step(param, grad, state, int(step_t.item()), stream, hyper, lean, lr, beta1, beta2)
 
+
+def reference_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    step: int,
+    stream: int,
+    hyper: Hyper,
+    lean: Lean,
+    lr: float,
+    beta1: float,
+    beta2: float,
+) -> None:
+    """One param's lean step in torch ops (also the lean kernels' fallback for params they do not take)."""
+    lean_step(
+        param,
+        grad,
+        state,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=hyper.eps,
+        weight_decay=hyper.weight_decay,
+        amsgrad=hyper.amsgrad,
+        maximize=hyper.maximize,
+        step=step,
+        state_precision=lean.state_precision,
+        param_update=effective_param_update(param, lean.param_update),
+        seed=lean.seed,
+        stream=stream,
+    )
 
 def state_columns(
     real: Tensor, param: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str

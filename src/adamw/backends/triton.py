@@ -57,7 +57,6 @@ from torch import Tensor
 
 from ..states.formats import StateFormat, format_for
 from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE
-from ..states.reference import lean_step
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -66,7 +65,7 @@ from ..states.rounding import (
     rounding_key,
 )
 from ._common import Hyper, host_value
-from .lean import Lean, effective_param_update, state_columns
+from .lean import Lean, effective_param_update, reference_step, state_columns
 from .lean import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
@@ -550,7 +549,7 @@ def step_lean(
     step_numbers = _bump_steps(state_steps)
     for i in by_reference:
         grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
-        _reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
+        reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
     scalars = _lean_scalars(lr, beta1, beta2, hyper)
     for key, entries in by_launch.items():
         tensors = [_stage(columns, step_numbers[i], streams[i]) for i, columns in entries]
@@ -720,37 +719,6 @@ def _codes_on(device: torch.device) -> Tensor:
         parts = [*SIGNED_CODE.tables(device), *UNSIGNED_CODE.tables(device)]
         _lean_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
     return _lean_codes[device]
-
-
-def _reference_step(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Tensor],
-    step: int,
-    stream: int,
-    hyper: Hyper,
-    lean: Lean,
-    lr: float,
-    beta1: float,
-    beta2: float,
-) -> None:
-    lean_step(
-        param,
-        grad,
-        state,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=hyper.eps,
-        weight_decay=hyper.weight_decay,
-        amsgrad=hyper.amsgrad,
-        maximize=hyper.maximize,
-        step=step,
-        state_precision=lean.state_precision,
-        param_update=effective_param_update(param, lean.param_update),
-        seed=lean.seed,
-        stream=stream,
-    )
 
 
 def _lean_kernels() -> ModuleType:

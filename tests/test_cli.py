@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import adamw
 from adamw import bench
 from adamw.__main__ import main
+from adamw.bench_floor import MemoryFloor
 
 TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
 OUR_TORCH_OP_IMPLS = ("adamw-forloop", "adamw-foreach")  # no kernel to build: must always run
@@ -141,3 +144,83 @@ def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_memory_floor_moves_a_steps_bytes_and_changes_nothing(dtype: torch.dtype) -> None:
+    """The floor row reads and writes every element of param, grad and moments, and leaves them as they were."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(), (0,), (3,), (1000,), (257, 131)]  # 0-d, empty, sizes off every vector width, > one thread's share
+    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+    floor = MemoryFloor(params)
+    floor.step()
+    for p in params:  # moments of random values, not the zeros it starts with
+        for key in ("exp_avg", "exp_avg_sq"):
+            floor.state[p][key].copy_(torch.randn(p.shape, generator=generator).to(dtype))
+    before = [[t.clone() for t in (p, p.grad, floor.state[p]["exp_avg"], floor.state[p]["exp_avg_sq"])] for p in params]
+    for _ in range(3):
+        floor.step()
+    for p, saved in zip(params, before, strict=True):
+        now = (p, p.grad, floor.state[p]["exp_avg"], floor.state[p]["exp_avg_sq"])
+        for old, new in zip(saved, now, strict=True):
+            assert torch.equal(old.reshape(-1).view(torch.uint8), new.detach().reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_memory_floor_reads_and_writes_every_element(dtype: torch.dtype) -> None:
+    """With an all-ones mask the pass XORs each grad into param and moments: every element is visited."""
+    generator = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in [(), (3,), (70001,), (64,)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+
+    def as_bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1).view(bits)
+
+    floor = MemoryFloor(params, mask=-1)
+    before = [p.detach().clone() for p in params]
+    floor.step()  # creates zero moments, then XORs the grad into all three
+    for p, old in zip(params, before, strict=True):
+        assert torch.equal(as_bits(p), as_bits(old) ^ as_bits(p.grad))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(as_bits(floor.state[p][key]), as_bits(p.grad))
+    floor.step()  # and back
+    for p, old in zip(params, before, strict=True):
+        assert torch.equal(as_bits(p), as_bits(old))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not as_bits(floor.state[p][key]).any()
+
+
+def test_memory_floor_refuses_what_it_cannot_stream() -> None:
+    p = torch.randn(8, 8).t().requires_grad_()
+    p.grad = torch.randn(8, 8).t()
+    with pytest.raises(RuntimeError, match="contiguous CPU tensors"):
+        MemoryFloor([p]).step()
+
+
+def test_implementations_of_a_workload_step_the_same_state_memory() -> None:
+    """After warm-up, every implementation whose moments have the same form steps the first one's tensors."""
+    params = [torch.randn(5000, requires_grad=True), torch.randn(3, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    shared: dict[Any, torch.Tensor] = {}
+    optimizers = [
+        torch.optim.AdamW(params, fused=True),
+        adamw.AdamW(params, fused=True),
+        adamw.AdamW(params, state_precision="8bit"),
+    ]
+    for opt in optimizers:
+        opt.step()
+        bench._share_state(opt, params, shared)
+    first, ours, lean = (opt.state for opt in optimizers)
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert ours[p][key] is first[p][key]
+        assert ours[p]["step"] is not first[p]["step"]  # each keeps its own step count
+    assert lean[params[0]]["exp_avg"].dtype != torch.float32  # 8-bit codes keep their own memory
+    assert lean[params[0]]["exp_avg"] is not first[params[0]]["exp_avg"]
+    for opt in optimizers:  # and every one still steps
+        opt.step()

@@ -87,6 +87,7 @@ def test_8bit_state_is_codes_and_absmax_only_for_large_params() -> None:
 
 def test_plain_bf16_is_what_stochastic_rounding_fixes() -> None:
     """Many tiny updates: round-to-nearest bf16 params stall, stochastic ones follow float32."""
+
     def train(update: str) -> Tensor:
         p = torch.full((8192,), 1.0, dtype=torch.bfloat16, requires_grad=True)
         opt = adamw.AdamW([p], lr=1e-4, weight_decay=0.0, param_update=update, seed=0)
@@ -176,7 +177,12 @@ def test_torch_checkpoint_converts_into_lean_state_and_back(precision: str) -> N
         assert loaded.keys() == original.keys()
         assert loaded["exp_avg"].dtype == torch.float32
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(loaded[key], original[key], rtol=tolerance, atol=1e-12 + tolerance * original[key].abs().max().item() / 100)
+            assert torch.allclose(
+                loaded[key],
+                original[key],
+                rtol=tolerance,
+                atol=1e-12 + tolerance * original[key].abs().max().item() / 100,
+            )
     _train(back, back.param_groups[0]["params"], 1, start=3)  # torch steps from it
 
 

@@ -4,8 +4,10 @@ Two small registries say what is measured — :data:`WORKLOADS` (parameter shape
 :data:`IMPLEMENTATIONS` (a factory from params to an optimizer) — and :func:`run` measures every pair
 against a memory-bandwidth reference timed in the same run (a large ``dst.copy_(src)``).
 
-How a step is timed: params and grads are random (never zeros); every implementation of a workload
-takes its warm-up steps (which also allocate its state), then the timed steps run in windows, and the
+How a step is timed: params and grads are random (never zeros) and shared by every implementation of
+a workload; each takes its warm-up steps (which also allocate its state), then its moments are swapped
+for the workload's shared ones of the same form (see :func:`_share_state`), then the timed steps run
+in windows, and the
 windows of all implementations (and of the copy) are interleaved, in an order rotated every round, so
 that drift on a shared machine touches all of them alike. A window is bracketed by
 ``torch.cuda.synchronize`` on CUDA; its time divided by its steps is one sample; the report gives the
@@ -123,6 +125,12 @@ def _torch(**flags: Any) -> Factory:
     return make
 
 
+def _floor(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
+    from .bench_floor import MemoryFloor
+
+    return MemoryFloor(params)
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One optimizer to time: a name for the table and a factory ``(params, hyper) -> optimizer``."""
@@ -149,6 +157,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "adamw-fused-8bit",
             'adamw.AdamW(fused=True, state_precision="8bit")',
             _adamw(fused=True, state_precision="8bit"),
+        ),
+        Implementation(
+            "floor",
+            "no optimizer: a fused step's reads and writes, no math (CPU; see columns)",
+            _floor,
         ),
     )
 }
@@ -318,8 +331,10 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
         workload = WORKLOADS[workload_name]
         progress.phase(f"{workload_name}: setup")
         params = _random_params(workload.shapes_for(config.device, config.quick), workload.dtype, config.device)
+        shared_state: dict[tuple[int, str, torch.dtype, Shape], Tensor] = {}
         entries = [
-            _warm_up(workload, IMPLEMENTATIONS[name], params, hyper, config, sync, progress) for name in config.impls
+            _warm_up(workload, IMPLEMENTATIONS[name], params, hyper, config, sync, progress, shared_state)
+            for name in config.impls
         ]
         timed = [e for e in entries if e.result is not None and e.result.status == "ok"]
         progress.update((len(entries) - len(timed)) * windows * per_window)  # skipped: unavailable
@@ -327,7 +342,7 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
         _time_rounds([*timed, copy_entry], windows, sync, progress, workload_name)
         copy_samples += copy_entry.samples
         results.extend(_summarize(entries))
-        del params, entries, timed, copy_entry
+        del params, entries, timed, copy_entry, shared_state
         gc.collect()
         if config.device == "cuda":
             torch.cuda.empty_cache()
@@ -381,6 +396,7 @@ def _warm_up(
     config: Config,
     sync: Callable[[], None],
     progress: _Progress,
+    shared_state: dict[tuple[int, str, torch.dtype, Shape], Tensor],
 ) -> _Entry:
     """Build the implementation's optimizer and take its warm-up steps; a failure marks it unavailable."""
     progress.phase(f"{workload.name}: {impl.name} warm-up")
@@ -396,6 +412,7 @@ def _warm_up(
     try:
         optimizer = impl.make(params, dict(hyper))
         optimizer.step()  # the first step allocates the state: always taken, even with --warmup 0
+        _share_state(optimizer, params, shared_state)
         for _ in range(config.warmup - 1):
             optimizer.step()
         sync()
@@ -408,6 +425,31 @@ def _warm_up(
         result.bytes_per_step = step_bytes(param_bytes, result.state_bytes)
     progress.update(config.warmup)
     return entry
+
+
+def _share_state(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], shared: dict[tuple[int, str, torch.dtype, Shape], Tensor]
+) -> None:
+    """Swap the optimizer's state tensors for the workload's shared ones of the same dtype and shape.
+
+    The first implementation to allocate a state tensor of a given form provides it; later ones step
+    the same memory. On CPU the speed of a memory-bound step depends on which physical pages back its
+    tensors: the same kernel on freshly allocated buffers measured 42 to 70 GB/s here, so separate
+    states would let the luck of each implementation's allocation decide the comparison. Sharing the
+    params, grads and states leaves only what differs (formats such as 8-bit keep their own) — and
+    costs nothing in correctness: every implementation takes a valid AdamW step from whatever moments
+    the others left.
+    """
+    for index, p in enumerate(params):
+        entry = optimizer.state.get(p)
+        if not entry:
+            continue
+        for key, value in list(entry.items()):
+            if key == "step" or not isinstance(value, Tensor) or not value.is_contiguous():
+                continue
+            mine = shared.setdefault((index, key, value.dtype, tuple(value.shape)), value)
+            if mine is not value and mine.device == value.device:
+                entry[key] = mine
 
 
 def _windowing(config: Config) -> tuple[int, int]:
@@ -604,6 +646,10 @@ columns:
                kernel can exceed 100%.
   vs torch-fused
                torch-fused's ms/step / this row's: above 1 is faster than torch's fused step
+  floor (row)  param, grad, exp_avg, exp_avg_sq read and the three written back unchanged, once,
+               on the same buffers, with no arithmetic (without amsgrad's max_exp_avg_sq): the
+               least a step can take. A row's ms/step over the floor's is its distance from the
+               memory limit, and bounds what any faster step could gain on it.
 
 {FORMULA}
 
@@ -612,16 +658,17 @@ windows (steps rounded down to a multiple of --windows), interleaved across the 
 the copy in an order rotated every round, so drift on a shared machine touches all alike. On CPU
 each step is its own window by default: averaging steps before taking the median lets a busy
 machine's hiccups into the median (a 2-thread step stalls when a core is taken).
-On CPU a step's time also depends on where its four tensors happen to lie in memory relative to one
-another (measured here: 25 to 63 ms for torch's fused step on "big", by the gaps between them alone),
-so a standalone timing can differ from the table by that much, and so can two implementations
-whose states happen to land differently.
+On CPU a step's time also depends on which physical memory backs its tensors (here the same kernel
+ran at 42 to 70 GB/s on different fresh allocations), so a standalone timing can differ from the
+table by that much. The implementations of a workload therefore step the same params, grads and
+state tensors (each state format its own: 8-bit moments are not float32 ones), and only what they
+do with them differs.
 
 defaults: every workload and implementation. On CPU 10 timed steps, one per window, after 2 warm-up
 steps: about a minute on 2 cores (a GPT-2 for-loop step takes ~0.2 s there: slow, but not so slow
 that the for-loops need fewer steps); on CUDA 100 timed steps in 10 windows after 10 warm-up.
-Every implementation of a workload is alive at once, its params and grads shared (GPT-2 in float32:
-~1 GB of params and grads plus ~1 GB of state per implementation, ~7 GB in all).
+Every implementation of a workload is alive at once, its params, grads and states shared (GPT-2 in
+float32: ~1 GB of params and grads plus ~1 GB of float32 state, and each other state format's own).
 Hyper-parameters: lr=1e-3, weight_decay=1e-2, torch's betas and eps.
 """
 

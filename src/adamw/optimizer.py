@@ -8,6 +8,7 @@ torch's, so checkpoints move between the two classes in both directions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -38,6 +39,11 @@ _OWN_GROUP_KEYS = ("backend", "seed")
 _STORAGE_GROUP_KEYS = ("state_precision", "param_update")
 
 # dtypes each fused kernel handles, by device type.
+_dtype_of = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+_grad_of = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+
 _FUSED_DTYPES = {
     "cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
@@ -296,15 +302,17 @@ class AdamW(Optimizer):
         Named and shaped as torch's, so torch.compile runs it once at trace time instead of tracing it.
         Returns whether any param is complex.
         """
-        has_complex = False
         on_device = group["capturable"] or group["fused"] or group["backend"] in FUSED_BACKENDS
+        lean = _is_lean(group)
+        amsgrad = group["amsgrad"]
+        state_of = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            has_complex |= torch.is_complex(p)
             params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
+            grads.append(grad)
+            state = state_of[p]
             if len(state) == 0:
                 # The step lives on the CPU unless a kernel or graph capture needs it on the device:
                 # reading a CPU scalar costs no device sync and no kernel launch.
@@ -313,11 +321,11 @@ class AdamW(Optimizer):
                     if on_device
                     else torch.tensor(0.0, dtype=_scalar_dtype(None), device="cpu")
                 )
-                if _is_lean(group):
+                if lean:
                     state.update(
                         init_lean_state(
                             p,
-                            amsgrad=group["amsgrad"],
+                            amsgrad=amsgrad,
                             state_precision=group["state_precision"],
                             param_update=effective_param_update(p, group["param_update"]),
                         )
@@ -325,15 +333,17 @@ class AdamW(Optimizer):
                     continue
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
+                if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if _is_lean(group):
+            if lean:
                 continue
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
+            if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
+        # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
+        has_complex = any(dtype.is_complex for dtype in set(map(_dtype_of, params)))
         return has_complex
 
     @_use_grad_for_differentiable
@@ -428,12 +438,11 @@ class AdamW(Optimizer):
         """Raise, before any change, for whatever would make some group's step fail."""
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "AdamW does not support sparse gradients, please consider SparseAdam instead "
-                        f"(param group {index} has a sparse grad)"
-                    )
+            if any(map(_is_sparse, map(_grad_of, params))):
+                raise RuntimeError(
+                    "AdamW does not support sparse gradients, please consider SparseAdam instead "
+                    f"(param group {index} has a sparse grad)"
+                )
             if not params:
                 continue
             if _is_lean(group):
@@ -486,6 +495,12 @@ class AdamW(Optimizer):
 def _check_fused_params(params: list[Tensor], backend: str, group: dict[str, Any]) -> None:
     if group["differentiable"]:
         raise RuntimeError("`fused` does not support `differentiable`")
+    # A group on the CPU alone is checked once per dtype present (a thousand params have one or two),
+    # any other param by param.
+    if all(map(_is_cpu, params)):
+        firsts = reversed(params)  # so that each dtype keeps its first param
+        by_dtype = dict(zip(map(_dtype_of, firsts), reversed(params), strict=True))
+        params = [by_dtype[dtype] for dtype in sorted(by_dtype, key=str)]
     for p in params:
         allowed = _FUSED_DTYPES.get(p.device.type, ())
         if backend == "triton" and p.device.type == "cpu":

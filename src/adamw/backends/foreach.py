@@ -62,7 +62,9 @@ def step(
         dev_beta1 = beta1_by_device[device] if beta1_by_device else beta1
 
         if hyper.has_complex:
-            _view_complex_as_real(dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, *([dev_max] if hyper.amsgrad else []))
+            _view_complex_as_real(
+                dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, *([dev_max] if hyper.amsgrad else [])
+            )
         if hyper.maximize:
             dev_grads = list(torch._foreach_neg(dev_grads))
 

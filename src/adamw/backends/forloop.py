@@ -69,7 +69,9 @@ def step(
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # type: ignore[arg-type]
 
         if hyper.capturable or hyper.differentiable:
-            _update_param_with_tensor_step(param, exp_avg, exp_avg_sq, max_exp_avg_sqs, i, step_t, lr, beta1, beta2, hyper)
+            _update_param_with_tensor_step(
+                param, exp_avg, exp_avg_sq, max_exp_avg_sqs, i, step_t, lr, beta1, beta2, hyper
+            )
         else:
             t = host_value(step_t)
             bias_correction1 = 1 - beta1**t

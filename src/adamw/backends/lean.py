@@ -82,6 +82,7 @@ def reference_step(
         stream=stream,
     )
 
+
 def state_columns(
     real: Tensor, param: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
 ) -> list[Tensor | None] | None:

@@ -14,6 +14,7 @@ params within the bound a 1-ulp denominator implies.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -341,3 +342,121 @@ def test_torch_sqrt_moves_params_by_ulps() -> None:
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+# --------------------------------------------------------------------------------------------------
+# the group's table, kept from step to step
+
+
+@pytest.fixture
+def table_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of params each table build took (a reused table is not built)."""
+    builds: list[int] = []
+    original = cpu_lean._build
+
+    def counting(params: list[Tensor], *args: Any) -> Any:
+        builds.append(len(params))
+        return original(params, *args)
+
+    monkeypatch.setattr(cpu_lean, "_build", counting)
+    return builds
+
+
+def run_contiguous(case: str, flags: dict[str, Any]) -> tuple[Any, Any, list[Tensor], list[Tensor]]:
+    """As run_both, with every param contiguous (so that nothing needs a staged copy)."""
+    state_precision, param_update, dtypes = CASES[case]
+    init = [p.contiguous() for p in make_params(dtypes)]
+    params, ref_params = leaves(init), leaves(init)
+    ours = optimizer(params, True, state_precision, param_update, **flags)
+    ref = optimizer(ref_params, False, state_precision, param_update, **flags)
+    return ours, ref, params, ref_params
+
+
+REUSABLE_CASES = [case for case, (_, _, dtypes) in CASES.items() if torch.float64 not in dtypes]
+
+
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+@pytest.mark.parametrize("case", REUSABLE_CASES)
+def test_a_kept_table_matches_reference(
+    case: str, flags: dict[str, Any], rounded_sqrt: None, table_builds: list[int], kernel_calls: list[int]
+) -> None:
+    """Built on the first step, reused on the next four: the kernel derives each step's scalars and
+    rounding keys from the counters, bit for bit as the reference does."""
+    ours, ref, params, ref_params = run_contiguous(case, flags)
+    for step, step_grads in enumerate(make_grads(params, 5), 1):
+        step_both(ours, ref, params, ref_params, step_grads)
+        assert_same_run(ours, ref, params, ref_params, step)
+    assert table_builds == [len(params)]
+    assert kernel_calls == [len(params)] * 5
+
+
+def _contiguous_but_transposed(g: Tensor) -> Tensor:
+    """``g``'s values in column-major memory (a non-contiguous tensor of the same shape)."""
+    return torch.empty_strided(g.shape, (1, g.shape[0]), dtype=g.dtype).copy_(g)
+
+
+CHANGES = {
+    # new state tensors, loaded from a checkpoint (a copy: loading the live state dict keeps its tensors)
+    "load_state_dict": lambda opt, params: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+    # a param moved to new memory (as some wrappers do with .data)
+    "param.data": lambda opt, params: setattr(params[0], "data", params[0].data.clone()),
+    # a moment replaced by hand
+    "state entry": lambda opt, params: opt.state[params[3]].__setitem__(
+        "exp_avg", opt.state[params[3]]["exp_avg"].clone()
+    ),
+    # float64 step counters (e.g. from a checkpoint of another optimizer)
+    "float64 steps": lambda opt, params: [s.__setitem__("step", s["step"].double()) for s in opt.state.values()],
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("case", ["8bit", "8bit-kahan", "param-stochastic"])
+def test_a_table_is_rebuilt_when_memory_moves(
+    case: str, change: str, rounded_sqrt: None, table_builds: list[int]
+) -> None:
+    """Whatever moves a param or state entry (or changes a counter's dtype) between steps makes the
+    next step build a new table; stepping stays bitwise the reference's."""
+    ours, ref, params, ref_params = run_contiguous(case, FLAGS["amsgrad-wd"])
+    grads = make_grads(params, 5)
+    for step in (1, 2):
+        step_both(ours, ref, params, ref_params, grads[step - 1])
+    assert table_builds == [len(params)]
+    CHANGES[change](ours, params)
+    CHANGES[change](ref, ref_params)
+    for step in (3, 4, 5):
+        step_both(ours, ref, params, ref_params, grads[step - 1])
+        assert_same_run(ours, ref, params, ref_params, step)
+    assert table_builds == [len(params)] * 2, "rebuilt once, after the change, then kept"
+
+
+def test_a_non_contiguous_grad_is_staged_for_its_step_only(rounded_sqrt: None, table_builds: list[int]) -> None:
+    ours, ref, params, ref_params = run_contiguous("8bit", FLAGS["plain"])
+    assert params[1].dim() == 2
+    grads = make_grads(params, 4)
+    grads[2][1] = _contiguous_but_transposed(grads[2][1])
+    for step, step_grads in enumerate(grads, 1):
+        for p, q, g in zip(params, ref_params, step_grads, strict=True):
+            p.grad, q.grad = g.clone(memory_format=torch.preserve_format), g.clone()
+        assert params[1].grad.is_contiguous() == (step != 3)
+        ours.step()
+        ref.step()
+        assert_same_run(ours, ref, params, ref_params, step)
+    # built on step 1, then for the staged grad of step 3 (not kept); step 4 fits step 1's again
+    assert table_builds == [len(params)] * 2
+
+
+def test_kept_tables_hold_no_tensors() -> None:
+    """A table cached for reuse keeps pointers, not tensors: dropping the model frees its memory."""
+    import gc
+    import weakref
+
+    params = [torch.nn.Parameter(torch.randn(5000)) for _ in range(3)]
+    opt = adamw.AdamW(params, fused=True, state_precision="8bit")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    watched = [weakref.ref(params[0]), weakref.ref(opt.state[params[0]]["exp_avg"]), weakref.ref(params[0].grad)]
+    del params, opt, p
+    gc.collect()
+    assert all(ref() is None for ref in watched)

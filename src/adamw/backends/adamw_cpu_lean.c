@@ -12,8 +12,9 @@
  *   denom  =  sqrt(v) / sqrt(bc2) + eps
  *   p      <- p + (-(lr / bc1) * m) / denom  (torch's addcdiv_)
  * Built with -ffp-contract=off, no fast-math: fmaf exactly where torch fuses, sqrtf and '/' round
- * to nearest. Scalars are rounded to float32 here from the doubles the host computes as the
- * reference does.
+ * to nearest. Each tensor's step counter is incremented here, and its scalars computed from it in
+ * double as the reference computes them in Python (-(lr / (1 - pow(beta1, t))) and
+ * pow(1 - pow(beta2, t), 0.5): the same libm calls), then rounded to float32.
  *
  * Storage (adamw/states/quantize.py, rounding.py), per tensor:
  *   moments float32, float16 (to nearest), bfloat16 (stochastic rounding) or uint8: 8-bit blockwise
@@ -23,7 +24,8 @@
  *   (within one of the answer on the 2^(-k/8) ladder), then fixed by comparing with the two
  *   neighbouring midpoints: the same answer as quantize.Code.magnitude_index.
  *   Stochastic rounding draws hash32(hash32(i) ^ key), i the element's flat index in its tensor
- *   (lowbias32), keys computed on the host per tensor and purpose.
+ *   (lowbias32); key = hash32(stream_key ^ lo32(t) ^ hi32(t)) at step t, the stream keys (per
+ *   tensor and purpose, the same every step) computed on the host (rounding.py).
  *
  * Work split: each tensor is a run of 256-value blocks; the group's blocks are one range, cut into
  * one contiguous piece per thread (one OpenMP region per call). A block is processed in phases over
@@ -36,7 +38,7 @@
 #include <omp.h>
 #endif
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
+enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
 enum { UPDATE_ROUND = 0, UPDATE_STOCHASTIC = 1, UPDATE_KAHAN = 2 };
 enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_MAX = 3 };
 
@@ -48,19 +50,23 @@ enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_M
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* One tensor of a call: the host fills these (adamw/backends/cpu_lean.py, class _Tensor). */
+/* One tensor of a call (adamw/backends/cpu_lean.py, class _Tensor). The host fills what stays the
+ * same from step to step, so that it can keep a group's table and pass only the new grads; the
+ * fields marked "set here" are filled by adamw_lean_step. */
 typedef struct {
     void *param;
-    const void *grad;
+    const void *grad;      /* set here, from the call's grads */
     void *moment[3];       /* exp_avg, exp_avg_sq, max_exp_avg_sq (NULL without amsgrad) */
     float *absmax[3];      /* 8-bit only */
     uint16_t *comp;        /* Kahan only (bfloat16) */
+    void *step;            /* the step counter, a float32 or float64 scalar: incremented here */
     int64_t numel;
     int64_t first_block;   /* of this tensor in the call's block range */
-    uint32_t key[4];       /* param, exp_avg, exp_avg_sq, max_exp_avg_sq */
-    double neg_step_size;  /* -(lr / bc1) */
-    double bc2_sqrt;       /* sqrt(bc2) */
-    int32_t param_dtype, grad_dtype, moment_dtype, param_update, unscale, pad;
+    uint32_t stream_key[4];  /* per purpose: param, exp_avg, exp_avg_sq, max_exp_avg_sq */
+    uint32_t key[4];       /* set here: this step's keys */
+    double neg_step_size;  /* set here: -(lr / bc1) */
+    double bc2_sqrt;       /* set here: sqrt(bc2) */
+    int32_t param_dtype, grad_dtype, moment_dtype, param_update, unscale, step_dtype;
 } LeanTensor;
 
 /* Both tables in arithmetic form (checked against the host's tables by ladder_init: ok = 0 if not):
@@ -528,10 +534,10 @@ static void fill_table(float *bounds, const float *mids, int top) {
 }
 
 /* codes: the signed code's 256 values and 127 midpoints, then the unsigned code's 256 values and
- * 255 midpoints (adamw.states.quantize's tables, as the host passes them). Returns 0, or -1 for a
- * tensor of an unknown dtype. */
-int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, const float *codes,
-                    double decay, double lerp_weight, double beta2, double one_minus_beta2, double eps,
+ * 255 midpoints (adamw.states.quantize's tables, as the host passes them); grads: each tensor's
+ * grad. Returns 0, or -1 for a tensor of an unknown dtype (before anything changed). */
+int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const void *const *grads,
+                    const float *codes, double lr, double beta1, double beta2, double decay, double eps,
                     double grad_scale, int amsgrad, int maximize, int weight_decay, int num_threads) {
     for (int64_t k = 0; k < n; k++) {
         const LeanTensor *t = &tensors[k];
@@ -539,16 +545,33 @@ int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, 
             return -1;
         if (t->grad_dtype != DTYPE_FLOAT32 && t->grad_dtype != DTYPE_BFLOAT16 && t->grad_dtype != DTYPE_FLOAT16)
             return -1;
-        if (t->moment_dtype < DTYPE_FLOAT32 || t->moment_dtype > DTYPE_UINT8 || t->moment_dtype == 1) return -1;
+        if (t->moment_dtype < DTYPE_FLOAT32 || t->moment_dtype > DTYPE_UINT8 || t->moment_dtype == DTYPE_FLOAT64)
+            return -1;
+        if (t->step_dtype != DTYPE_FLOAT32 && t->step_dtype != DTYPE_FLOAT64) return -1;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        LeanTensor *t = &tensors[k];
+        t->grad = grads[k];
+        double step;
+        if (t->step_dtype == DTYPE_FLOAT64) {
+            step = (*(double *)t->step += 1.0);
+        } else {
+            step = (double)(*(float *)t->step += 1.0f);
+        }
+        const int64_t whole = (int64_t)step;
+        t->neg_step_size = -(lr / (1.0 - pow(beta1, (double)whole)));
+        t->bc2_sqrt = pow(1.0 - pow(beta2, (double)whole), 0.5);
+        const uint32_t mix = (uint32_t)whole ^ (uint32_t)((uint64_t)whole >> 32);
+        for (int j = 0; j < 4; j++) t->key[j] = hash32(t->stream_key[j] ^ mix);
     }
     static Group zero;
     Group gr = zero;
-    const float w = (float)lerp_weight;
+    const float w = (float)(1.0 - beta1);
     gr.decay = (float)decay;
     gr.lerp_small = fabsf(w) < 0.5f;
     gr.lerp_coeff = gr.lerp_small ? w : w - 1.0f;
     gr.beta2 = (float)beta2;
-    gr.one_minus_beta2 = (float)one_minus_beta2;
+    gr.one_minus_beta2 = (float)(1.0 - beta2);
     gr.eps = (float)eps;
     gr.grad_scale = (float)grad_scale;
     gr.amsgrad = amsgrad;
@@ -600,4 +623,4 @@ int adamw_lean_step(const LeanTensor *tensors, int64_t n, int64_t total_blocks, 
 }
 
 /* The ABI version the Python loader checks, bumped with any change to LeanTensor or adamw_lean_step. */
-int adamw_lean_abi_version(void) { return 1; }
+int adamw_lean_abi_version(void) { return 2; }

@@ -90,11 +90,20 @@ def hash32(x: Tensor) -> Tensor:
 
 def rounding_key(seed: int, step: int, stream: int = 0, purpose: int = PURPOSE_PARAM) -> int:
     """The 32-bit key of one tensor (``stream``) and use (``purpose``) at one step."""
+    return step_key(stream_key(seed, stream, purpose), step)
+
+
+def stream_key(seed: int, stream: int, purpose: int) -> int:
+    """The part of :func:`rounding_key` that stays the same from step to step."""
     key = hash32_int(seed ^ _GOLDEN)
     key = hash32_int(key ^ (seed >> 32))
     key = hash32_int(key ^ stream)
-    key = hash32_int(key ^ purpose)
-    return hash32_int(key ^ step ^ (step >> 32))
+    return hash32_int(key ^ purpose)
+
+
+def step_key(stream_key: int, step: int) -> int:
+    """:func:`rounding_key` from its :func:`stream_key` (kernels take the stream keys, and do this)."""
+    return hash32_int(stream_key ^ step ^ (step >> 32))
 
 
 def random_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Tensor:

@@ -26,15 +26,14 @@ import array
 import ctypes
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from operator import attrgetter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..states import KAHAN_KEY
-from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
+from ..states.formats import StateFormat, format_for
 from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
@@ -45,7 +44,7 @@ from ..states.rounding import (
 )
 from . import cpu
 from ._common import Hyper, host_value
-from .lean import Lean, effective_param_update, reference_step, state_columns
+from .lean import KeptLayout, Lean, effective_param_update, kernel_state_keys, reference_step, state_columns
 from .lean import real_view as _real
 
 SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
@@ -155,10 +154,9 @@ def step_lean(
     table = _tables.get(key)
     built: _Built | None = None
     if table is None or not table.fits(params, grads, states, state_steps, streams, config):
-        built = _build(params, grads, states, state_steps, streams, hyper, lean, lr, beta1, beta2)
+        built = _build(params, grads, states, state_steps, streams, hyper, lean, config, lr, beta1, beta2)
         table = built.table
-        table.config = config
-        if table.reusable:
+        if table.kept is not None:
             if len(_tables) >= _MAX_TABLES:
                 _tables.clear()
             _tables[key] = table
@@ -190,69 +188,26 @@ def step_lean(
 
 
 _data_ptr = Tensor.data_ptr
-_is_contiguous = Tensor.is_contiguous
-_dtype = attrgetter("dtype")
-_nbytes = attrgetter("nbytes")
-_is_cpu = attrgetter("is_cpu")
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
-# Tables of the groups stepped lately, keyed by their first param and size; a hit is checked by fits().
+# Tables of the groups stepped lately, keyed by their first param and size; a hit is checked by KeptLayout.
 _tables: dict[tuple[int, int], _Table] = {}
 _MAX_TABLES = 64
-
-_Layout = tuple[list[int], list[int], list[torch.dtype]]  # data pointers, sizes in bytes, dtypes
-
-
-def _layout(tensors: list[Tensor]) -> _Layout:
-    return list(map(_data_ptr, tensors)), list(map(_nbytes, tensors)), list(map(_dtype, tensors))
 
 
 @dataclass(eq=False)
 class _Table:
-    """A group's kernel rows, and the memory layout a later step must match to reuse them.
-
-    It holds no tensors (a cached table must not keep a dropped model's memory alive): a step fits
-    when the params, the state entries the rows read and the step counters have the pointers, sizes,
-    dtypes and contiguity the rows were built from, and the grads the sizes and dtypes. Everything
-    else a row says follows from those (its format from the param's dtype and size).
-    """
+    """A group's kernel rows (pointers, sizes, formats, stream keys), and the layout they were built
+    from (None: built from staged copies, host-divided grads or with params the reference stepped,
+    so not reusable)."""
 
     rows: ctypes.Array[_Tensor]
     count: int
     total_blocks: int
-    reusable: bool  # False when the build staged copies, divided grads on the host or ran the reference
-    grad_ptrs: array.array[int] = field(default_factory=lambda: array.array("Q"))
-    config: tuple[object, ...] = ()
-    streams: list[int] = field(default_factory=list)
-    state_keys: list[tuple[str, ...]] = field(default_factory=list)
-    layout: _Layout = ([], [], [])  # params, then the state entries, then the step counters
-    grad_layout: tuple[list[int], list[torch.dtype]] = ([], [])
+    grad_ptrs: array.array[int]
+    kept: KeptLayout | None = None
 
-    def fits(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        steps: list[Tensor],
-        streams: list[int],
-        config: tuple[object, ...],
-    ) -> bool:
-        if config != self.config or streams != self.streams or len(states) != len(self.state_keys):
-            return False
-        try:
-            entries = [state[key] for state, keys in zip(states, self.state_keys, strict=True) for key in keys]
-        except KeyError:
-            return False
-        if not set(map(type, entries)) <= _PLAIN_TYPES:  # e.g. a DTensor, whose memory is not its own
-            return False
-        current = [*params, *entries, *steps]
-        if _layout(current) != self.layout or not all(map(_is_contiguous, current)):
-            return False
-        return (
-            (list(map(_nbytes, grads)), list(map(_dtype, grads))) == self.grad_layout
-            and all(map(_is_contiguous, grads))
-            and all(map(_is_cpu, grads))
-        )
+    def fits(self, *args: Any) -> bool:
+        return self.kept is not None and self.kept.fits(*args)
 
 
 @dataclass
@@ -273,6 +228,7 @@ def _build(
     streams: list[int],
     hyper: Hyper,
     lean: Lean,
+    config: tuple[object, ...],
     lr: float,
     beta1: float,
     beta2: float,
@@ -285,7 +241,6 @@ def _build(
     written_back: list[tuple[Tensor, Tensor]] = []
     keep_alive: list[Tensor] = []
     state_keys: list[tuple[str, ...]] = []
-    entries: list[Tensor] = []
     reusable = True
     total_blocks = 0
     for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
@@ -327,36 +282,21 @@ def _build(
         rows.append(row)
         row_grads.append(real_grad)
         total_blocks += num_blocks(real.numel())
-        keys = _state_keys(fmt, hyper.amsgrad, param_update)
-        state_keys.append(keys)
-        entries += [state[key] for key in keys]
+        state_keys.append(kernel_state_keys(fmt, hyper.amsgrad, param_update))
     table = _Table(
         rows=(_Tensor * len(rows))(*rows),
         count=len(rows),
         total_blocks=total_blocks,
-        reusable=reusable,
         grad_ptrs=array.array("Q", [0] * len(rows)),
     )
     if reusable:
-        table.streams, table.state_keys = list(streams), state_keys
-        table.layout = _layout([*params, *entries, *state_steps])
-        table.grad_layout = (list(map(_nbytes, grads)), list(map(_dtype, grads)))
+        table.kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
     return _Built(table, row_grads, written_back, keep_alive)
 
 
 def _kernel_counts(step: Tensor) -> bool:
     """Whether the kernel can increment this step counter in place."""
     return step.is_cpu and step.dtype in _STEP_CODES and step.numel() == 1 and step.is_contiguous()
-
-
-def _state_keys(fmt: StateFormat, amsgrad: bool, param_update: str) -> tuple[str, ...]:
-    """The state entries the kernel reads for a param (those state_columns took)."""
-    keys = list(MOMENTS if amsgrad else MOMENTS[:2])
-    if isinstance(fmt, Int8Format):
-        keys += [key + ABSMAX_SUFFIX for key in keys]
-    if param_update == "kahan":
-        keys.append(KAHAN_KEY)
-    return tuple(keys)
 
 
 def _columns(

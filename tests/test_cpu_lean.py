@@ -10,35 +10,46 @@ within 1 ulp but not always correctly rounded, and the kernel's ``sqrtf`` is. Th
 the reference a correctly rounded sqrt (numpy's); ``test_torch_sqrt_moves_params_by_ulps`` checks
 what that leaves against torch's own: the moments stay bitwise (the sqrt only feeds the param), the
 params within the bound a 1-ulp denominator implies.
+
+The helpers, the FLAGS table and the ``rounded_sqrt`` fixture are shared with tests/test_triton_lean.py
+(tests/_lean_kernel_cases.py); each file keeps its own CASES and param shapes.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
+import _lean_kernel_cases
 import adamw
+from _lean_kernel_cases import (
+    FLAGS,
+    STEPS,
+    Case,
+    LeanKernel,
+    as_real,
+    assert_bitwise,
+    assert_same_run,
+    make_grads,
+)
 from adamw.backends import cpu_lean
 from adamw.states import SIGNED_CODE, quantize
 
-STEPS = 3
-SEED = 1234
+rounded_sqrt = _lean_kernel_cases.rounded_sqrt  # the fixture, where pytest finds it for this module's tests
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
-# Per case: state_precision, param_update, and the dtypes of the params (shapes in make_params):
+# Per case: state_precision, param_update, and the dtypes of the params (shapes in SHAPES):
 # 4196 values (8-bit: a short last block), a transposed 64x72 (run through contiguous copies), a
 # 7x5 (float32 moments under "8bit": a group mixing 8-bit and float32 moments) and 5000 values.
 # Extras test what the kernel routes elsewhere: a float64 param (the reference steps it) and a
 # complex64 one (its real view).
-CASES: dict[str, tuple[str, str, list[torch.dtype]]] = {
+CASES: dict[str, Case] = {
     "8bit": ("8bit", "round", [f32, f32, f32, torch.complex64]),
     "bf16": ("bf16", "round", [f32, bf16, f16, torch.float64]),
     "param-stochastic": ("param", "stochastic", [bf16, bf16, f16, bf16]),  # float16: moments in float16
@@ -46,111 +57,8 @@ CASES: dict[str, tuple[str, str, list[torch.dtype]]] = {
     "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16, bf16]),
     "8bit-kahan": ("8bit", "kahan", [bf16, f16, bf16, f32]),  # float16: rounded to nearest
 }
-FLAGS: dict[str, dict[str, Any]] = {
-    "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),
-    "amsgrad-wd": dict(amsgrad=True, maximize=False, weight_decay=0.1, betas=(0.9, 0.999)),
-    # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
-    "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
-}
-
-
-@pytest.fixture
-def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The reference with a correctly rounded float32 sqrt (see the module docstring)."""
-    torch_sqrt = torch.Tensor.sqrt
-
-    def sqrt(self: Tensor) -> Tensor:
-        if self.dtype == torch.float32 and self.device.type == "cpu":
-            return torch.from_numpy(np.sqrt(self.detach().numpy()))
-        return torch_sqrt(self)
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
-    yield
-
-
-def make_params(dtypes: list[torch.dtype]) -> list[Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    shapes: list[tuple[int, ...]] = [(4196,), (72, 64), (7, 5), (5000,)]
-    params = []
-    for dtype, shape in zip(dtypes, shapes, strict=False):
-        p = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32)
-        params.append(p.to(dtype))
-    params[1] = params[1].t()  # a transposed view
-    return params
-
-
-def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(steps):
-        grads = []
-        for p in params:
-            g = torch.randn(p.shape, generator=gen, dtype=torch.complex64 if p.is_complex() else torch.float32)
-            grads.append((g * scale).to(p.dtype))
-        out.append(grads)
-    return out
-
-
-def optimizer(params: list[Tensor], fused: bool, state_precision: str, param_update: str, **flags: Any) -> Any:
-    return adamw.AdamW(
-        params,
-        lr=1e-2,
-        fused=True if fused else None,
-        backend=None if fused else "forloop",
-        state_precision=state_precision,
-        param_update=param_update,
-        seed=SEED,
-        **flags,
-    )
-
-
-def leaves(init: list[Tensor]) -> list[Tensor]:
-    """Copies of ``init`` with the same layout (the transposed view stays transposed)."""
-    return [torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(p)) for p in init]
-
-
-def bits(t: Tensor) -> Tensor:
-    t = _real(t.detach())
-    return t.reshape(-1).contiguous().view(torch.uint8)
-
-
-def assert_bitwise(ours: Tensor, ref: Tensor, what: str) -> None:
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{what}: {ours.dtype} {ours.shape} vs {ref.dtype}"
-    if not torch.equal(bits(ours), bits(ref)):
-        a, b = _real(ours.detach()).double(), _real(ref.detach()).double()
-        differ = (a != b).sum().item()
-        raise AssertionError(f"{what}: {differ} of {ref.numel()} differ, max |diff| {(a - b).abs().max().item():.3g}")
-
-
-def assert_same_run(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
-    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
-        assert_bitwise(p, q, f"step {step}, param {i}")
-        mine, theirs = ours.state[p], ref.state[q]
-        assert set(mine) == set(theirs), f"param {i}: state keys {sorted(mine)} vs {sorted(theirs)}"
-        for key in theirs:
-            assert_bitwise(mine[key], theirs[key], f"step {step}, param {i}, state[{key!r}]")
-
-
-def run_both(
-    case: str, flags: dict[str, Any], steps: int = STEPS, grad_scale: float | None = None
-) -> tuple[Any, Any, list[Tensor], list[Tensor], list[list[Tensor]]]:
-    state_precision, param_update, dtypes = CASES[case]
-    init = make_params(dtypes)
-    params, ref_params = leaves(init), leaves(init)
-    ours = optimizer(params, True, state_precision, param_update, **flags)
-    ref = optimizer(ref_params, False, state_precision, param_update, **flags)
-    grads = make_grads(init, steps, scale=grad_scale or 1.0)
-    if grad_scale is not None:
-        ours.grad_scale, ref.grad_scale = torch.tensor(grad_scale), torch.tensor(grad_scale)
-        ours.found_inf, ref.found_inf = torch.tensor(0.0), torch.tensor(0.0)
-    return ours, ref, params, ref_params, grads
-
-
-def step_both(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], grads: list[Tensor]) -> None:
-    for p, q, g in zip(params, ref_params, grads, strict=True):
-        p.grad, q.grad = g.clone(), g.clone()
-    ours.step()
-    ref.step()
+SHAPES: list[tuple[int, ...]] = [(4196,), (72, 64), (7, 5), (5000,)]
+KERNEL = LeanKernel(options={"fused": True}, device=torch.device("cpu"), cases=CASES, shapes=SHAPES)
 
 
 @pytest.fixture
@@ -171,9 +79,9 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case: str, flags: dict[str, Any], rounded_sqrt: None, kernel_calls: list[int]) -> None:
-    ours, ref, params, ref_params, grads = run_both(case, flags)
+    ours, ref, params, ref_params, grads = KERNEL.run_both(case, flags)
     for step, step_grads in enumerate(grads, 1):
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         assert_same_run(ours, ref, params, ref_params, step)
     expected = sum(p.dtype != torch.float64 for p in params)
     assert kernel_calls == [expected] * STEPS, "one kernel call per step, for every param it takes"
@@ -183,8 +91,8 @@ def test_matches_reference(case: str, flags: dict[str, Any], rounded_sqrt: None,
 def test_grad_scale_and_found_inf(case: str, rounded_sqrt: None) -> None:
     """GradScaler's contract as the reference reads it: grads divided by grad_scale (float32 grads in
     the kernel, others by torch's op), and a nonzero found_inf skips the step, counters included."""
-    ours, ref, params, ref_params, grads = run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
-    step_both(ours, ref, params, ref_params, grads[0])
+    ours, ref, params, ref_params, grads = KERNEL.run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
+    KERNEL.step_both(ours, ref, params, ref_params, grads[0])
     assert_same_run(ours, ref, params, ref_params, 1)
 
     before = [(p.detach().clone(), {k: v.clone() for k, v in ours.state[p].items()}) for p in params]
@@ -213,11 +121,9 @@ def test_codes_on_midpoints(rounded_sqrt: None) -> None:
     ]
     grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
     init = [torch.randn(grad.numel())]
-    params, ref_params = leaves(init), leaves(init)
     flags = dict(betas=(0.0, 0.999), weight_decay=0.0)
-    ours = optimizer(params, True, "8bit", "round", **flags)
-    ref = optimizer(ref_params, False, "8bit", "round", **flags)
-    step_both(ours, ref, params, ref_params, [grad])
+    ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", **flags)
+    KERNEL.step_both(ours, ref, params, ref_params, [grad])
     codes, absmax = quantize(grad, SIGNED_CODE)
     assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
     assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
@@ -233,11 +139,9 @@ def test_unsigned_codes_over_the_range(rounded_sqrt: None) -> None:
     grad = (block * jitter).clamp(max=1.0).reshape(-1)
     grad = grad * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
     init = [torch.randn(n)]
-    params, ref_params = leaves(init), leaves(init)
     flags = dict(betas=(0.0, 0.0), weight_decay=0.0)
-    ours = optimizer(params, True, "8bit", "round", **flags)
-    ref = optimizer(ref_params, False, "8bit", "round", **flags)
-    step_both(ours, ref, params, ref_params, [grad])
+    ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", **flags)
+    KERNEL.step_both(ours, ref, params, ref_params, [grad])
     assert len(torch.unique(ref.state[ref_params[0]]["exp_avg_sq"])) > 200
     assert_same_run(ours, ref, params, ref_params, 1)
 
@@ -258,11 +162,9 @@ def test_codes_of_random_bit_patterns(flags: dict[str, Any], rounded_sqrt: None)
         g[1::7] = 0.0  # whole zero blocks
         grads.append([g.reshape(-1)])
     init = [torch.randn(n, generator=gen)]
-    params, ref_params = leaves(init), leaves(init)
-    ours = optimizer(params, True, "8bit", "round", **{**flags, "betas": (0.0, 0.0)})
-    ref = optimizer(ref_params, False, "8bit", "round", **{**flags, "betas": (0.0, 0.0)})
+    ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", **{**flags, "betas": (0.0, 0.0)})
     for step, step_grads in enumerate(grads, 1):
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         assert_same_run(ours, ref, params, ref_params, step)
         if not flags["maximize"]:
             codes, _ = quantize(step_grads[0], SIGNED_CODE)
@@ -287,11 +189,9 @@ def test_non_finite_and_extreme_values(flags: dict[str, Any], rounded_sqrt: None
         g[9 * 256 : 10 * 256] *= 1e-30
         grads.append([g])
     init = [torch.randn(n, generator=gen)]
-    params, ref_params = leaves(init), leaves(init)
-    ours = optimizer(params, True, "8bit", "round", **flags)
-    ref = optimizer(ref_params, False, "8bit", "round", **flags)
+    ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", **flags)
     for step, step_grads in enumerate(grads, 1):
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         assert_same_run(ours, ref, params, ref_params, step)
 
 
@@ -311,10 +211,8 @@ def test_codes_near_midpoints_of_any_absmax(rounded_sqrt: None) -> None:
     grad = torch.cat(blocks)
     init = [torch.randn(grad.numel(), generator=gen)]
     for flags in ({"betas": (0.0, 0.0), "amsgrad": True}, {"betas": (0.0, 0.999)}):
-        params, ref_params = leaves(init), leaves(init)
-        ours = optimizer(params, True, "8bit", "round", weight_decay=0.0, **flags)
-        ref = optimizer(ref_params, False, "8bit", "round", weight_decay=0.0, **flags)
-        step_both(ours, ref, params, ref_params, [grad])
+        ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", weight_decay=0.0, **flags)
+        KERNEL.step_both(ours, ref, params, ref_params, [grad])
         codes, absmax = quantize(grad, SIGNED_CODE)
         assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
         assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
@@ -325,23 +223,19 @@ def test_torch_sqrt_moves_params_by_ulps() -> None:
     """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
     param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most
     two ulps of it, and the sum may then round the other way)."""
-    ours, ref, params, ref_params, grads = run_both("8bit", FLAGS["amsgrad-wd"])
-    tolerance = [torch.zeros(_real(q).shape, dtype=torch.float64) for q in ref_params]
+    ours, ref, params, ref_params, grads = KERNEL.run_both("8bit", FLAGS["amsgrad-wd"])
+    tolerance = [torch.zeros(as_real(q).shape, dtype=torch.float64) for q in ref_params]
     for step, step_grads in enumerate(grads, 1):
         previous = [q.detach().clone() for q in ref_params]
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         for i, (p, q, prev) in enumerate(zip(params, ref_params, previous, strict=True)):
             for key in ref.state[q]:
                 assert_bitwise(ours.state[p][key], ref.state[q][key], f"step {step}, param {i}, state[{key!r}]")
-            value, update = _real(q.detach()), _real(q.detach() - prev)
+            value, update = as_real(q.detach()), as_real(q.detach() - prev)
             ulp = (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
             tolerance[i] = tolerance[i] + ulp + 2.0**-21 * update.abs().double()
-            diff = (_real(p.detach()).double() - value.double()).abs()
+            diff = (as_real(p.detach()).double() - value.double()).abs()
             assert bool((diff <= tolerance[i]).all()), f"step {step}, param {i}: {diff.max().item():.3g} over"
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,12 +257,10 @@ def table_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def run_contiguous(case: str, flags: dict[str, Any]) -> tuple[Any, Any, list[Tensor], list[Tensor]]:
-    """As run_both, with every param contiguous (so that nothing needs a staged copy)."""
+    """As KERNEL.run_both, with every param contiguous (so that nothing needs a staged copy)."""
     state_precision, param_update, dtypes = CASES[case]
-    init = [p.contiguous() for p in make_params(dtypes)]
-    params, ref_params = leaves(init), leaves(init)
-    ours = optimizer(params, True, state_precision, param_update, **flags)
-    ref = optimizer(ref_params, False, state_precision, param_update, **flags)
+    init = [p.contiguous() for p in KERNEL.make_params(dtypes)]
+    ours, ref, params, ref_params = KERNEL.pair(init, state_precision, param_update, **flags)
     return ours, ref, params, ref_params
 
 
@@ -384,7 +276,7 @@ def test_a_kept_table_matches_reference(
     rounding keys from the counters, bit for bit as the reference does."""
     ours, ref, params, ref_params = run_contiguous(case, flags)
     for step, step_grads in enumerate(make_grads(params, 5), 1):
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         assert_same_run(ours, ref, params, ref_params, step)
     assert table_builds == [len(params)]
     assert kernel_calls == [len(params)] * 5
@@ -419,12 +311,12 @@ def test_a_table_is_rebuilt_when_memory_moves(
     ours, ref, params, ref_params = run_contiguous(case, FLAGS["amsgrad-wd"])
     grads = make_grads(params, 5)
     for step in (1, 2):
-        step_both(ours, ref, params, ref_params, grads[step - 1])
+        KERNEL.step_both(ours, ref, params, ref_params, grads[step - 1])
     assert table_builds == [len(params)]
     CHANGES[change](ours, params)
     CHANGES[change](ref, ref_params)
     for step in (3, 4, 5):
-        step_both(ours, ref, params, ref_params, grads[step - 1])
+        KERNEL.step_both(ours, ref, params, ref_params, grads[step - 1])
         assert_same_run(ours, ref, params, ref_params, step)
     assert table_builds == [len(params)] * 2, "rebuilt once, after the change, then kept"
 

@@ -13,6 +13,9 @@ is (``sqrt_rn``). The bitwise tests give the reference a correctly rounded sqrt 
 ``test_torch_sqrt_moves_params_by_ulps`` checks what that leaves against torch's own: the moments
 are still bitwise (the sqrt only feeds the param), the params within the bound a 1-ulp denominator
 implies.
+
+The helpers, the FLAGS table and the ``rounded_sqrt`` fixture are shared with tests/test_cpu_lean.py
+(tests/_lean_kernel_cases.py); each file keeps its own CASES and param shapes.
 """
 
 from __future__ import annotations
@@ -22,17 +25,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from torch import Tensor
 
 pytest.importorskip("triton")
 
-import adamw  # noqa: E402
+import _lean_kernel_cases  # noqa: E402
+from _lean_kernel_cases import FLAGS, Case, LeanKernel, as_real, assert_bitwise, assert_same_run  # noqa: E402
 from adamw.states import SIGNED_CODE, quantize  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -40,136 +41,24 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
 
-STEPS = 3
-SEED = 1234
+rounded_sqrt = _lean_kernel_cases.rounded_sqrt  # the fixture, where pytest finds it for this module's tests
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
-# Per case: state_precision, param_update, and the dtypes of three params (shapes in make_params):
+# Per case: state_precision, param_update, and the dtypes of three params (shapes in SHAPES):
 # 4196 values (8-bit: the last program has a short block and one wholly past the end), a transposed
 # 64x72 (run through contiguous copies) and a 7x5 (float32 moments under "8bit"). Extras test what
 # the kernel routes elsewhere: a float64 param (the reference steps it) and a complex64 one (its real
 # view, 8-bit).
-CASES: dict[str, tuple[str, str, list[torch.dtype]]] = {
+CASES: dict[str, Case] = {
     "8bit": ("8bit", "round", [f32, f32, f32, torch.complex64]),
     "bf16": ("bf16", "round", [f32, bf16, f16, torch.float64]),
     "param-stochastic": ("param", "stochastic", [bf16, bf16, f16]),  # float16: rounded, moments in float16
     "param-kahan": ("param", "kahan", [bf16, bf16, f32]),  # float32: plain, float32 moments
     "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16]),
 }
-FLAGS: dict[str, dict[str, Any]] = {
-    "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),
-    "amsgrad-wd": dict(amsgrad=True, maximize=False, weight_decay=0.1, betas=(0.9, 0.999)),
-    # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
-    "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
-
-
-@pytest.fixture
-def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The reference with a correctly rounded float32 sqrt on the CPU (see the module docstring)."""
-    torch_sqrt = torch.Tensor.sqrt
-
-    def sqrt(self: Tensor) -> Tensor:
-        if self.dtype == torch.float32 and self.device.type == "cpu":
-            return torch.from_numpy(np.asarray(np.sqrt(self.detach().numpy())))
-        return torch_sqrt(self)
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
-    yield
-
-
-def make_params(dtypes: list[torch.dtype]) -> list[Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    shapes: list[tuple[int, ...]] = [(4196,), (72, 64), (7, 5), (2100,)]
-    params = []
-    for dtype, shape in zip(dtypes, shapes, strict=False):
-        p = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32)
-        params.append(p.to(dtype))
-    params[1] = params[1].t()  # a transposed view
-    return params
-
-
-def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(steps):
-        grads = []
-        for p in params:
-            g = torch.randn(p.shape, generator=gen, dtype=torch.complex64 if p.is_complex() else torch.float32)
-            grads.append((g * scale).to(p.dtype))
-        out.append(grads)
-    return out
-
-
-def optimizer(params: list[Tensor], backend: str, state_precision: str, param_update: str, **flags: Any) -> Any:
-    return adamw.AdamW(
-        params,
-        lr=1e-2,
-        backend=backend,
-        state_precision=state_precision,
-        param_update=param_update,
-        seed=SEED,
-        **flags,
-    )
-
-
-def leaves(init: list[Tensor], device: torch.device) -> list[Tensor]:
-    """Copies of ``init`` on ``device``, with the same layout (the transposed view stays transposed)."""
-    out = []
-    for p in init:
-        copy = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device).copy_(p)
-        out.append(torch.nn.Parameter(copy))
-    return out
-
-
-def bits(t: Tensor) -> Tensor:
-    t = t.detach().cpu()
-    t = torch.view_as_real(t) if t.is_complex() else t
-    return t.reshape(-1).contiguous().view(torch.uint8)
-
-
-def assert_bitwise(ours: Tensor, ref: Tensor, what: str) -> None:
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{what}: {ours.dtype} {ours.shape} vs {ref.dtype}"
-    if not torch.equal(bits(ours), bits(ref)):
-        a, b = _real(ours.detach().cpu()).double(), _real(ref.detach()).double()
-        differ = (a != b).sum().item()
-        raise AssertionError(f"{what}: {differ} of {ref.numel()} differ, max |diff| {(a - b).abs().max().item():.3g}")
-
-
-def assert_same_run(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
-    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
-        assert_bitwise(p, q, f"step {step}, param {i}")
-        mine, theirs = ours.state[p], ref.state[q]
-        assert set(mine) == set(theirs), f"param {i}: state keys {sorted(mine)} vs {sorted(theirs)}"
-        for key in theirs:
-            assert_bitwise(mine[key], theirs[key], f"step {step}, param {i}, state[{key!r}]")
-
-
-def run_both(
-    case: str, flags: dict[str, Any], steps: int = STEPS, grad_scale: float | None = None
-) -> tuple[Any, Any, list[Tensor], list[Tensor], list[list[Tensor]]]:
-    state_precision, param_update, dtypes = CASES[case]
-    init = make_params(dtypes)
-    params, ref_params = leaves(init, DEVICE), leaves(init, torch.device("cpu"))
-    ours = optimizer(params, "triton", state_precision, param_update, **flags)
-    ref = optimizer(ref_params, "forloop", state_precision, param_update, **flags)
-    grads = make_grads(init, steps, scale=grad_scale or 1.0)
-    if grad_scale is not None:
-        ours.grad_scale, ref.grad_scale = torch.tensor(grad_scale, device=DEVICE), torch.tensor(grad_scale)
-        ours.found_inf, ref.found_inf = torch.tensor(0.0, device=DEVICE), torch.tensor(0.0)
-    return ours, ref, params, ref_params, grads
-
-
-def step_both(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], grads: list[Tensor]) -> None:
-    for p, q, g in zip(params, ref_params, grads, strict=True):
-        p.grad, q.grad = g.to(DEVICE), g.clone()
-    ours.step()
-    ref.step()
+SHAPES: list[tuple[int, ...]] = [(4196,), (72, 64), (7, 5), (2100,)]
+KERNEL = LeanKernel(options={"backend": "triton"}, device=DEVICE, cases=CASES, shapes=SHAPES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,9 +68,9 @@ def step_both(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case: str, flags: dict[str, Any], rounded_sqrt: None) -> None:
-    ours, ref, params, ref_params, grads = run_both(case, flags)
+    ours, ref, params, ref_params, grads = KERNEL.run_both(case, flags)
     for step, step_grads in enumerate(grads, 1):
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         assert_same_run(ours, ref, params, ref_params, step)
 
 
@@ -189,8 +78,8 @@ def test_matches_reference(case: str, flags: dict[str, Any], rounded_sqrt: None)
 def test_grad_scale_and_found_inf(case: str, rounded_sqrt: None) -> None:
     """GradScaler's contract as the reference reads it: grads divided by grad_scale (float32 grads in
     the kernel, others by torch's op), and a nonzero found_inf skips the step, counters included."""
-    ours, ref, params, ref_params, grads = run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
-    step_both(ours, ref, params, ref_params, grads[0])
+    ours, ref, params, ref_params, grads = KERNEL.run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
+    KERNEL.step_both(ours, ref, params, ref_params, grads[0])
     assert_same_run(ours, ref, params, ref_params, 1)
 
     before = [(p.detach().clone(), {k: v.clone() for k, v in ours.state[p].items()}) for p in params]
@@ -219,11 +108,9 @@ def test_codes_on_midpoints(rounded_sqrt: None) -> None:
     ]
     grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
     init = [torch.randn(grad.numel())]
-    params, ref_params = leaves(init, DEVICE), leaves(init, torch.device("cpu"))
     flags = dict(betas=(0.0, 0.999), weight_decay=0.0)
-    ours = optimizer(params, "triton", "8bit", "round", **flags)
-    ref = optimizer(ref_params, "forloop", "8bit", "round", **flags)
-    step_both(ours, ref, params, ref_params, [grad])
+    ours, ref, params, ref_params = KERNEL.pair(init, "8bit", "round", **flags)
+    KERNEL.step_both(ours, ref, params, ref_params, [grad])
     codes, absmax = quantize(grad, SIGNED_CODE)
     assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
     assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
@@ -234,23 +121,19 @@ def test_torch_sqrt_moves_params_by_ulps() -> None:
     """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
     param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most
     two ulps of it, and the sum may then round the other way)."""
-    ours, ref, params, ref_params, grads = run_both("8bit", FLAGS["amsgrad-wd"])
-    tolerance = [torch.zeros(_real(q).shape, dtype=torch.float64) for q in ref_params]
+    ours, ref, params, ref_params, grads = KERNEL.run_both("8bit", FLAGS["amsgrad-wd"])
+    tolerance = [torch.zeros(as_real(q).shape, dtype=torch.float64) for q in ref_params]
     for step, step_grads in enumerate(grads, 1):
         previous = [q.detach().clone() for q in ref_params]
-        step_both(ours, ref, params, ref_params, step_grads)
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
         for i, (p, q, prev) in enumerate(zip(params, ref_params, previous, strict=True)):
             for key in ref.state[q]:
                 assert_bitwise(ours.state[p][key], ref.state[q][key], f"step {step}, param {i}, state[{key!r}]")
-            value, update = _real(q.detach()), _real(q.detach() - prev)
+            value, update = as_real(q.detach()), as_real(q.detach() - prev)
             ulp = (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
             tolerance[i] = tolerance[i] + ulp + 2.0**-21 * update.abs().double()
-            diff = (_real(p.detach().cpu()).double() - value.double()).abs()
+            diff = (as_real(p.detach().cpu()).double() - value.double()).abs()
             assert bool((diff <= tolerance[i]).all()), f"step {step}, param {i}: {diff.max().item():.3g} over"
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 # --------------------------------------------------------------------------------------------------

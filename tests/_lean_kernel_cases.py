@@ -1,0 +1,164 @@
+"""Shared by the lean kernels' bitwise tests (tests/test_cpu_lean.py and tests/test_triton_lean.py).
+
+Each runs its kernel and the lean reference (``backend="forloop"``, which runs
+:func:`adamw.states.lean_step` on the CPU) side by side on copies of the same params and compares
+params and state bit for bit. What differs between the two files is a :class:`LeanKernel`: the AdamW
+options that pick the kernel, the device its params live on, and each file's cases and param shapes.
+The ``rounded_sqrt`` fixture is defined here; a test module that uses it imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import adamw
+
+STEPS = 3
+SEED = 1234
+
+CPU = torch.device("cpu")
+REFERENCE: dict[str, Any] = {"backend": "forloop"}
+
+# Per case: state_precision, param_update, and the dtypes of the params (their shapes: LeanKernel.shapes).
+Case = tuple[str, str, list[torch.dtype]]
+
+FLAGS: dict[str, dict[str, Any]] = {
+    "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),
+    "amsgrad-wd": dict(amsgrad=True, maximize=False, weight_decay=0.1, betas=(0.9, 0.999)),
+    # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
+    "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
+}
+
+
+@pytest.fixture
+def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The reference with a correctly rounded float32 sqrt on the CPU (numpy's): torch's is within
+    1 ulp but not always correctly rounded, the kernels' is (see the test modules' docstrings)."""
+    torch_sqrt = torch.Tensor.sqrt
+
+    def sqrt(self: Tensor) -> Tensor:
+        if self.dtype == torch.float32 and self.device.type == "cpu":
+            return torch.from_numpy(np.asarray(np.sqrt(self.detach().numpy())))
+        return torch_sqrt(self)
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
+    yield
+
+
+def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.complex64 if p.is_complex() else torch.float32)
+            grads.append((g * scale).to(p.dtype))
+        out.append(grads)
+    return out
+
+
+def leaves(init: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Copies of ``init`` on ``device``, with the same layout (the transposed view stays transposed)."""
+    out = []
+    for p in init:
+        copy = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device).copy_(p)
+        out.append(torch.nn.Parameter(copy))
+    return out
+
+
+def optimizer(
+    params: list[Tensor], options: dict[str, Any], state_precision: str, param_update: str, **flags: Any
+) -> Any:
+    """An AdamW whose ``options`` pick the implementation (a kernel's, or :data:`REFERENCE`)."""
+    return adamw.AdamW(
+        params,
+        lr=1e-2,
+        state_precision=state_precision,
+        param_update=param_update,
+        seed=SEED,
+        **options,
+        **flags,
+    )
+
+
+def as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def bits(t: Tensor) -> Tensor:
+    t = as_real(t.detach().cpu())
+    return t.reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_bitwise(ours: Tensor, ref: Tensor, what: str) -> None:
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, f"{what}: {ours.dtype} {ours.shape} vs {ref.dtype}"
+    if not torch.equal(bits(ours), bits(ref)):
+        a, b = as_real(ours.detach().cpu()).double(), as_real(ref.detach().cpu()).double()
+        differ = (a != b).sum().item()
+        raise AssertionError(f"{what}: {differ} of {ref.numel()} differ, max |diff| {(a - b).abs().max().item():.3g}")
+
+
+def assert_same_run(ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
+    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+        assert_bitwise(p, q, f"step {step}, param {i}")
+        mine, theirs = ours.state[p], ref.state[q]
+        assert set(mine) == set(theirs), f"param {i}: state keys {sorted(mine)} vs {sorted(theirs)}"
+        for key in theirs:
+            assert_bitwise(mine[key], theirs[key], f"step {step}, param {i}, state[{key!r}]")
+
+
+@dataclass(frozen=True)
+class LeanKernel:
+    """One lean kernel under test: ``options`` pick it in AdamW (``fused=True``, ``backend="triton"``),
+    its params live on ``device`` (the reference's on the CPU), ``cases`` name a :data:`Case` each
+    and ``shapes`` are the params' shapes (the second one is stepped as a transposed view)."""
+
+    options: dict[str, Any]
+    device: torch.device
+    cases: dict[str, Case]
+    shapes: list[tuple[int, ...]]
+
+    def make_params(self, dtypes: list[torch.dtype]) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for dtype, shape in zip(dtypes, self.shapes, strict=False):
+            p = torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32)
+            params.append(p.to(dtype))
+        params[1] = params[1].t()  # a transposed view
+        return params
+
+    def pair(
+        self, init: list[Tensor], state_precision: str, param_update: str, **flags: Any
+    ) -> tuple[Any, Any, list[Tensor], list[Tensor]]:
+        """The kernel's optimizer and the reference's, each on its own copies of ``init``."""
+        params, ref_params = leaves(init, self.device), leaves(init, CPU)
+        ours = optimizer(params, self.options, state_precision, param_update, **flags)
+        ref = optimizer(ref_params, REFERENCE, state_precision, param_update, **flags)
+        return ours, ref, params, ref_params
+
+    def run_both(
+        self, case: str, flags: dict[str, Any], steps: int = STEPS, grad_scale: float | None = None
+    ) -> tuple[Any, Any, list[Tensor], list[Tensor], list[list[Tensor]]]:
+        state_precision, param_update, dtypes = self.cases[case]
+        init = self.make_params(dtypes)
+        ours, ref, params, ref_params = self.pair(init, state_precision, param_update, **flags)
+        grads = make_grads(init, steps, scale=grad_scale or 1.0)
+        if grad_scale is not None:
+            ours.grad_scale, ref.grad_scale = torch.tensor(grad_scale, device=self.device), torch.tensor(grad_scale)
+            ours.found_inf, ref.found_inf = torch.tensor(0.0, device=self.device), torch.tensor(0.0)
+        return ours, ref, params, ref_params, grads
+
+    def step_both(
+        self, ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        for p, q, g in zip(params, ref_params, grads, strict=True):
+            p.grad, q.grad = g.to(self.device, copy=True), g.clone()
+        ours.step()
+        ref.step()

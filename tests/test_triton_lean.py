@@ -20,6 +20,7 @@ The helpers, the FLAGS table and the ``rounded_sqrt`` fixture are shared with te
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -33,7 +34,15 @@ import torch
 pytest.importorskip("triton")
 
 import _lean_kernel_cases  # noqa: E402
-from _lean_kernel_cases import FLAGS, Case, LeanKernel, as_real, assert_bitwise, assert_same_run  # noqa: E402
+from _lean_kernel_cases import (  # noqa: E402
+    FLAGS,
+    Case,
+    LeanKernel,
+    as_real,
+    assert_bitwise,
+    assert_same_run,
+    make_grads,
+)
 from adamw.states import SIGNED_CODE, quantize  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -177,6 +186,73 @@ _COMPILE_CHECK = textwrap.dedent(
     print("ok")
     """
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# the launches kept from step to step
+
+
+@pytest.fixture
+def launch_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of params of each launch table built (a kept launch is not built again)."""
+    from adamw.backends import triton as triton_backend
+
+    builds: list[int] = []
+    original = triton_backend._lean_launch
+
+    def counting(key: Any, positions: list[int], *args: Any) -> Any:
+        builds.append(len(positions))
+        return original(key, positions, *args)
+
+    monkeypatch.setattr(triton_backend, "_lean_launch", counting)
+    return builds
+
+
+def _contiguous_pair(case: str, flags: dict[str, Any]) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
+    """As KERNEL.run_both, with every param contiguous (so that nothing needs a staged copy)."""
+    state_precision, param_update, dtypes = CASES[case]
+    init = [p.contiguous() for p in KERNEL.make_params(dtypes)]
+    return KERNEL.pair(init, state_precision, param_update, **flags)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, dtypes) in CASES.items() if torch.float64 not in dtypes])
+def test_kept_launches_match_reference(case: str, rounded_sqrt: None, launch_builds: list[int]) -> None:
+    """Built on the first step and kept for the next three: only the grads' addresses, the rounding
+    keys and the step scalars change, bit for bit as the reference computes them."""
+    ours, ref, params, ref_params = _contiguous_pair(case, FLAGS["maximize-amsgrad-lerp"])
+    for step, step_grads in enumerate(make_grads(params, 4), 1):
+        KERNEL.step_both(ours, ref, params, ref_params, step_grads)
+        assert_same_run(ours, ref, params, ref_params, step)
+        if step == 1:
+            first = list(launch_builds)
+    assert sum(first) == len(params) and launch_builds == first
+
+
+MOVES = {
+    # new state tensors, loaded from a checkpoint (a copy: loading the live state dict keeps its tensors)
+    "load_state_dict": lambda opt, params: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+    # a param moved to new memory (as some wrappers do with .data)
+    "param.data": lambda opt, params: setattr(params[0], "data", params[0].data.clone()),
+    # a moment replaced by hand
+    "state entry": lambda opt, params: opt.state[params[2]].__setitem__(
+        "exp_avg", opt.state[params[2]]["exp_avg"].clone()
+    ),
+}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_kept_launches_are_rebuilt_when_memory_moves(move: str, rounded_sqrt: None, launch_builds: list[int]) -> None:
+    ours, ref, params, ref_params = _contiguous_pair("8bit-stochastic", FLAGS["amsgrad-wd"])
+    grads = make_grads(params, 4)
+    for step in (1, 2):
+        KERNEL.step_both(ours, ref, params, ref_params, grads[step - 1])
+    built = list(launch_builds)
+    MOVES[move](ours, params)
+    MOVES[move](ref, ref_params)
+    for step in (3, 4):
+        KERNEL.step_both(ours, ref, params, ref_params, grads[step - 1])
+        assert_same_run(ours, ref, params, ref_params, step)
+    assert launch_builds == built * 2, "rebuilt once, after the move, then kept"
 
 
 def test_kernel_compiles_for_hopper_rounding_as_the_reference() -> None:

@@ -37,9 +37,10 @@ through contiguous copies held by the plan (correct, and slower).
 
 Lean groups (``state_precision``/``param_update`` other than torch's) run :func:`step_lean`: the
 kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per (device, param dtype, grad
-dtype, moment storage, param_update), bit for bit the lean reference. Its table is built every step
-(the step numbers, bias corrections and rounding keys in it change), after reading the counters on
-the host: the lean path syncs once per step and is not capturable.
+dtype, moment storage, param_update), bit for bit the lean reference. Its table is filled every step
+(the step numbers, bias corrections and rounding keys in it change) from a static table kept while
+the group's memory stays where it was, after reading the counters on the host: the lean path syncs
+once per step and is not capturable.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ from ..states.rounding import (
     PURPOSE_EXP_AVG_SQ,
     PURPOSE_MAX_EXP_AVG_SQ,
     PURPOSE_PARAM,
-    rounding_key,
+    hash32,
+    stream_key,
 )
 from ._common import Hyper, host_value
-from .lean import Lean, effective_param_update, reference_step, state_columns
+from .lean import KeptLayout, Lean, effective_param_update, kernel_state_keys, reference_step, state_columns
 from .lean import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
@@ -495,16 +497,41 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPDATES = {"round": 0, "stochastic": 1, "kahan": 2}  # the kernel's UPDATE_* switches
 _KEY_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # table column order
 _lean_codes: dict[torch.device, Tensor] = {}
+_MASK32 = 0xFFFFFFFF
 
 
-@dataclass
-class _LeanTensor:
-    """One param of a lean launch: its tensors in table-column order (None: not used), step and stream."""
+def _signed32(word: int) -> int:
+    """The int32 with the bits of the 32-bit word ``word``."""
+    return word - (1 << 32) if word >= 1 << 31 else word
 
-    columns: list[Tensor | None]  # param, grad, exp_avg, exp_avg_sq, max, their absmaxes, Kahan comp
-    written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy the kernel writes, the state's tensor)
-    step: int
-    stream: int
+
+@dataclass(eq=False)
+class _LeanLaunch:
+    """One lean launch of a group: a static table and chunk map, and where its params sit in the group.
+
+    The table's per-step columns (the grads' addresses, the rounding keys, the step scalars) are
+    filled in a copy of ``table`` at each step, in vectorized torch ops on the host.
+    """
+
+    key: tuple[Any, ...]  # device, param dtype, grad dtype, moment dtype, param_update, unscale
+    positions: list[int]  # of its params in the group
+    table: Tensor  # host int64 [rows, ROW]: addresses (the grad's filled per step), numel, first chunk
+    stream_keys: Tensor  # host int32 [rows, 4]: the rounding keys' step-independent part
+    chunks: Tensor | None  # on the device: the tensor of each chunk (None: no chunk)
+    n_chunks: int
+    blocks: int
+
+
+@dataclass(eq=False)
+class _LeanGroup:
+    """A group's launches kept from one step to the next, while ``kept`` says its memory is unchanged."""
+
+    launches: list[_LeanLaunch]
+    kept: KeptLayout
+
+
+_lean_groups: dict[tuple[int, int], _LeanGroup] = {}  # keyed by the first param's id and the size
+_MAX_LEAN_GROUPS = 64
 
 
 def step_lean(
@@ -522,6 +549,9 @@ def step_lean(
     for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
     per step): the lean path is not capturable. Params the kernel does not take (float64 or
     complex128, or state laid out other than their format says) run the reference itself.
+
+    The launches' tables are kept while the group's memory stays where it was (checked each step by
+    :class:`adamw.backends.lean.KeptLayout`); a step then only fills their per-step columns.
     """
     if not params:
         return
@@ -529,14 +559,27 @@ def step_lean(
     if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
         return  # GradScaler found an inf: skip the step, counters included (as the reference)
     kernels = _lean_kernels()
+    config = (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
+    group_key = (id(params[0]), len(params))
+    group = _lean_groups.get(group_key)
+    if group is not None and group.kept.fits(params, grads, states, state_steps, streams, config):
+        step_numbers = _bump_steps(state_steps)
+        for launch in group.launches:
+            grads_of_launch = [_real(grads[i]) for i in launch.positions]
+            _launch_lean(launch, grads_of_launch, step_numbers, hyper, lr, beta1, beta2, kernels)
+        return
+
     interpreted = _is_interpreted_kernel(kernels.lean_kernel)
     # Sort every param to the kernel or the reference before anything changes: a device error
     # leaves params, state and counters as they were.
     by_launch: dict[tuple[Any, ...], list[tuple[int, list[Tensor | None]]]] = {}
     by_reference: list[int] = []
+    state_keys: list[tuple[str, ...]] = []
+    host_divided = False
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         param_update = effective_param_update(param, lean.param_update)
         kernel_grad, unscale = _lean_grad(grad, hyper.grad_scale)
+        host_divided |= hyper.grad_scale is not None and not unscale
         fmt = format_for(param, lean.state_precision)
         columns = _lean_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
         if columns is None:
@@ -545,42 +588,57 @@ def step_lean(
         _check_device(param, interpreted)
         dtypes = tuple(t.dtype for t in columns[:3] if t is not None)  # param, grad, moments
         by_launch.setdefault((param.device, *dtypes, param_update, unscale), []).append((i, columns))
+        state_keys.append(kernel_state_keys(fmt, hyper.amsgrad, param_update))
 
     step_numbers = _bump_steps(state_steps)
     for i in by_reference:
         grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
         reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
-    scalars = _lean_scalars(lr, beta1, beta2, hyper)
+    launches: list[_LeanLaunch] = []
+    staged_any = False
     for key, entries in by_launch.items():
-        tensors = [_stage(columns, step_numbers[i], streams[i]) for i, columns in entries]
-        _launch_lean(key, tensors, scalars, hyper, lr, beta1, beta2, lean.seed, kernels)
+        staged = [_stage(columns) for _, columns in entries]
+        staged_any |= any(written_back or copied for _, written_back, copied in staged)
+        launch = _lean_launch(key, [i for i, _ in entries], [c for c, _, _ in staged], streams, lean.seed, kernels)
+        launches.append(launch)
+        launch_grads = [c[1] for c, _, _ in staged]
+        assert all(g is not None for g in launch_grads)
+        _launch_lean(launch, launch_grads, step_numbers, hyper, lr, beta1, beta2, kernels)  # type: ignore[arg-type]
+        for _, written_back, _ in staged:
+            for copy, original in written_back:
+                original.copy_(copy)
+    if not by_reference and not staged_any and not host_divided:
+        kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
+        if len(_lean_groups) >= _MAX_LEAN_GROUPS:
+            _lean_groups.clear()
+        _lean_groups[group_key] = _LeanGroup(launches, kept)
 
 
 def _launch_lean(
-    key: tuple[Any, ...],
-    tensors: list[_LeanTensor],
-    scalars: list[float | int],
+    launch: _LeanLaunch,
+    grads: list[Tensor],
+    step_numbers: list[int],
     hyper: Hyper,
     lr: float,
     beta1: float,
     beta2: float,
-    seed: int,
     kernels: ModuleType,
 ) -> None:
-    device, dtype, grad_dtype, moment_dtype, param_update, unscale = key
-    grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
-    table, chunk_tensor, n_chunks, blocks = _lean_table(tensors, device, lr, beta1, beta2, seed, kernels)
-    if n_chunks == 0:
+    if launch.n_chunks == 0:
         return  # empty params only
+    device, dtype, grad_dtype, moment_dtype, param_update, unscale = launch.key
+    table = _lean_step_table(launch, grads, [step_numbers[i] for i in launch.positions], lr, beta1, beta2, kernels)
+    table, _ = _to_device(table.reshape(-1), device, capturing=False)
+    grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
     tl = kernels.tl
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        kernels.lean_kernel[(n_chunks,)](
+        kernels.lean_kernel[(launch.n_chunks,)](
             table,
-            chunk_tensor,
+            launch.chunks,
             _codes_on(device),
             grad_scale,
-            *scalars,
-            BLOCKS=blocks,
+            *_lean_scalars(lr, beta1, beta2, hyper),
+            BLOCKS=launch.blocks,
             PARAM_DTYPE=_triton_dtype(dtype, kernels),
             GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
             MOMENT_DTYPE=tl.uint8 if moment_dtype == torch.uint8 else _triton_dtype(moment_dtype, kernels),
@@ -592,21 +650,18 @@ def _launch_lean(
             num_warps=LEAN_CUDA_NUM_WARPS,
             enable_fp_fusion=LEAN_FP_FUSION,
         )
-    for tensor in tensors:
-        for copy, original in tensor.written_back:
-            original.copy_(copy)
 
 
 def _bump_steps(state_steps: list[Tensor]) -> list[int]:
     """``step += 1`` for every counter (as the reference, before the update), read back as ints."""
     numbers = [0] * len(state_steps)
-    by_device: dict[torch.device, list[int]] = {}
+    by_kind: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
     for i, step in enumerate(state_steps):
-        by_device.setdefault(step.device, []).append(i)
-    for positions in by_device.values():
+        by_kind.setdefault((step.device, step.dtype, step.shape), []).append(i)
+    for positions in by_kind.values():  # usually one: the counters of a group are alike
         counters = [state_steps[i] for i in positions]
         torch._foreach_add_(counters, 1)
-        values = torch.stack([c.reshape(()).to(torch.float64) for c in counters]).tolist()
+        values = torch.stack(counters).reshape(-1).tolist()  # one read (one sync on a GPU)
         for i, value in zip(positions, values, strict=True):
             numbers[i] = int(value)
     return numbers
@@ -641,9 +696,10 @@ def _lean_columns(
     return None if columns is None else [real, grad, *columns]
 
 
-def _stage(columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:
+def _stage(columns: list[Tensor | None]) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor]], bool]:
     """Contiguous copies of the tensors that are not contiguous: the kernel runs over flat memory,
-    and the reference's blocks and random counters follow the flat (row-major) order."""
+    and the reference's blocks and random counters follow the flat (row-major) order. Returns the
+    columns, the (copy, original) pairs to write back, and whether anything was copied."""
     written_back = []
     staged: list[Tensor | None] = []
     for column, t in enumerate(columns):
@@ -654,7 +710,7 @@ def _stage(columns: list[Tensor | None], step: int, stream: int) -> _LeanTensor:
         staged.append(copy)
         if column != 1:  # the grad is only read
             written_back.append((copy, t))
-    return _LeanTensor(staged, written_back, step, stream)
+    return staged, written_back, len(written_back) > 0 or staged[1] is not columns[1]
 
 
 def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:
@@ -670,47 +726,81 @@ def _float32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
 
 
-def _lean_table(
-    tensors: list[_LeanTensor],
-    device: torch.device,
-    lr: float,
-    beta1: float,
-    beta2: float,
+def _lean_launch(
+    key: tuple[Any, ...],
+    positions: list[int],
+    columns: list[list[Tensor | None]],
+    streams: list[int],
     seed: int,
     kernels: ModuleType,
-) -> tuple[Tensor, Tensor, int, int]:
-    """The launch's table (a row per tensor; see the kernel module), chunk map, grid and blocks per
-    program, copied to ``device`` in one buffer."""
+) -> _LeanLaunch:
+    """A launch's static table (a row per tensor; see the kernel module), its stream keys and its chunk
+    map on the device."""
+    device = key[0]
     blocks = LEAN_INTERPRETER_BLOCKS if device.type == "cpu" else LEAN_CUDA_BLOCKS
     chunk = blocks * BLOCK_SIZE
     rows: list[list[int]] = []
-    step_scalars: list[list[float]] = []
+    stream_keys: list[list[int]] = []
     chunks_per_tensor: list[int] = []
     n_chunks = 0
-    for tensor in tensors:
-        numel = tensor.columns[0].numel()  # type: ignore[union-attr]
+    for position, tensor_columns in zip(positions, columns, strict=True):
+        numel = tensor_columns[0].numel()  # type: ignore[union-attr]
         chunks = _cdiv(numel, chunk)
-        keys = [rounding_key(seed, tensor.step, tensor.stream, purpose) for purpose in _KEY_PURPOSES]
-        addresses = [0 if t is None else t.data_ptr() for t in tensor.columns]
-        rows.append([*addresses, numel, n_chunks, *keys])
-        # As the reference computes them, in float64 on the host.
-        bias_correction1 = 1 - beta1**tensor.step
-        bias_correction2 = 1 - beta2**tensor.step
-        step_scalars.append([-(lr / bias_correction1), bias_correction2**0.5])
+        addresses = [0 if t is None else t.data_ptr() for t in tensor_columns]
+        addresses[int(kernels.COL_GRAD)] = 0  # filled per step
+        rows.append([*addresses, numel, n_chunks])
+        stream_keys.append([_signed32(stream_key(seed, streams[position], p)) for p in _KEY_PURPOSES])
         chunks_per_tensor.append(chunks)
         n_chunks += chunks
     if n_chunks > _MAX_GRID:
         raise RuntimeError(f"the lean Triton kernel takes at most {_MAX_GRID} programs per launch")
-    packed = torch.tensor(step_scalars, dtype=torch.float64).to(torch.float32).view(torch.int64)
-    table = torch.cat([torch.tensor(rows, dtype=torch.int64), packed], dim=1).reshape(-1)
-    assert table.numel() == len(tensors) * int(kernels.ROW)
+    width = int(kernels.ROW)
+    table = torch.zeros((len(rows), width), dtype=torch.int64)
+    if rows:
+        table[:, : len(rows[0])] = torch.tensor(rows, dtype=torch.int64)
     chunk_tensor = torch.repeat_interleave(
-        torch.arange(len(tensors), dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
+        torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
     )
-    if n_chunks % 2:
-        chunk_tensor = torch.cat([chunk_tensor, chunk_tensor.new_zeros(1)])
-    buffer, _ = _to_device(torch.cat([table, chunk_tensor.view(torch.int64)]), device, capturing=False)
-    return buffer[: table.numel()], buffer[table.numel() :].view(torch.int32), n_chunks, blocks
+    chunks_on_device = None
+    if n_chunks:
+        chunks_on_device = (
+            chunk_tensor if device.type == "cpu" else chunk_tensor.pin_memory().to(device, non_blocking=True)
+        )
+    return _LeanLaunch(
+        key=key,
+        positions=positions,
+        table=table,
+        stream_keys=torch.tensor(stream_keys, dtype=torch.int32).reshape(len(rows), len(_KEY_PURPOSES)),
+        chunks=chunks_on_device,
+        n_chunks=n_chunks,
+        blocks=blocks,
+    )
+
+
+def _lean_step_table(
+    launch: _LeanLaunch,
+    grads: list[Tensor],
+    steps: list[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    kernels: ModuleType,
+) -> Tensor:
+    """The launch's table for this step: its static table with the grads' addresses, the rounding
+    keys (``rounding_key`` of each row's stream and step, vectorized) and the step scalars (as the
+    reference computes them, in float64 on the host, once per distinct step) filled in."""
+    table = launch.table.clone()
+    table[:, int(kernels.COL_GRAD)] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    step = torch.tensor(steps, dtype=torch.int64)
+    mix = ((step ^ (step >> 32)) & _MASK32).to(torch.int32)
+    first_key = int(kernels.COL_KEY_PARAM)
+    keys = hash32(launch.stream_keys ^ mix[:, None]).to(torch.int64) & _MASK32
+    table[:, first_key : first_key + len(_KEY_PURPOSES)] = keys
+    distinct = sorted(set(steps))
+    scalars = [[-(lr / (1 - beta1**t)), (1 - beta2**t) ** 0.5] for t in distinct]
+    packed = torch.tensor(scalars, dtype=torch.float64).to(torch.float32).view(torch.int64).reshape(-1)
+    table[:, int(kernels.COL_SCALARS)] = packed[torch.searchsorted(torch.tensor(distinct, dtype=torch.int64), step)]
+    return table
 
 
 def _codes_on(device: torch.device) -> Tensor:

@@ -150,7 +150,7 @@ def step_lean(
     if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
         return  # GradScaler found an inf: skip the step, counters included (as the reference)
     config = (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
-    key = (id(params[0]), len(params))
+    key = (id(params[0]), len(params), config)  # two optimizers over the same params keep a table each
     table = _tables.get(key)
     built: _Built | None = None
     if table is None or not table.fits(params, grads, states, state_steps, streams, config):
@@ -189,8 +189,8 @@ def step_lean(
 
 _data_ptr = Tensor.data_ptr
 
-# Tables of the groups stepped lately, keyed by their first param and size; a hit is checked by KeptLayout.
-_tables: dict[tuple[int, int], _Table] = {}
+# Tables of the groups stepped lately, keyed by their first param, size and options; a hit is checked by KeptLayout.
+_tables: dict[tuple[int, int, tuple[object, ...]], _Table] = {}
 _MAX_TABLES = 64
 
 

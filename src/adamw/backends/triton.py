@@ -530,7 +530,7 @@ class _LeanGroup:
     kept: KeptLayout
 
 
-_lean_groups: dict[tuple[int, int], _LeanGroup] = {}  # keyed by the first param's id and the size
+_lean_groups: dict[tuple[int, int, tuple[object, ...]], _LeanGroup] = {}  # by first param id, size, config
 _MAX_LEAN_GROUPS = 64
 
 
@@ -560,7 +560,7 @@ def step_lean(
         return  # GradScaler found an inf: skip the step, counters included (as the reference)
     kernels = _lean_kernels()
     config = (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
-    group_key = (id(params[0]), len(params))
+    group_key = (id(params[0]), len(params), config)
     group = _lean_groups.get(group_key)
     if group is not None and group.kept.fits(params, grads, states, state_steps, streams, config):
         step_numbers = _bump_steps(state_steps)

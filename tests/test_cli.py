@@ -86,6 +86,15 @@ def test_bytes_per_step_is_seven_accesses_per_element(
         assert r["bytes_per_step"] == bytes_per_element * n_params, r["impl"]
 
 
+@pytest.mark.parametrize(("workload", "bytes_per_element"), [("big", 28), ("bf16", 14)])
+def test_floor_row_moves_a_plain_steps_bytes(tmp_path: Path, workload: str, bytes_per_element: int) -> None:
+    """The floor touches param, grad and two moments (no max_exp_avg_sq, even with --amsgrad)."""
+    results = _bench_json(tmp_path, "--workloads", workload, "--impls", "floor", "--amsgrad")["results"]
+    n_params = sum(_numel(shape) for shape in bench.WORKLOADS[workload].quick_shapes)
+    assert [r["status"] for r in results] == ["ok"]
+    assert results[0]["bytes_per_step"] == bytes_per_element * n_params
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for size in shape:

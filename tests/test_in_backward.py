@@ -239,3 +239,31 @@ def test_step_hooks_do_not_run_once_per_parameter() -> None:
     adamw.AdamW([torch.zeros(1)])  # wraps AdamW.step with torch's hook runner, as any AdamW does
     loss_at(model, 0).backward()
     assert calls == [] and len(opt.state) == 5
+
+
+@pytest.mark.parametrize("state_precision", ["param", "8bit"])
+def test_kernels_keep_a_table_per_param(monkeypatch: pytest.MonkeyPatch, state_precision: str) -> None:
+    """In backward each param is its own group; the C kernels keep each one's table (here 300 of
+    them) instead of rebuilding it every step."""
+    from adamw.backends import cpu, cpu_lean
+
+    builds: list[str] = []
+    for module, name in ((cpu, "_build_plan"), (cpu_lean, "_build")):
+        original = getattr(module, name)
+
+        def counting(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            builds.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(72, 72) for _ in range(150)])
+    opt = adamw.step_in_backward(model, fused=True, state_precision=state_precision)
+    x = torch.randn(4, 72)
+    for step in range(3):
+        before = len(builds)
+        model(x).square().mean().backward()
+        assert all(p.grad is None for p in model.parameters())
+        if step > 0:
+            assert len(builds) == before, f"step {step + 1} rebuilt {len(builds) - before} tables"
+    assert len(builds) == 300 and all(opt.state[p]["step"] == 3 for p in model.parameters())

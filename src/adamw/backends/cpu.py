@@ -326,7 +326,8 @@ class _Plan:
 
 # Plans of the groups stepped lately, keyed by their first param; a hit is checked pointer by pointer.
 _plans: dict[tuple[int, int, int], _Plan] = {}
-_MAX_PLANS = 64
+# Enough for a step in backward, which steps each param as its own group (a plan holds pointers only).
+_MAX_PLANS = 4096
 
 
 def _plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:

@@ -191,7 +191,7 @@ _data_ptr = Tensor.data_ptr
 
 # Tables of the groups stepped lately, keyed by their first param, size and options; a hit is checked by KeptLayout.
 _tables: dict[tuple[int, int, tuple[object, ...]], _Table] = {}
-_MAX_TABLES = 64
+_MAX_TABLES = 4096  # a step in backward keeps one per param; a table holds no tensors
 
 
 @dataclass(eq=False)

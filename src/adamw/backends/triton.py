@@ -531,7 +531,7 @@ class _LeanGroup:
 
 
 _lean_groups: dict[tuple[int, int, tuple[object, ...]], _LeanGroup] = {}  # by first param id, size, config
-_MAX_LEAN_GROUPS = 64
+_MAX_LEAN_GROUPS = 4096  # a step in backward keeps one per param
 
 
 def step_lean(

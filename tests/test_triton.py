@@ -395,21 +395,53 @@ def test_plan_is_reused_while_tensors_stay_and_rebuilt_when_they_change() -> Non
     step(3, [g.clone() for g in grads[3]])
 
 
-def test_plans_are_evicted_but_not_those_a_graph_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_plans(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty plan cache (with its byte and staged counts) for one test, small limits set by it."""
     monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
-    p = torch.zeros(3, device=DEVICE, requires_grad=True)
-    optimizer = adamw.AdamW([p], backend="triton")
-    alive = []  # every grad kept alive: a new grad address, so a new plan, each step
-    for _ in range(triton_backend._MAX_PLANS + 3):
-        p.grad = torch.ones(3, device=DEVICE)
-        alive.append(p.grad)
+    monkeypatch.setattr(triton_backend, "_plan_bytes", 0)
+    monkeypatch.setattr(triton_backend, "_staged_plans", 0)
+    return triton_backend
+
+
+def _new_plan_each_step(param: Tensor, steps: int) -> list[Tensor]:
+    """Steps ``param`` with a new grad each time, all kept alive: a new grad address, so a new plan."""
+    optimizer = adamw.AdamW([param], backend="triton")
+    alive = []
+    for _ in range(steps):
+        param.grad = torch.ones(param.shape, device=DEVICE)
+        alive.append(param.grad)
         optimizer.step()
-    assert len(triton_backend._plans) == triton_backend._MAX_PLANS
-    first = next(iter(triton_backend._plans.values()))
+    return alive
+
+
+def test_plans_are_evicted_but_not_those_a_graph_uses(fresh_plans: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fresh_plans, "_MAX_PLANS", fresh_plans._RECENT_PLANS + 3)
+    p = torch.zeros(3, device=DEVICE, requires_grad=True)
+    alive = _new_plan_each_step(p, fresh_plans._MAX_PLANS + 5)
+    assert len(fresh_plans._plans) == fresh_plans._MAX_PLANS
+    first = next(iter(fresh_plans._plans.values()))
     first.in_graph = True
-    p.grad = torch.ones(3, device=DEVICE)
-    optimizer.step()
-    assert first in triton_backend._plans.values()
+    alive += _new_plan_each_step(p, 5)
+    assert first in fresh_plans._plans.values() and len(fresh_plans._plans) == fresh_plans._MAX_PLANS
+    assert fresh_plans._plan_bytes == sum(plan.nbytes for plan in fresh_plans._plans.values())
+
+
+def test_small_plans_are_kept_for_a_whole_model(fresh_plans: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the newest few, plans without staged copies are kept while their tables fit the budget
+    (a step in backward has a plan per param); plans with staged copies only among the newest."""
+    p = torch.zeros(3, device=DEVICE, requires_grad=True)
+    alive = _new_plan_each_step(p, 3 * fresh_plans._RECENT_PLANS)
+    assert len(fresh_plans._plans) == 3 * fresh_plans._RECENT_PLANS  # all kept under the default limits
+    size = next(iter(fresh_plans._plans.values())).nbytes
+    monkeypatch.setattr(fresh_plans, "_MAX_KEPT_BYTES", size * (fresh_plans._RECENT_PLANS + 2))
+    alive += _new_plan_each_step(p, 1)
+    assert len(fresh_plans._plans) == fresh_plans._RECENT_PLANS + 2  # the byte budget
+    strided = torch.nn.Parameter(torch.zeros(40, device=DEVICE)[::4])  # not dense: stepped through copies
+    alive += _new_plan_each_step(strided, 2 * fresh_plans._RECENT_PLANS)
+    staged = [plan for plan in fresh_plans._plans.values() if plan.staged]
+    assert len(staged) == fresh_plans._staged_plans == fresh_plans._RECENT_PLANS
+    assert fresh_plans._plan_bytes == sum(plan.nbytes for plan in fresh_plans._plans.values())
 
 
 # --------------------------------------------------------------------------------------------------

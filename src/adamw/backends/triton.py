@@ -33,7 +33,10 @@ this module is first imported (that is, before the first step with ``backend="tr
 
 A plan assumes that a tensor whose address and size are unchanged also keeps its dtype and layout.
 Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
-through contiguous copies held by the plan (correct, and slower).
+through contiguous copies held by the plan (correct, and slower). Plans are kept least recently
+used first out: the newest eight always, older ones while they hold no such copies and all tables
+together stay under 16 MiB of device memory, so a step in backward (a group, and a plan, per param)
+finds every param's plan again on the next step.
 
 Lean groups (``state_precision``/``param_update`` other than torch's) run :func:`step_lean`: the
 kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per (device, param dtype, grad
@@ -77,11 +80,19 @@ CUDA_BLOCK = 2048
 CUDA_NUM_WARPS = 8
 INTERPRETER_BLOCK = 128
 _BUMP_BLOCK = 1024  # step counters per program of the bump kernel
-_MAX_PLANS = 8  # plans kept beyond those a CUDA graph uses
+# Plans kept (beyond those a CUDA graph uses, never dropped): the _RECENT_PLANS newest always; older
+# ones while they hold no staged copies and all plans together stay within _MAX_PLANS and
+# _MAX_KEPT_BYTES of tables on the device. A step in backward makes a group, so a plan, of every param: a
+# model's worth of small plans must fit.
+_RECENT_PLANS = 8
+_MAX_PLANS = 4096
+_MAX_KEPT_BYTES = 16 * 2**20
 _SPARES_PER_SIZE = 2  # pinned buffers set aside, per table size, for plans built during capture
 _MAX_GRID = 2**31 - 1
 
 _plans: OrderedDict[tuple[Any, ...], _Plan] = OrderedDict()
+_plan_bytes = 0  # the nbytes of the plans in _plans
+_staged_plans = 0  # how many of them hold staged copies
 _spare_pinned: dict[int, list[Tensor]] = {}
 
 
@@ -116,6 +127,15 @@ class _Plan:
     launches: list[_Launch]
     in_graph: bool = False  # used during a CUDA graph capture: never evicted
 
+    @property
+    def nbytes(self) -> int:
+        """The device bytes of its tables (staged copies are bounded by their count instead)."""
+        return sum(launch.table.nbytes + launch.chunk_tensor.nbytes for launch in self.launches)
+
+    @property
+    def staged(self) -> bool:
+        return any(launch.staged for launch in self.launches)
+
 
 def step(
     params: list[Tensor],
@@ -143,8 +163,7 @@ def step(
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
-        _plans[key] = plan
-        _evict()
+        _keep(key, plan)
     else:
         _plans.move_to_end(key)
     if capturing:
@@ -362,15 +381,38 @@ def _to_device(host: Tensor, device: torch.device, capturing: bool) -> tuple[Ten
     return buffer, pinned
 
 
-def _evict() -> None:
-    evictable = [key for key, plan in _plans.items() if not plan.in_graph]
-    for key in evictable[: max(0, len(evictable) - _MAX_PLANS)]:
-        del _plans[key]
+def _keep(key: tuple[Any, ...], plan: _Plan) -> None:
+    """Add a new plan, then drop the oldest ones beyond what is kept (see _RECENT_PLANS)."""
+    global _plan_bytes, _staged_plans
+    _plans[key] = plan
+    _plan_bytes += plan.nbytes
+    _staged_plans += plan.staged
+    if len(_plans) <= _MAX_PLANS and _plan_bytes <= _MAX_KEPT_BYTES and _staged_plans <= _RECENT_PLANS:
+        return
+    keys = list(_plans)
+    for old in keys[: max(0, len(keys) - _RECENT_PLANS)]:  # oldest first
+        if len(_plans) <= _MAX_PLANS and _plan_bytes <= _MAX_KEPT_BYTES and _staged_plans <= _RECENT_PLANS:
+            break
+        candidate = _plans[old]
+        if candidate.in_graph:
+            continue
+        over = len(_plans) > _MAX_PLANS or _plan_bytes > _MAX_KEPT_BYTES
+        if over or candidate.staged:
+            _drop(old)
+
+
+def _drop(key: tuple[Any, ...]) -> None:
+    global _plan_bytes, _staged_plans
+    plan = _plans.pop(key)
+    _plan_bytes -= plan.nbytes
+    _staged_plans -= plan.staged
 
 
 def clear_plans() -> None:
     """Forget every plan, including those CUDA graphs captured (only safe once those graphs are gone)."""
+    global _plan_bytes, _staged_plans
     _plans.clear()
+    _plan_bytes = _staged_plans = 0
     _spare_pinned.clear()
 
 

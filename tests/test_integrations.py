@@ -6,6 +6,7 @@ same bits, the fused kernels the same results within the float32 tolerance of th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -135,3 +136,25 @@ def test_compiled_training_step() -> None:
             model(x).square().mean().backward()
             step()
     _assert_close_run(ours, theirs, list(models[0].parameters()), list(models[1].parameters()))
+
+
+@pytest.mark.parametrize("state_precision", ["param", "8bit"])
+def test_compiled_step_of_the_cpu_kernels(state_precision: str) -> None:
+    """torch.compile over a step that calls our C kernels (through ctypes): dynamo leaves the kernel
+    call to eager Python, so the compiled step is the eager one bit for bit, with no warning."""
+    torch._dynamo.reset()
+    x = _inputs()
+    models = [_model(), _model()]
+    ours, eager = (
+        adamw.AdamW(m.parameters(), lr=0.01, weight_decay=0.1, fused=True, state_precision=state_precision)
+        for m in models
+    )
+    compiled_step = torch.compile(ours.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            for model, step in ((models[0], compiled_step), (models[1], eager.step)):
+                model.zero_grad()
+                model(x).square().mean().backward()
+                step()
+    assert_same_run(ours, eager, list(models[0].parameters()), list(models[1].parameters()))

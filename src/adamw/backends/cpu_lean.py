@@ -164,7 +164,7 @@ def step_lean(
     if table.count:
         scale = hyper.grad_scale
         rc = fn(
-            ctypes.addressof(table.rows),
+            table.rows_address,
             table.count,
             table.total_blocks,
             table.grad_ptrs.buffer_info()[0],
@@ -201,6 +201,7 @@ class _Table:
     so not reusable)."""
 
     rows: ctypes.Array[_Tensor]
+    rows_address: int  # taken once: torch.compile cannot trace ctypes.addressof (a graph break and a warning)
     count: int
     total_blocks: int
     grad_ptrs: array.array[int]
@@ -283,8 +284,10 @@ def _build(
         row_grads.append(real_grad)
         total_blocks += num_blocks(real.numel())
         state_keys.append(kernel_state_keys(fmt, hyper.amsgrad, param_update))
+    table_rows = (_Tensor * len(rows))(*rows)
     table = _Table(
-        rows=(_Tensor * len(rows))(*rows),
+        rows=table_rows,
+        rows_address=ctypes.addressof(table_rows),
         count=len(rows),
         total_blocks=total_blocks,
         grad_ptrs=array.array("Q", [0] * len(rows)),

@@ -648,8 +648,9 @@ columns:
                torch-fused's ms/step / this row's: above 1 is faster than torch's fused step
   floor (row)  param, grad, exp_avg, exp_avg_sq read and the three written back unchanged, once,
                on the same buffers, with no arithmetic (without amsgrad's max_exp_avg_sq): the
-               least a step can take. A row's ms/step over the floor's is its distance from the
-               memory limit, and bounds what any faster step could gain on it.
+               least a step that keeps its state in the param's dtype can take (8-bit states move
+               fewer bytes). A row's ms/step over the floor's is its distance from the memory
+               limit, and bounds what any faster such step could gain on it.
 
 {FORMULA}
 

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,8 +42,18 @@ from ..states.rounding import (
     stream_key,
 )
 from . import cpu
-from ._common import Hyper, host_value
-from .lean import KeptLayout, Lean, effective_param_update, kernel_state_keys, reference_step, state_columns
+from ._common import Hyper
+from .lean import (
+    KeptLayout,
+    KeptTables,
+    Lean,
+    effective_param_update,
+    host_scalars,
+    kernel_state_keys,
+    reference_step,
+    stage_contiguous,
+    state_columns,
+)
 from .lean import real_view as _real
 
 SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
@@ -146,20 +155,18 @@ def step_lean(
     if not params:
         return
     fn = library().step_fn
-    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
-    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
-        return  # GradScaler found an inf: skip the step, counters included (as the reference)
-    config = (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
-    key = (id(params[0]), len(params), config)  # two optimizers over the same params keep a table each
-    table = _tables.get(key)
+    scalars = host_scalars(hyper)
+    if scalars is None:
+        return
+    lr, beta1, beta2 = scalars
+    config = _tables.config(lean, hyper)
+    table = _tables.find(params, grads, states, state_steps, streams, config)
     built: _Built | None = None
-    if table is None or not table.fits(params, grads, states, state_steps, streams, config):
+    if table is None:
         built = _build(params, grads, states, state_steps, streams, hyper, lean, config, lr, beta1, beta2)
         table = built.table
         if table.kept is not None:
-            if len(_tables) >= _MAX_TABLES:
-                _tables.clear()
-            _tables[key] = table
+            _tables.keep(params, config, table)
     table.grad_ptrs[:] = array.array("Q", map(_data_ptr, grads if built is None else built.grads))
     if table.count:
         scale = hyper.grad_scale
@@ -189,10 +196,6 @@ def step_lean(
 
 _data_ptr = Tensor.data_ptr
 
-# Tables of the groups stepped lately, keyed by their first param, size and options; a hit is checked by KeptLayout.
-_tables: dict[tuple[int, int, tuple[object, ...]], _Table] = {}
-_MAX_TABLES = 4096  # a step in backward keeps one per param; a table holds no tensors
-
 
 @dataclass(eq=False)
 class _Table:
@@ -207,8 +210,8 @@ class _Table:
     grad_ptrs: array.array[int]
     kept: KeptLayout | None = None
 
-    def fits(self, *args: Any) -> bool:
-        return self.kept is not None and self.kept.fits(*args)
+
+_tables: KeptTables[_Table] = KeptTables(limit=4096)  # a step in backward keeps one per param
 
 
 @dataclass
@@ -259,7 +262,8 @@ def _build(
             reference_step(param, grad, state, int(step_t.item()), stream, hyper, lean, lr, beta1, beta2)
             reusable = False
             continue
-        staged = _stage(columns, written_back)
+        staged, back = stage_contiguous(columns)
+        written_back += back
         if any(new is not old for new, old in zip(staged, columns, strict=True)):
             reusable = False  # contiguous copies, made anew every step
         keep_alive += [t for t in staged if t is not None]
@@ -315,21 +319,6 @@ def _columns(
         return None
     columns = state_columns(real, param, state, fmt, amsgrad, param_update)
     return None if columns is None else [real, real_grad, *columns]
-
-
-def _stage(columns: list[Tensor | None], written_back: list[tuple[Tensor, Tensor]]) -> list[Tensor | None]:
-    """Contiguous stand-ins for non-contiguous tensors: the kernel runs over flat memory, and the
-    reference's blocks and random counters follow the flat (row-major) order."""
-    staged: list[Tensor | None] = []
-    for column, t in enumerate(columns):
-        if t is None or t.is_contiguous():
-            staged.append(t)
-            continue
-        copy = t.contiguous()
-        staged.append(copy)
-        if column != 1:  # the grad is only read
-            written_back.append((copy, t))
-    return staged
 
 
 library()  # built or loaded now, so that a missing compiler fails the import, i.e. before a step

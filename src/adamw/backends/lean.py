@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,15 @@ def effective_param_update(param: Tensor, param_update: str) -> str:
     return param_update if param.dtype == torch.bfloat16 else "round"
 
 
+def host_scalars(hyper: Hyper) -> tuple[float, float, float] | None:
+    """lr, beta1 and beta2 as Python floats, or None when GradScaler's ``found_inf`` is nonzero: then
+    the step is skipped, its counters included (as the fused kernels do)."""
+    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
+    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
+        return None
+    return lr, beta1, beta2
+
+
 def step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -42,9 +52,10 @@ def step(
     hyper: Hyper,
     lean: Lean,
 ) -> None:
-    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
-    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
-        return  # GradScaler found an inf: skip the step, counters included (as the fused kernels do)
+    scalars = host_scalars(hyper)
+    if scalars is None:
+        return
+    lr, beta1, beta2 = scalars
     for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
         if hyper.grad_scale is not None:
             grad = grad / hyper.grad_scale.to(grad.device)
@@ -110,6 +121,24 @@ def state_columns(
         if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
             return None
     return [*moments, *([None] * (3 - len(moments))), *absmaxes, comp]
+
+
+def stage_contiguous(columns: list[Tensor | None]) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor]]]:
+    """Contiguous stand-ins for a kernel's non-contiguous columns (param, grad, moments, ...): the
+    kernels run over flat memory, and the reference's blocks and random counters follow the flat
+    (row-major) order. Returns the columns and the (copy, original) pairs to write back after the
+    step (all but the grad's, which is only read)."""
+    staged: list[Tensor | None] = []
+    written_back: list[tuple[Tensor, Tensor]] = []
+    for column, t in enumerate(columns):
+        if t is None or t.is_contiguous():
+            staged.append(t)
+            continue
+        copy = t.contiguous()
+        staged.append(copy)
+        if column != 1:
+            written_back.append((copy, t))
+    return staged, written_back
 
 
 def stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
@@ -212,3 +241,48 @@ class KeptLayout:
             list(map(_dtype, grads)),
             set(map(_device, grads)),
         ) == self.grad_layout and all(map(_is_contiguous, grads))
+
+
+class _Kept(Protocol):
+    @property
+    def kept(self) -> KeptLayout | None: ...
+
+
+Entry = TypeVar("Entry", bound=_Kept)
+
+
+class KeptTables(Generic[Entry]):
+    """What a lean kernel keeps per group between steps (a table, launches), found again by the
+    group's first param, size and options while its :class:`KeptLayout` fits.
+
+    Up to ``limit`` entries (a step in backward makes a group of every param); past that all are
+    dropped and rebuilt as used. Entries hold no tensors, only what KeptLayout records.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: dict[tuple[int, int, tuple[object, ...]], Entry] = {}
+
+    @staticmethod
+    def config(lean: Lean, hyper: Hyper) -> tuple[object, ...]:
+        """The options a kept table depends on beyond the memory KeptLayout checks."""
+        return (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
+
+    def find(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+        steps: list[Tensor],
+        streams: list[int],
+        config: tuple[object, ...],
+    ) -> Entry | None:
+        entry = self.entries.get((id(params[0]), len(params), config))
+        if entry is None or entry.kept is None or not entry.kept.fits(params, grads, states, steps, streams, config):
+            return None
+        return entry
+
+    def keep(self, params: list[Tensor], config: tuple[object, ...], entry: Entry) -> None:
+        if len(self.entries) >= self.limit:
+            self.entries.clear()
+        self.entries[(id(params[0]), len(params), config)] = entry

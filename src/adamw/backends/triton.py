@@ -69,8 +69,18 @@ from ..states.rounding import (
     hash32,
     stream_key,
 )
-from ._common import Hyper, host_value
-from .lean import KeptLayout, Lean, effective_param_update, kernel_state_keys, reference_step, state_columns
+from ._common import Hyper
+from .lean import (
+    KeptLayout,
+    KeptTables,
+    Lean,
+    effective_param_update,
+    host_scalars,
+    kernel_state_keys,
+    reference_step,
+    stage_contiguous,
+    state_columns,
+)
 from .lean import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
@@ -572,8 +582,7 @@ class _LeanGroup:
     kept: KeptLayout
 
 
-_lean_groups: dict[tuple[int, int, tuple[object, ...]], _LeanGroup] = {}  # by first param id, size, config
-_MAX_LEAN_GROUPS = 4096  # a step in backward keeps one per param
+_lean_groups: KeptTables[_LeanGroup] = KeptTables(limit=4096)  # a step in backward keeps one per param
 
 
 def step_lean(
@@ -597,14 +606,14 @@ def step_lean(
     """
     if not params:
         return
-    lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())  # type: ignore[arg-type]
-    if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
-        return  # GradScaler found an inf: skip the step, counters included (as the reference)
+    scalars = host_scalars(hyper)
+    if scalars is None:
+        return
+    lr, beta1, beta2 = scalars
     kernels = _lean_kernels()
-    config = (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
-    group_key = (id(params[0]), len(params), config)
-    group = _lean_groups.get(group_key)
-    if group is not None and group.kept.fits(params, grads, states, state_steps, streams, config):
+    config = _lean_groups.config(lean, hyper)
+    group = _lean_groups.find(params, grads, states, state_steps, streams, config)
+    if group is not None:
         step_numbers = _bump_steps(state_steps)
         for launch in group.launches:
             grads_of_launch = [_real(grads[i]) for i in launch.positions]
@@ -639,21 +648,22 @@ def step_lean(
     launches: list[_LeanLaunch] = []
     staged_any = False
     for key, entries in by_launch.items():
-        staged = [_stage(columns) for _, columns in entries]
-        staged_any |= any(written_back or copied for _, written_back, copied in staged)
-        launch = _lean_launch(key, [i for i, _ in entries], [c for c, _, _ in staged], streams, lean.seed, kernels)
+        staged_columns, written_back = [], []
+        for _, columns in entries:
+            staged, back = stage_contiguous(columns)
+            staged_any |= any(new is not old for new, old in zip(staged, columns, strict=True))
+            staged_columns.append(staged)
+            written_back += back
+        launch = _lean_launch(key, [i for i, _ in entries], staged_columns, streams, lean.seed, kernels)
         launches.append(launch)
-        launch_grads = [c[1] for c, _, _ in staged]
+        launch_grads = [columns[1] for columns in staged_columns]
         assert all(g is not None for g in launch_grads)
         _launch_lean(launch, launch_grads, step_numbers, hyper, lr, beta1, beta2, kernels)  # type: ignore[arg-type]
-        for _, written_back, _ in staged:
-            for copy, original in written_back:
-                original.copy_(copy)
+        for copy, original in written_back:
+            original.copy_(copy)
     if not by_reference and not staged_any and not host_divided:
         kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
-        if len(_lean_groups) >= _MAX_LEAN_GROUPS:
-            _lean_groups.clear()
-        _lean_groups[group_key] = _LeanGroup(launches, kept)
+        _lean_groups.keep(params, config, _LeanGroup(launches, kept))
 
 
 def _launch_lean(
@@ -736,23 +746,6 @@ def _lean_columns(
         return None
     columns = state_columns(real, param, state, fmt, amsgrad, param_update)
     return None if columns is None else [real, grad, *columns]
-
-
-def _stage(columns: list[Tensor | None]) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor]], bool]:
-    """Contiguous copies of the tensors that are not contiguous: the kernel runs over flat memory,
-    and the reference's blocks and random counters follow the flat (row-major) order. Returns the
-    columns, the (copy, original) pairs to write back, and whether anything was copied."""
-    written_back = []
-    staged: list[Tensor | None] = []
-    for column, t in enumerate(columns):
-        if t is None or t.is_contiguous():
-            staged.append(t)
-            continue
-        copy = t.contiguous()
-        staged.append(copy)
-        if column != 1:  # the grad is only read
-            written_back.append((copy, t))
-    return staged, written_back, len(written_back) > 0 or staged[1] is not columns[1]
 
 
 def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import adamw
+from adamw.states import SIGNED_CODE, quantize
 
 STEPS = 3
 SEED = 1234
@@ -162,3 +163,68 @@ class LeanKernel:
             p.grad, q.grad = g.to(self.device, copy=True), g.clone()
         ours.step()
         ref.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# checks both kernels run (each test module calls them with its KERNEL)
+
+
+def check_grad_scale_and_found_inf(kernel: LeanKernel, case: str) -> None:
+    """GradScaler's contract as the reference reads it: grads divided by grad_scale (float32 grads in
+    the kernel, others by torch's op), and a nonzero found_inf skips the step, counters included."""
+    ours, ref, params, ref_params, grads = kernel.run_both(case, FLAGS["amsgrad-wd"], steps=2, grad_scale=1024.0)
+    kernel.step_both(ours, ref, params, ref_params, grads[0])
+    assert_same_run(ours, ref, params, ref_params, 1)
+
+    before = [(p.detach().clone(), {k: v.clone() for k, v in ours.state[p].items()}) for p in params]
+    ours.found_inf.fill_(1.0)
+    for p, g in zip(params, grads[1], strict=True):
+        p.grad = g.to(kernel.device, copy=True)
+    ours.step()
+    for i, (p, (value, state)) in enumerate(zip(params, before, strict=True)):
+        assert_bitwise(p, value, f"skipped step, param {i}")
+        for key, entry in state.items():
+            assert_bitwise(ours.state[p][key], entry, f"skipped step, param {i}, state[{key!r}]")
+
+
+def check_codes_on_midpoints(kernel: LeanKernel) -> None:
+    """Values exactly on the signed code's float32 midpoints (which take the smaller magnitude) and
+    one float32 step either side: the kernel's codes are quantize()'s, the definition. With beta1 = 0
+    the new exp_avg is the grad itself, in the kernel and in the reference."""
+    _, mids = SIGNED_CODE.tables()
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))
+    one, zero = torch.ones(1), torch.zeros(1)
+    blocks = [  # 256 values each, whose largest magnitude is a power of two: y = x / absmax is exact
+        torch.cat([one, mids, up, zero]),
+        torch.cat([-one, -mids, -down, -zero]),
+        torch.cat([one, down, -mids, -one]),
+        torch.cat([one / 2, up / 2, -down / 2, one / 4]),
+    ]
+    grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
+    init = [torch.randn(grad.numel())]
+    flags = dict(betas=(0.0, 0.999), weight_decay=0.0)
+    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", **flags)
+    kernel.step_both(ours, ref, params, ref_params, [grad])
+    codes, absmax = quantize(grad, SIGNED_CODE)
+    assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
+    assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
+    assert_same_run(ours, ref, params, ref_params, 1)
+
+
+def check_torch_sqrt_moves_params_by_ulps(kernel: LeanKernel) -> None:
+    """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
+    param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most
+    two ulps of it, and the sum may then round the other way)."""
+    ours, ref, params, ref_params, grads = kernel.run_both("8bit", FLAGS["amsgrad-wd"])
+    tolerance = [torch.zeros(as_real(q).shape, dtype=torch.float64) for q in ref_params]
+    for step, step_grads in enumerate(grads, 1):
+        previous = [q.detach().clone() for q in ref_params]
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        for i, (p, q, prev) in enumerate(zip(params, ref_params, previous, strict=True)):
+            for key in ref.state[q]:
+                assert_bitwise(ours.state[p][key], ref.state[q][key], f"step {step}, param {i}, state[{key!r}]")
+            value, update = as_real(q.detach()), as_real(q.detach() - prev)
+            ulp = (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
+            tolerance[i] = tolerance[i] + ulp + 2.0**-21 * update.abs().double()
+            diff = (as_real(p.detach().cpu()).double() - value.double()).abs()
+            assert bool((diff <= tolerance[i]).all()), f"step {step}, param {i}: {diff.max().item():.3g} over"

@@ -1,4 +1,4 @@
-"""GPU acceptance checks of the Triton backend (``fused=True`` on CUDA); run by scripts/gpu_check.sh.
+"""GPU acceptance checks of the Triton backend (``fused=True`` on CUDA); run by benchmarks/gpu_check.sh.
 
 1. capture: optimizer.step() (Tensor lr) captured in a CUDA graph and replayed over new grads must
    give the bits of the same eager steps; a whole training step (forward, backward with grads
@@ -39,22 +39,17 @@ if "--smoke" in sys.argv:
 
 import adamw  # noqa: E402
 from adamw.backends import triton as triton_backend  # noqa: E402
+from adamw.cli.bench.workloads import gpt2_shapes  # noqa: E402
 
 DEVICE = "cpu" if "--smoke" in sys.argv else "cuda"
 
 BYTES_PER_ELEMENT = 7 * 4
 
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    d, d4 = 768, 3072
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, d4), (d4,), (d4, d), (d,)]
-    return [(50257, d), (1024, d), *block * 12, (d,), (d,)]
-
-
 WORKLOADS: dict[str, tuple[list[tuple[int, ...]], float]] = {
     # name: (shapes, ours / torch fused speed ratio required)
     "one-256M": ([(256 * 2**20,)], 0.95),
-    "gpt2-small": (gpt2_small_shapes(), 1.0),
+    "gpt2-small": (gpt2_shapes(), 1.0),
     "1000x32K": ([(32 * 1024,)] * 1000, 1.1),
 }
 
@@ -179,7 +174,7 @@ def capture(results: dict[str, Any], failures: list[str]) -> None:
     """Two captures: optimizer.step() alone over GPT-2-like shapes (replays must give the eager bits),
     and a whole training step whose grads are allocated inside the capture (close to eager: cuBLAS may
     pick other matmul kernels under capture)."""
-    shapes = gpt2_small_shapes()[2:26]  # two transformer blocks' worth of shapes
+    shapes = gpt2_shapes()[2:26]  # two transformer blocks' worth of shapes
     gen = torch.Generator(device="cuda").manual_seed(0)
     init = [torch.randn(shape, device="cuda", generator=gen) for shape in shapes]
     grads = [[torch.randn(shape, device="cuda", generator=gen) for shape in shapes] for _ in range(6)]

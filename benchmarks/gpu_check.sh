@@ -2,11 +2,11 @@
 # The GPU checks of the Triton backend, in one go, on a machine with an NVIDIA GPU (H100/H200 with
 # torch 2.11 and triton 3.6 installed; no network needed). Run from the repository root:
 #
-#     bash scripts/gpu_check.sh            # results under $OUT (default: gpu_check_out/), 7 files
+#     bash benchmarks/gpu_check.sh         # results under $OUT (default: gpu_check_out/), 7 files
 #
 # Stages, most important first, each under its own time limit (seconds, overridable):
 #   1. tests/test_triton.py on CUDA tensors (compiled kernel; graph capture; parity with torch fused)
-#   2. scripts/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep
+#   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep
 #   3. the whole test suite
 #   4. python -m adamw bench --device cuda
 # Worst case 9 minutes (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
@@ -41,7 +41,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 } 2>&1 | tee "$OUT/environment.txt"
 
 stage test_triton "${LIMIT_TEST_TRITON:-120}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_triton.py
-stage gpu_check "${LIMIT_GPU_CHECK:-150}" "$PYTHON" scripts/gpu_check.py --out "$OUT"
+stage gpu_check "${LIMIT_GPU_CHECK:-150}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
 stage test_suite "${LIMIT_TEST_SUITE:-150}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/
 stage bench "${LIMIT_BENCH:-120}" "$PYTHON" -m adamw bench --device cuda
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import adamw
+from adamw.cli.bench.workloads import GPT2_SMALL, GPT2Size
 
 MODES = ("standard", "in_backward")
 WARMUP_STEPS = 1
@@ -47,7 +48,8 @@ MMAP_THRESHOLD = 128 * 1024
 
 
 # --------------------------------------------------------------------------------------------------
-# GPT-2 small in plain torch (the shapes of Hugging Face's "gpt2": 124,439,808 params)
+# GPT-2 small in plain torch, its sizes from the one GPT-2 table (adamw.cli.bench.workloads: the shapes
+# of Hugging Face's "gpt2", 124,439,808 params)
 
 
 class Block(nn.Module):
@@ -71,12 +73,12 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    def __init__(self, vocab: int = 50257, context: int = 1024, width: int = 768, layers: int = 12) -> None:
+    def __init__(self, size: GPT2Size = GPT2_SMALL) -> None:
         super().__init__()
-        self.wte = nn.Embedding(vocab, width)
-        self.wpe = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(Block(width, width // 64) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width)
+        self.wte = nn.Embedding(size.vocab, size.width)
+        self.wpe = nn.Embedding(size.context, size.width)
+        self.blocks = nn.ModuleList(Block(size.width, size.width // 64) for _ in range(size.layers))
+        self.ln_f = nn.LayerNorm(size.width)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))

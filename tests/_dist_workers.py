@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import adamw
 from adamw.in_backward import step_in_backward
-from adamw.optimizer import _decode_8bit
+from adamw.states.checkpoint import decode_8bit_moments
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -141,7 +141,7 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     names = {p: name for name, p in model.named_parameters()}
     return {
         "params": {names[p]: full(p) for p in names},
-        "state": {names[p]: {k: full(v) for k, v in _decode_8bit(s, p).items()} for p, s in opt.state.items()},
+        "state": {names[p]: {k: full(v) for k, v in decode_8bit_moments(s, p).items()} for p, s in opt.state.items()},
     }
 
 

@@ -4,17 +4,13 @@ Each runs its kernel and the lean reference (``backend="forloop"``, which runs
 :func:`adamw.states.lean_step` on the CPU) side by side on copies of the same params and compares
 params and state bit for bit. What differs between the two files is a :class:`LeanKernel`: the AdamW
 options that pick the kernel, the device its params live on, and each file's cases and param shapes.
-The ``rounded_sqrt`` fixture is defined here; a test module that uses it imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pytest
 import torch
 from torch import Tensor
 
@@ -36,21 +32,6 @@ FLAGS: dict[str, dict[str, Any]] = {
     # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
     "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
 }
-
-
-@pytest.fixture
-def rounded_sqrt(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The reference with a correctly rounded float32 sqrt on the CPU (numpy's): torch's is within
-    1 ulp but not always correctly rounded, the kernels' is (see the test modules' docstrings)."""
-    torch_sqrt = torch.Tensor.sqrt
-
-    def sqrt(self: Tensor) -> Tensor:
-        if self.dtype == torch.float32 and self.device.type == "cpu":
-            return torch.from_numpy(np.asarray(np.sqrt(self.detach().numpy())))
-        return torch_sqrt(self)
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
-    yield
 
 
 def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
@@ -209,22 +190,3 @@ def check_codes_on_midpoints(kernel: LeanKernel) -> None:
     assert_bitwise(ours.state[params[0]]["exp_avg"], codes, "codes")
     assert_bitwise(ours.state[params[0]]["exp_avg_absmax"], absmax, "absmax")
     assert_same_run(ours, ref, params, ref_params, 1)
-
-
-def check_torch_sqrt_moves_params_by_ulps(kernel: LeanKernel) -> None:
-    """Against torch's own (1-ulp) sqrt: moments bitwise; params within, per step, one ulp of the
-    param plus 2^-21 of that step's update (a denominator one ulp off moves the update by at most
-    two ulps of it, and the sum may then round the other way)."""
-    ours, ref, params, ref_params, grads = kernel.run_both("8bit", FLAGS["amsgrad-wd"])
-    tolerance = [torch.zeros(as_real(q).shape, dtype=torch.float64) for q in ref_params]
-    for step, step_grads in enumerate(grads, 1):
-        previous = [q.detach().clone() for q in ref_params]
-        kernel.step_both(ours, ref, params, ref_params, step_grads)
-        for i, (p, q, prev) in enumerate(zip(params, ref_params, previous, strict=True)):
-            for key in ref.state[q]:
-                assert_bitwise(ours.state[p][key], ref.state[q][key], f"step {step}, param {i}, state[{key!r}]")
-            value, update = as_real(q.detach()), as_real(q.detach() - prev)
-            ulp = (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
-            tolerance[i] = tolerance[i] + ulp + 2.0**-21 * update.abs().double()
-            diff = (as_real(p.detach().cpu()).double() - value.double()).abs()
-            assert bool((diff <= tolerance[i]).all()), f"step {step}, param {i}: {diff.max().item():.3g} over"

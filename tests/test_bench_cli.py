@@ -1,7 +1,9 @@
-"""The ``adamw`` command: ``adamw bench --quick`` end to end, its JSON, its byte count and its errors."""
+"""``adamw bench``: ``--quick`` end to end, its JSON, its byte count, its errors, the memory-floor row and
+the GPT-2 shape table."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,9 +14,9 @@ import pytest
 import torch
 
 import adamw
-from adamw import bench
 from adamw.__main__ import main
-from adamw.bench_floor import MemoryFloor
+from adamw.cli.bench import timing, workloads
+from adamw.cli.bench.floor import MemoryFloor
 
 TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
 OUR_TORCH_OP_IMPLS = ("adamw-forloop", "adamw-foreach")  # no kernel to build: must always run
@@ -50,7 +52,7 @@ def test_quick_run_has_every_pair_with_positive_numbers(quick_run: dict[str, Any
     assert copy["gb_per_s"] > 0 and copy["ms_median"] > 0 and len(copy["window_ms"]) >= 1
 
     pairs = {(r["workload"], r["impl"]) for r in results}
-    assert pairs == {(w, i) for w in bench.WORKLOADS for i in bench.IMPLEMENTATIONS}
+    assert pairs == {(w, i) for w in workloads.WORKLOADS for i in workloads.IMPLEMENTATIONS}
     for r in results:
         if r["status"] != "ok":
             # Only a kernel of ours may be missing here (not built yet, no compiler); it must say why.
@@ -79,7 +81,7 @@ def test_bytes_per_step_is_seven_accesses_per_element(
 ) -> None:
     args = ["--workloads", workload, "--impls", "torch-fused,adamw-forloop", *(["--amsgrad"] if amsgrad else [])]
     results = _bench_json(tmp_path, *args)["results"]
-    n_params = sum(_numel(shape) for shape in bench.WORKLOADS[workload].quick_shapes)
+    n_params = sum(_numel(shape) for shape in workloads.WORKLOADS[workload].quick_shapes)
     assert len(results) == 2
     for r in results:
         assert r["n_params"] == n_params
@@ -90,7 +92,7 @@ def test_bytes_per_step_is_seven_accesses_per_element(
 def test_floor_row_moves_a_plain_steps_bytes(tmp_path: Path, workload: str, bytes_per_element: int) -> None:
     """The floor touches param, grad and two moments (no max_exp_avg_sq, even with --amsgrad)."""
     results = _bench_json(tmp_path, "--workloads", workload, "--impls", "floor", "--amsgrad")["results"]
-    n_params = sum(_numel(shape) for shape in bench.WORKLOADS[workload].quick_shapes)
+    n_params = sum(_numel(shape) for shape in workloads.WORKLOADS[workload].quick_shapes)
     assert [r["status"] for r in results] == ["ok"]
     assert results[0]["bytes_per_step"] == bytes_per_element * n_params
 
@@ -103,7 +105,22 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def test_gpt2_small_has_124m_parameters() -> None:
-    assert sum(_numel(s) for s in bench.gpt2_shapes()) == 124_439_808
+    shapes = workloads.gpt2_shapes()
+    assert len(shapes) == 148 and sum(_numel(s) for s in shapes) == 124_439_808
+
+
+def test_the_memory_benchmarks_gpt2_has_the_tables_shapes() -> None:
+    """benchmarks/step_in_backward_memory.py builds a real GPT-2 from the table's sizes: the same tensors
+    in the same order (its Linear weights are (out, in), the table's Conv1D ones (in, out))."""
+    path = Path(__file__).parents[1] / "benchmarks" / "step_in_backward_memory.py"
+    spec = importlib.util.spec_from_file_location("step_in_backward_memory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with torch.device("meta"):
+        model = module.GPT2()
+    ours = [tuple(p.shape) for p in model.parameters()]
+    assert [sorted(s) for s in ours] == [sorted(s) for s in workloads.gpt2_shapes()]
 
 
 def test_an_implementation_that_fails_is_reported_not_fatal(
@@ -112,8 +129,7 @@ def test_an_implementation_that_fails_is_reported_not_fatal(
     def broken(params: Any, hyper: Any) -> Any:
         raise ImportError("kernel not built")
 
-    registry = {**bench.IMPLEMENTATIONS, "broken": bench.Implementation("broken", "always fails", broken)}
-    monkeypatch.setattr(bench, "IMPLEMENTATIONS", registry)
+    monkeypatch.setitem(workloads.IMPLEMENTATIONS, "broken", workloads.Implementation("broken", "always fails", broken))
     results = _bench_json(tmp_path, "--workloads", "big", "--impls", "torch-fused,broken")["results"]
     status = {r["impl"]: (r["status"], r["reason"]) for r in results}
     assert status == {"torch-fused": ("ok", ""), "broken": ("unavailable", "ImportError: kernel not built")}
@@ -133,26 +149,14 @@ def test_unknown_name_is_a_usage_error_listing_valid_names(option: str, capsys: 
         main(["bench", option, "nope"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    registry = bench.WORKLOADS if option == "--workloads" else bench.IMPLEMENTATIONS
+    registry = workloads.WORKLOADS if option == "--workloads" else workloads.IMPLEMENTATIONS
     assert "'nope'" in err and "valid: " + ", ".join(registry) in err
-
-
-def test_no_subcommand_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert "bench" in capsys.readouterr().err
 
 
 def test_python_m_adamw_help() -> None:
     done = subprocess.run([sys.executable, "-m", "adamw", "bench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "7*s" in done.stdout and "--json" in done.stdout and "gpt2" in done.stdout
-
-
-def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--help"])
-    assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -223,7 +227,7 @@ def test_implementations_of_a_workload_step_the_same_state_memory() -> None:
     ]
     for opt in optimizers:
         opt.step()
-        bench._share_state(opt, params, shared)
+        timing._share_state(opt, params, shared)
     first, ours, lean = (opt.state for opt in optimizers)
     for p in params:
         for key in ("exp_avg", "exp_avg_sq"):

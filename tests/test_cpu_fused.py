@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import Tensor
 import adamw
 from adamw import functional
 from adamw._math import ReferenceState, reference_step
-from adamw.backends import cpu
+from adamw.backends import _native, cpu
 from adamw.backends._common import Hyper
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -466,31 +465,18 @@ def test_mismatched_inputs_raise_instead_of_reaching_the_kernel() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# building and caching the library
-
-
-def test_the_cache_is_used_by_a_second_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ADAMW_CACHE_DIR", str(tmp_path))
-    first = cpu._build_and_load()
-    assert first.compiled and first.path.parent == tmp_path and first.openmp
-    mtime = first.path.stat().st_mtime_ns
-    second = cpu._build_and_load()
-    assert not second.compiled, "a second load must not recompile"
-    assert second.path == first.path and second.path.stat().st_mtime_ns == mtime
-    assert [f.name for f in tmp_path.iterdir()] == [first.path.name], "no temporary file is left behind"
-    cc = cpu.compiler()
-    assert cpu._library_name(cc, ("-fopenmp",)) != cpu._library_name(cc, ()), "flags are part of the name"
+# without a compiler (the cache: tests/test_native_cache.py)
 
 
 @pytest.fixture
-def reimport(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next use of the backend imports (and so builds) it afresh; undone after the test."""
-    monkeypatch.delitem(sys.modules, "adamw.backends.cpu")
+def fresh_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next use of the backend builds its library afresh; undone after the test."""
+    monkeypatch.setattr(_native, "_loaded", {})
     monkeypatch.delitem(functional._loaded, "cpu", raising=False)
 
 
 @pytest.mark.parametrize("compiler", ["missing", "failing", "misnamed"])
-@pytest.mark.usefixtures("reimport")
+@pytest.mark.usefixtures("fresh_build")
 def test_without_a_working_compiler_fused_raises_before_any_change(
     compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

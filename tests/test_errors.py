@@ -139,6 +139,10 @@ def _step_requires_grad(opt: Any, params: list[Tensor]) -> None:
     opt.state[params[2]]["step"].requires_grad_(True)
 
 
+def _bf16_grad(opt: Any, params: list[Tensor]) -> None:
+    params[4].grad.data = params[4].grad.data.to(torch.bfloat16)  # `p.grad = ...` refuses another dtype
+
+
 def _nothing(opt: Any, params: list[Tensor]) -> None:
     pass
 
@@ -172,6 +176,10 @@ STEP_CASES = {
     ),
     "fused with a complex param": StepCase({"fused": True}, warm_steps=0, make=_with_complex_param, torch_changes=True),
     "differentiable, step requires grad": StepCase({"differentiable": True}, _step_requires_grad),
+    "bf16 grad of a float32 param": StepCase({"foreach": False}, _bf16_grad, torch_changes=True),
+    "bf16 grad of a float32 param, foreach": StepCase({"foreach": True}, _bf16_grad, torch_changes=True),
+    "bf16 grad of a float32 param, fused": StepCase({"fused": True}, _bf16_grad, torch_changes=True),
+    "bf16 grad in 2nd group": StepCase({"foreach": False}, _bf16_grad, second_group={}, torch_changes=True),
 }
 
 

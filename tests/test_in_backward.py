@@ -3,6 +3,8 @@ checkpoints both ways, freed gradients, per-parameter clipping, and the refusals
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +22,7 @@ STEPS = 4
 
 
 class Net(nn.Module):
-    """Exercises what a hook sees: a tied weight (used twice, one hook call), a frozen layer (no hook),
+    """Exercises what a hook sees: a tied weight (used twice, one hook call), a frozen layer (no grad),
     a layer used on even steps only (no grad, no step on odd ones), and params in two groups."""
 
     def __init__(self) -> None:
@@ -86,6 +88,10 @@ def in_backward_run(
 
 def params(model: nn.Module) -> list[Tensor]:
     return list(model.parameters())
+
+
+def params_of(opt: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 @pytest.mark.parametrize("state_format", STATE_FORMATS)
@@ -267,3 +273,76 @@ def test_kernels_keep_a_table_per_param(monkeypatch: pytest.MonkeyPatch, state_p
         if step > 0:
             assert len(builds) == before, f"step {step + 1} rebuilt {len(builds) - before} tables"
     assert len(builds) == 300 and all(opt.state[p]["step"] == 3 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_layer_frozen_when_built_and_unfrozen_later_is_stepped_as_adamw_steps_it(backend: str) -> None:
+    # AdamW steps every param of its groups that holds a gradient, whether or not it required one
+    # when the optimizer was built (groups() and model.parameters() include frozen params).
+    model, opt = in_backward_run(backend, range(2))
+    reference, reference_opt = standard_run(backend, range(2))
+    for m in (model, reference):
+        m.frozen.requires_grad_(True)
+    in_backward_run(backend, range(2, STEPS), model, opt)
+    standard_run(backend, range(2, STEPS), reference, reference_opt)
+    assert model.frozen.weight.grad is None
+    assert opt.state[model.frozen.weight]["step"].item() == STEPS - 2
+    assert_same_run(opt, reference_opt, params(model), params(reference))
+
+
+def test_params_that_cannot_require_grad_are_accepted() -> None:
+    # Quantized weights (bitsandbytes' int8 Parameters) sit frozen in model.parameters(): they can
+    # never get a gradient, so they need no hook, and AdamW accepts them.
+    model = Net()
+    model.codes = nn.Parameter(torch.zeros(4, dtype=torch.int8), requires_grad=False)
+    opt = adamw.step_in_backward(model, backend="forloop")
+    loss_at(model, 0).backward()
+    assert len(opt.state) == 5 and model.codes not in opt.state
+
+
+def clip_by_value(p: Tensor) -> None:
+    """A before_step that pickles (a lambda does not)."""
+    p.grad.clamp_(-0.01, 0.01)
+
+
+def pickled(obj: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = [pytest.param(copy.deepcopy, id="deepcopy"), pytest.param(pickled, id="pickle")]
+
+
+@pytest.mark.parametrize("removed", [False, True], ids=["in_backward", "removed"])
+@pytest.mark.parametrize("copy_of", COPIES)
+def test_a_copy_of_model_and_optimizer_trains_as_the_original(copy_of: Callable[[Any], Any], removed: bool) -> None:
+    # The copy hooks its own (copied) params, with the same before_step, frozen params included; a
+    # copy taken after remove() is a standard AdamW, as the original.
+    model, opt = in_backward_run("forloop", range(2), before_step=clip_by_value)
+    if removed:
+        opt.remove()
+    copied_model, copied_opt = copy_of((model, opt))
+    run = standard_run if removed else in_backward_run
+    for m, o in ((model, opt), (copied_model, copied_opt)):
+        m.frozen.requires_grad_(True)
+        run("forloop", range(2, STEPS), m, o)
+    assert all(p.grad is None for p in copied_model.parameters())
+    assert copied_opt.state[copied_model.frozen.weight]["step"].item() == STEPS - 2
+    assert_same_run(copied_opt, opt, params(copied_model), params(model))
+
+
+@pytest.mark.parametrize("copy_of", COPIES)
+def test_a_copy_of_the_optimizer_alone_keeps_the_state_it_had(copy_of: Callable[[Any], Any]) -> None:
+    # It holds copies of the params, as a copy of any torch optimizer does: later steps of the
+    # original leave it as it was, and its state_dict() can restore the original.
+    model, opt = in_backward_run("forloop", range(2))
+    snapshot = copy_of(opt)
+    in_backward_run("forloop", range(2, STEPS), model, opt)
+    reference, reference_opt = standard_run("forloop", range(2))
+    assert_same_run(snapshot, reference_opt, *(params_of(o) for o in (snapshot, reference_opt)))
+    with pytest.raises(RuntimeError, match=r"stepped inside backward\(\)"):
+        snapshot.step()
+    opt.load_state_dict(snapshot.state_dict())
+    assert opt.state[model.hidden.weight]["step"].item() == 2

@@ -16,6 +16,7 @@ from torch import Tensor
 
 import adamw
 from adamw.states import KAHAN_KEY
+from adamw.states.reference import sqrt_rn
 
 # (state_precision, param_update, param dtype)
 MODES = [
@@ -115,9 +116,12 @@ def test_seed_reproduces_a_run_and_another_seed_differs() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
-def test_param_update_leaves_float32_params_to_plain_rounding() -> None:
+def test_param_update_leaves_float32_params_to_plain_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 param in a lean group is stepped as torch steps it, but for the square root: the
+    lean path's is correctly rounded (so that every backend agrees), torch's float32 one not always."""
     a, b = _params(torch.float32), _params(torch.float32)
     _train(adamw.AdamW(a, lr=LR, param_update="stochastic"), a, 3)
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
     _train(torch.optim.AdamW(b, lr=LR), b, 3)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -266,4 +270,74 @@ def test_grad_scaler_with_lean_state_skips_an_inf_step(fused: bool | None) -> No
         p.grad, q.grad = g * scaler.get_scale(), g.clone()
     scaler.step(opt)
     plain.step()
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(params, reference, strict=True))
+    # Bit for bit: the scale is a power of two, and the kernel and the reference round alike.
+    assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+
+
+# How GradScaler reaches the lean step: a fused optimizer takes grad_scale/found_inf into step(); for
+# the for-loop path GradScaler unscales the grads itself and skips step(), or (an optimizer that
+# declares _step_supports_amp_scaling) hands them over as to a fused one, and the step skips itself.
+SCALER_PATHS = {
+    "fused-cpu": ({"fused": True}, False),
+    "forloop": ({"backend": "forloop"}, False),
+    "forloop-in-step": ({"backend": "forloop"}, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", SCALER_PATHS)
+def test_a_scaler_skipped_step_leaves_8bit_state_untouched(path: str, dtype: torch.dtype) -> None:
+    """One inf in one grad: GradScaler skips the step, and the 8-bit state (codes, absmaxes, step
+    counters) and the params stay bit for bit as they were. An inf that reached a block would make
+    its absmax non-finite and its 256 values NaN from then on (README, "Lean state"). The next finite step
+    is the one an optimizer that never saw the inf takes (its stochastic rounding keyed by the same
+    step number)."""
+    options, in_step = SCALER_PATHS[path]
+    param_update = "stochastic" if dtype == torch.bfloat16 else "round"
+    params, twin = _params(dtype), _params(dtype)
+    opt, twin_opt = (
+        adamw.AdamW(ps, lr=LR, state_precision="8bit", param_update=param_update, seed=5, **options)
+        for ps in (params, twin)
+    )
+    if in_step:
+        opt._step_supports_amp_scaling = True
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def scaled_step(grads: list[Tensor]) -> None:
+        # d(loss)/dp = grad * scale, as a scaled loss's backward gives it
+        loss = sum((p.float() * g.float()).sum() for p, g in zip(params, grads, strict=True))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    def twin_step(grads: list[Tensor]) -> None:
+        for p, g in zip(twin, grads, strict=True):
+            p.grad = g.clone()
+        twin_opt.step()
+
+    for i in range(2):
+        scaled_step(_grads(params, i))
+        twin_step(_grads(params, i))
+    state = opt.state[params[0]]
+    assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_sq_absmax"].dtype == torch.float32
+    before = [p.detach().clone() for p in params]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+    grads = _grads(params, 2)
+    grads[1][17] = float("inf")  # one element of one 8-bit param's grad
+    scaled_step(grads)
+    assert scaler.get_scale() == 2.0**9, "the inf was seen"
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), before[i]), f"param {i}"
+        assert opt.state[p].keys() == state_before[i].keys()
+        for key, value in state_before[i].items():
+            assert torch.equal(opt.state[p][key], value), f"param {i}, state[{key!r}]"
+
+    scaled_step(_grads(params, 3))
+    twin_step(_grads(params, 3))
+    for i, (p, q) in enumerate(zip(params, twin, strict=True)):
+        assert torch.equal(p.detach(), q.detach()), f"param {i}"
+        for key, value in twin_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), f"param {i}, state[{key!r}]"
+    assert opt.state[params[0]]["step"].item() == 3

@@ -15,6 +15,7 @@ import torch
 
 from adamw.backends._common import Hyper
 from adamw.backends.forloop import step as forloop_step
+from adamw.cli.bench.workloads import gpt2_shapes
 from adamw.states import (
     BLOCK_SIZE,
     KAHAN_KEY,
@@ -35,6 +36,7 @@ from adamw.states import (
 )
 from adamw.states import formats as formats_module
 from adamw.states.quantize import LADDER_STEPS_PER_OCTAVE, quantization_error_bound
+from adamw.states.reference import sqrt_rn
 from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
 
 
@@ -320,16 +322,8 @@ def test_the_4096_rule_and_bytes_per_element() -> None:
         format_for(large, "4bit")
 
 
-def _gpt2_small_shapes() -> list[tuple[int, ...]]:
-    d, vocab, context, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(vocab, d), (context, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
 def test_8bit_state_is_at_most_2_1_bytes_per_param_on_gpt2_small() -> None:
-    params = [torch.empty(s, device="meta") for s in _gpt2_small_shapes()]
+    params = [torch.empty(s, device="meta") for s in gpt2_shapes()]
     numel = sum(p.numel() for p in params)
     assert 124_000_000 < numel < 125_000_000
     moments = sum(
@@ -409,8 +403,11 @@ def _run_forloop(
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_lean_step_param_round_is_the_forloop_backend_bit_for_bit(
-    dtype: torch.dtype, amsgrad: bool, maximize: bool
+    dtype: torch.dtype, amsgrad: bool, maximize: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every operation but the square root is the for-loop backend's (torch's): lean_step takes a
+    correctly rounded one, which torch's float32 sqrt is not always; given the same, the two agree."""
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
     g = torch.Generator().manual_seed(8)
     p0 = torch.randn(33, 65, generator=g).to(dtype)
     grads = [torch.randn(33, 65, generator=g).to(dtype) for _ in range(12)]
@@ -420,6 +417,23 @@ def test_lean_step_param_round_is_the_forloop_backend_bit_for_bit(
     assert torch.equal(ours, theirs)
     for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
         assert state[key].dtype == dtype and torch.equal(state[key], reference[key]), key
+
+
+def test_sqrt_rn_is_correctly_rounded() -> None:
+    """lean_step's float32 sqrt is the C kernel's sqrtf and Triton's sqrt_rn (numpy's sqrt, the
+    interpreter's, is the hardware's, correctly rounded): on every float32 of [1, 4) (two octaves:
+    every significand, at either parity of the exponent), subnormals, random values of every
+    exponent, zeros, infinity and NaN (sign kept)."""
+    gen = torch.Generator().manual_seed(12)
+    two_octaves = torch.arange(0x3F800000, 0x40800000, dtype=torch.int32)
+    subnormals = torch.randint(0, 0x00800000, (1 << 16,), generator=gen, dtype=torch.int32)
+    anywhere = torch.randint(0, 0x7F800000, (1 << 20,), generator=gen, dtype=torch.int32)
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("nan"), -float("nan")]).view(torch.int32)
+    x = torch.cat([two_octaves, subnormals, anywhere, specials]).view(torch.float32)
+    exact = torch.from_numpy(np.sqrt(x.numpy()))
+    assert torch.equal(sqrt_rn(x).view(torch.int32), exact.view(torch.int32))
+    y = torch.rand(1000, generator=gen, dtype=torch.float64)
+    assert torch.equal(sqrt_rn(y), y.sqrt()) and sqrt_rn(x.bfloat16()).dtype == torch.bfloat16
 
 
 def _trajectories(

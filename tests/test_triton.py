@@ -3,7 +3,7 @@
 Where no GPU is, the kernel runs on CPU tensors under Triton's interpreter (tests/conftest.py sets
 ``TRITON_INTERPRET=1``): the kernel source a GPU runs, executed in numpy, slowly. Tensors are tiny;
 the interpreter's chunk is ``INTERPRETER_BLOCK`` (128) elements, so they still span full and partial
-chunks. Tests marked ``requires_cuda`` run on a GPU only (scripts/gpu_check.sh runs this file there).
+chunks. Tests marked ``requires_cuda`` run on a GPU only (benchmarks/gpu_check.sh runs this file there).
 """
 
 from __future__ import annotations

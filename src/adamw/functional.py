@@ -19,13 +19,12 @@ import importlib.util
 from collections.abc import Callable
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
 from .backends import lean as _lean_backend
-from .backends._common import Hyper
+from .backends._common import Hyper, run_eagerly
 
 BackendName = Literal["forloop", "foreach", "cpu", "triton"]
 BACKENDS: tuple[str, ...] = ("forloop", "foreach", "cpu", "triton")
@@ -35,13 +34,16 @@ FUSED_BACKENDS: tuple[str, ...] = ("cpu", "triton")
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
 
 
-def fused_backend_for(device: torch.device) -> str:
-    """The kernel that ``fused=True`` runs on ``device``."""
-    if device.type == "cpu":
+def fused_backend_for(param: Tensor) -> str:
+    """The kernel that ``fused=True`` runs on ``param``'s device (torch's message for another device)."""
+    if param.device.type == "cpu":
         return "cpu"
-    if device.type == "cuda":
+    if param.device.type == "cuda":
         return "triton"
-    raise RuntimeError(f"`fused=True` requires params on a supported device: ['cpu', 'cuda'], but got {device.type}")
+    raise RuntimeError(
+        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+        f"['cpu', 'cuda'] but {param.dtype} and {param.device.type}"
+    )
 
 
 def select_backend(
@@ -63,7 +65,7 @@ def select_backend(
     if backend is not None:
         return backend
     if fused:
-        return fused_backend_for(params[0].device) if params else "forloop"
+        return fused_backend_for(params[0]) if params else "forloop"
     if foreach is None and fused is None:
         foreach = (
             not differentiable
@@ -150,7 +152,20 @@ def adamw(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
-    backend_step(name)(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+    run = _run_fused if name in FUSED_BACKENDS else _run
+    run(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+
+
+def _run(name: str, *args: object) -> None:
+    backend_step(name)(*args)
+
+
+# torch.compile runs our fused kernels eagerly, as it does torch's own fused optimizers: a kernel launched
+# through ctypes or Triton's launcher (and its loading and host work) cannot be traced, and a graph break
+# inside it would leave the whole step to eager mode, where every function it calls is compiled on its
+# own with guards on this optimizer's objects, so a few compiled optimizers in one process would exhaust
+# Dynamo's recompile limit.
+_run_fused = run_eagerly(_run)
 
 
 def adamw_lean(
@@ -201,6 +216,20 @@ def adamw_lean(
         found_inf=found_inf,
     )
     lean = _lean_backend.Lean(state_precision=state_precision, param_update=param_update, seed=seed)
+    _run_low_bit(name, params, grads, states, state_steps, streams, hyper, lean)
+
+
+@run_eagerly
+def _run_low_bit(
+    name: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    state_steps: list[Tensor],
+    streams: list[int],
+    hyper: Hyper,
+    lean: _lean_backend.Lean,
+) -> None:
     step_lean = _lean_kernel(name) or _lean_backend.step
     step_lean(params, grads, states, state_steps, streams, hyper, lean)
 
@@ -216,3 +245,14 @@ def _lean_kernel(name: str) -> Callable[..., None] | None:
     if importlib.util.find_spec(f"adamw.backends.{name}_lean") is None:
         return None
     return importlib.import_module(f"adamw.backends.{name}_lean").step_lean  # type: ignore[no-any-return]
+
+
+def check_kernel(name: str, params: list[Tensor], *, lean: bool) -> None:
+    """Raise now what a step of ``params`` on backend ``name`` would raise for want of its kernel: the
+    C kernel (the lean one for a lean group) is built or loaded, Triton imported and the params'
+    devices checked against the Triton kernel's. :class:`adamw.AdamW` calls it for every group before
+    it steps any; loading happens once per process, later calls cost a lookup."""
+    if name == "cpu":
+        importlib.import_module("adamw.backends.cpu_lean" if lean else "adamw.backends.cpu").library()
+    elif name == "triton":
+        importlib.import_module("adamw.backends.triton").check_params(params, lean=lean)

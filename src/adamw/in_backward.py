@@ -110,9 +110,51 @@ class AdamWInBackward(AdamW):
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         for param in self.param_groups[index]["params"]:
-            if param.requires_grad:
-                self._group_index[param] = index
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._step_and_free))
+            self._hook(param, index)
+
+    def _hook(self, param: Tensor, index: int) -> None:
+        """Step ``param`` (of group ``index``) whenever backward completes its gradient, frozen or not.
+
+        A frozen param is hooked too, since AdamW steps it once it is unfrozen. torch refuses a hook on
+        a tensor that does not require grad but keeps one across ``requires_grad_`` changes, so the
+        hook goes on while requires_grad is briefly set.
+        """
+        self._group_index[param] = index
+        if param.requires_grad:
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._step_and_free))
+            return
+        if not (param.is_floating_point() or param.is_complex()) or param.is_inference():
+            return  # can never require grad (outside inference mode), so never gets a gradient
+        param.requires_grad_(True)
+        try:
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._step_and_free))
+        finally:
+            param.requires_grad_(False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state, plus what a copy needs to step in backward as this one does."""
+        return {**super().__getstate__(), "before_step": self.before_step, "in_backward": bool(self._hooks)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Called by ``load_state_dict`` on a live optimizer, which keeps its hooks, and by
+        ``copy.deepcopy`` and unpickling on a new one, which hooks its own params: the copied ones, so
+        ``copy.deepcopy((model, opt))`` trains the copied model in backward (unless ``remove()`` was
+        called on the original), as a copy of a standard optimizer steps the copied params."""
+        if "_hooks" in self.__dict__:
+            super().__setstate__(state)
+            return
+        state = dict(state)
+        in_backward = state.pop("in_backward", True)
+        self.before_step = state.pop("before_step", None)
+        self._hooks = []
+        self._group_index = {}
+        self._lock = threading.Lock()
+        super().__setstate__(state)
+        self._step_supports_amp_scaling = True
+        if in_backward:
+            for index, group in enumerate(self.param_groups):
+                for param in group["params"]:
+                    self._hook(param, index)
 
     def remove(self) -> None:
         """Remove the hooks: from now on ``backward()`` fills ``.grad`` and ``step()`` steps, as in AdamW."""

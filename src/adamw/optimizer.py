@@ -1,12 +1,14 @@
 """``adamw.AdamW``: a drop-in ``torch.optim.AdamW``. Bookkeeping only: validation, groups, state.
 
-The math lives in :mod:`adamw._math`, the choice of backend in :mod:`adamw.functional`. The state
-layout (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and param-group keys are
-torch's, so checkpoints move between the two classes in both directions.
+The math lives in :mod:`adamw._math`, the choice of backend in :mod:`adamw.functional`, checkpoint
+conversion in :mod:`adamw.states.checkpoint`. The state layout (``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``) and param-group keys are torch's, so checkpoints move between the two classes in
+both directions (an 8-bit one through ``full_precision_state_dict()``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
@@ -16,23 +18,36 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from .backends._common import capturable_devices
+from .backends._common import capturable_devices, run_eagerly
 from .backends.lean import effective_param_update
-from .functional import BACKENDS, FUSED_BACKENDS, adamw, adamw_lean, backend_step, select_backend
+from .functional import (
+    BACKENDS,
+    FUSED_BACKENDS,
+    adamw,
+    adamw_lean,
+    backend_step,
+    check_kernel,
+    select_backend,
+)
 from .states import (
-    KAHAN_KEY,
     PARAM_UPDATES,
     STATE_PRECISIONS,
-    convert_state,
-    format_for,
     full_precision_state,
     init_lean_state,
 )
-from .states.formats import ABSMAX_SUFFIX, INT8, MOMENTS, StateFormat, compute_dtype, stored_format
-from .states.reference import is_dtensor, like_param
+from .states.checkpoint import (
+    OWN_GROUP_DEFAULTS,
+    adopt_state,
+    from_checkpoint,
+    shield_from_cast,
+    to_checkpoint,
+)
+from .states.formats import MOMENTS
+from .states.reference import is_dtensor
 
-# Keys that exist in our param groups but not in torch's: kept from the live optimizer when a
-# checkpoint written by torch.optim.AdamW (which lacks them) is loaded.
+# Keys that exist in our param groups but not in torch's: a state dict carries them only where they
+# differ from their defaults (so that one of default options is torch's), and a checkpoint without
+# them (torch's, or ours at the defaults) keeps the live group's values.
 _OWN_GROUP_KEYS = ("backend", "seed")
 # How state is stored is this run's memory decision, not the checkpoint's: these always keep the live
 # group's value, and a loaded state is converted to them.
@@ -43,6 +58,7 @@ _dtype_of = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _grad_of = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 _FUSED_DTYPES = {
     "cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
@@ -93,7 +109,8 @@ class AdamW(Optimizer):
         param_update: how a new bfloat16 param is written: ``"round"`` (to nearest, as torch),
             ``"stochastic"`` (stochastic rounding, unbiased) or ``"kahan"`` (a bfloat16 compensation
             buffer in the state). Lets bfloat16 params train without a float32 master copy; params of
-            other dtypes are written as usual.
+            other dtypes are written as usual. Both may be set in a live param group: the next step
+            converts that group's state first, as ``load_state_dict`` does.
         seed: seeds stochastic rounding, so runs reproduce (any backend draws the same bits).
         reshardable_state_dict: ``state_dict()`` writes 8-bit moments as float32 tensors shaped like
             their params instead of codes and absmaxes, so that ``torch.distributed.checkpoint``
@@ -151,6 +168,9 @@ class AdamW(Optimizer):
         # Each param's number in the order it was added: the stream of its stochastic rounding. Kept
         # apart from param_groups, which step_in_backward narrows to one param while it steps.
         self._streams: dict[Tensor, int] = {}
+        # Each group's (group, state_precision, param_update) as its state was last stored, by id:
+        # step() compares them with the group's options to convert a state whose format was changed.
+        self._formats: dict[int, tuple[dict[str, Any], str, str]] = {}
         super().__init__(params, defaults)
         self.reshardable_state_dict = reshardable_state_dict
         uses_fused_kernel = bool(fused) or backend in FUSED_BACKENDS
@@ -168,18 +188,48 @@ class AdamW(Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._streams.setdefault(p, len(self._streams))
+        self._remember_format(self.param_groups[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state (defaults, state, groups), plus our public options: what a copy or
+        pickle needs to act as this optimizer does."""
+        return {**super().__getstate__(), "reshardable_state_dict": self.reshardable_state_dict}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Called by ``load_state_dict`` (and unpickling) with the groups to install.
+        """Called by ``load_state_dict`` with the groups and state to install, and by unpickling.
 
-        A checkpoint written by ``torch.optim.AdamW`` lacks our own group keys (``backend``): those keep
-        the live group's value. This is done here rather than in ``load_state_dict`` because here the
-        groups are the ones left after torch's checks and any load_state_dict pre-hook (which may
-        rewrite the checkpoint, e.g. merge its groups).
+        On a load, everything that can fail runs before anything is installed: a rejected checkpoint
+        leaves the optimizer as it was. This is done here rather than in ``load_state_dict`` because
+        here the groups are the ones left after torch's checks and any load_state_dict pre-hook
+        (which may rewrite the checkpoint, e.g. merge its groups). A checkpoint without our own group
+        keys (``backend``, ``seed``: torch's, or ours at their defaults) keeps the live group's values;
+        ``state_precision``/``param_update`` always keep the live group's, and each param's state is
+        converted to them.
         """
         live_groups = self.__dict__.get("param_groups")  # absent when unpickling
+        if live_groups is not None:
+            state = self._prepare_load(state, live_groups)
+        super().__setstate__(state)
+        self.__dict__.setdefault("reshardable_state_dict", False)
+        for group in self.param_groups:
+            _complete_group(group)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state:
+                    _upgrade_number_step(p_state, p, group)
+        self._formats = {}
+        for group in self.param_groups:
+            self._remember_format(group)
+
+    def _remember_format(self, group: dict[str, Any]) -> None:
+        self._formats[id(group)] = (group, group["state_precision"], group["param_update"])
+
+    def _prepare_load(self, state: dict[str, Any], live_groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """The groups and state that ``load_state_dict`` installs: the checkpoint's groups (with our
+        own keys from the live ones) and each param's state read and converted to its group's format.
+        Raises (ValueError) before anything is installed."""
         new_groups = state.get("param_groups", [])
-        if live_groups is not None and len(live_groups) == len(new_groups):
+        if len(live_groups) == len(new_groups):
             for new, live in zip(new_groups, live_groups, strict=True):
                 for key in _OWN_GROUP_KEYS:
                     if key not in new and key in live:
@@ -187,46 +237,44 @@ class AdamW(Optimizer):
                 for key in _STORAGE_GROUP_KEYS:
                     if key in live:
                         new[key] = live[key]
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group["decoupled_weight_decay"] = True
-            group.setdefault("backend", None)
-            group.setdefault("state_precision", "param")
-            group.setdefault("param_update", "round")
-            group.setdefault("seed", 0)
-            fused = group.setdefault("fused", None)
+        loaded = state.get("state", {})
+        adopted = {}
+        index = 0
+        for group in new_groups:
+            _complete_group(group)
             for p in group["params"]:
-                p_state = self.state.get(p, {})
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    # Checkpoints from old torch versions store the step as a Python number.
-                    step_value = float(p_state["step"])
-                    on_device = group["capturable"] or group["fused"]
-                    p_state["step"] = torch.tensor(
-                        step_value, dtype=_scalar_dtype(fused), device=p.device if on_device else "cpu"
-                    )
+                entry = loaded.get(p)
+                if isinstance(entry, dict):
+                    try:
+                        p_state = from_checkpoint(entry, p)
+                        _upgrade_number_step(p_state, p, group)
+                        adopted[p] = _adopt(p_state, p, group)
+                    except ValueError as exc:
+                        raise ValueError(f"cannot load the state of param {index}: {exc}") from exc
+                index += 1
+        new_state: defaultdict[Any, Any] = defaultdict(dict, loaded)  # with the entries of no param
+        new_state.update(adopted)
+        return {**state, "state": new_state, "param_groups": new_groups}
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict; 8-bit moments of DTensor params (and of every param with
-        ``reshardable_state_dict``) as float32 tensors shaped and sharded like their params.
+        """torch's state dict. Options of ours are written only where they differ from their defaults,
+        so that with default options it is key for key what ``torch.optim.AdamW`` writes.
 
-        A sharded param's 8-bit blocks are cut from its local shard (see adamw.states.reference),
-        so its absmaxes cannot be resharded; decoded, every saved tensor is shaped like its param
-        and DCP reshards it. The cost: those moments take 4 bytes per value in the checkpoint
-        (against about 1.02 as codes), not in memory.
+        8-bit codes are written under ``exp_avg_codes`` (and so on) beside their absmaxes, so that
+        ``torch.optim.AdamW`` fails on such a checkpoint instead of reading the codes as moments
+        (:mod:`adamw.states.checkpoint`); ``full_precision_state_dict()`` writes one torch can load.
+        The 8-bit moments of DTensor params (and of every param with ``reshardable_state_dict``) are
+        written as float32 tensors shaped and sharded like their params: a sharded param's 8-bit
+        blocks are cut from its local shard (see adamw.states.reference), so its absmaxes cannot be
+        resharded; decoded, every saved tensor is shaped like its param and DCP reshards it. The cost:
+        those moments take 4 bytes per value in the checkpoint (against about 1.02 as codes), not in
+        memory. State-dict post-hooks see the state dict as written.
         """
-        state_dict = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
-        everywhere = getattr(self, "reshardable_state_dict", False)  # absent on an unpickled optimizer
-        state_dict["state"] = {
-            index: _decode_8bit(state, params[index]) if everywhere or is_dtensor(params[index]) else state
-            for index, state in state_dict["state"].items()
-        }
-        return state_dict
+        handle = self.register_state_dict_post_hook(_write_checkpoint_layout, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint written by this class (any state format) or by ``torch.optim.AdamW``.
@@ -234,41 +282,18 @@ class AdamW(Optimizer):
         Each param's state is converted to its live group's ``state_precision`` (and ``param_update``:
         a Kahan buffer is created, or dropped): a torch checkpoint loads into an 8-bit optimizer, and
         an 8-bit checkpoint into a full-precision one. Other options come from the checkpoint, as in torch.
+        A checkpoint that cannot be loaded raises before anything changes. Load-state-dict pre-hooks
+        see the checkpoint as given, post-hooks the state as installed.
         """
         # torch's loader casts every state tensor to its param's dtype: right for full-precision
-        # moments, wrong for 8-bit codes, absmaxes and moments kept in float32 for a bf16 param. So
-        # all but the step travel wrapped (torch passes unknown objects through as they are) and
-        # are unwrapped below, then converted to the group's format (torch's cast, for "param").
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: _wrap_lean_entries(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in self.state:
-                    self.state[p] = self._adopt_loaded_state(self.state[p], p, group)
-
-    def _adopt_loaded_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = {k: v.tensor.to(p.device) if isinstance(v, _KeepAsIs) else v for k, v in state.items()}
-        if "step" in state and _on_device_step(group) and isinstance(state["step"], Tensor):
-            state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
-        if not any(k in state for k in MOMENTS):
-            return state
-        if is_dtensor(p):
-            # Convert the local shards, in the format the whole param takes (see adamw.states.reference).
-            fmt = format_for(p, group["state_precision"])
-            local_p = p.to_local()  # type: ignore[attr-defined]
-            local = {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}
-            if not _stored_as(local, local_p, group["state_precision"], fmt):
-                local = convert_state(local, local_p, group["state_precision"], target=fmt)
-            state = {k: like_param(k, v, p) for k, v in local.items()}
-        elif not _stored_as(state, p, group["state_precision"]):
-            state = convert_state(state, p, group["state_precision"])
-        kahan = effective_param_update(p, group["param_update"]) == "kahan"
-        if kahan and KAHAN_KEY not in state:
-            state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif not kahan:
-            state.pop(KAHAN_KEY, None)
-        return state
+        # moments, wrong for 8-bit codes, absmaxes and moments kept in float32 for a bf16 param. So,
+        # after every pre-hook, all but the step travel wrapped through it (see shield_from_cast) and
+        # are unwrapped and converted to the group's format in __setstate__.
+        handle = self.register_load_state_dict_pre_hook(_shield_from_cast)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
 
     def full_precision_state_dict(self) -> dict[str, Any]:
         """``state_dict()`` with every moment in its param's dtype and only torch's state keys.
@@ -278,15 +303,24 @@ class AdamW(Optimizer):
         """
         full = self.state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
-        full["state"] = {
-            index: full_precision_state(state, params[index]) if any(k in state for k in MOMENTS) else state
-            for index, state in full["state"].items()
-        }
-        return full
+        state = {}
+        for index, entry in full["state"].items():
+            p = _param_at(params, index)
+            if p is not None and isinstance(entry, dict):
+                entry = from_checkpoint(entry, p)
+                if any(k in entry for k in MOMENTS):
+                    entry = full_precision_state(entry, p)
+            state[index] = entry
+        return {**full, "state": state}
 
     # ----------------------------------------------------------------------------------------------
     # the step
 
+    # As torch does for its own optimizers: called from eager code (a step that torch.compile left to
+    # eager mode around a fused kernel), _init_group runs as it is, instead of being compiled once per
+    # optimizer (its guards name this optimizer's objects) up to Dynamo's recompile limit. A traced
+    # step still runs it once at trace time (Dynamo's optimizer support calls it by name).
+    @run_eagerly
     def _init_group(
         self,
         group: dict[str, Any],
@@ -313,6 +347,10 @@ class AdamW(Optimizer):
             params.append(p)
             grads.append(grad)
             state = state_of[p]
+            if state and "exp_avg" not in state:
+                # A checkpoint's entry put in as it is, by a loader that is not ours
+                # (ZeroRedundancyOptimizer.load_state_dict copies each entry into ``state``).
+                state = state_of[p] = _adopt(from_checkpoint(state, p), p, group)
             if len(state) == 0:
                 # The step lives on the CPU unless a kernel or graph capture needs it on the device:
                 # reading a CPU scalar costs no device sync and no kernel launch.
@@ -343,8 +381,51 @@ class AdamW(Optimizer):
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
-        has_complex = any(dtype.is_complex for dtype in set(map(_dtype_of, params)))
+        has_complex = any(dtype.is_complex for dtype in {p.dtype for p in params})
         return has_complex
+
+    def _convert_changed_formats(self) -> None:
+        """Convert the state of each group whose ``state_precision``/``param_update`` was set since its
+        state was stored (``opt.param_groups[0]["state_precision"] = "8bit"``), as loading a checkpoint
+        does; an invalid value raises before any change. A group is one comparison with the format
+        remembered for it; a group the optimizer does not know (step_in_backward's one-param view of
+        a group) has its params' states checked instead, and is not remembered."""
+        formats = self._formats
+        changed = []
+        for index, group in enumerate(self.param_groups):
+            known = formats.get(id(group))
+            if (
+                known is None
+                or known[0] is not group
+                or known[1] != group["state_precision"]
+                or known[2] != group["param_update"]
+            ):
+                changed.append((index, group))
+        if not changed:
+            return
+        for index, group in changed:
+            try:
+                _check_storage_options(group)
+            except ValueError as exc:
+                raise ValueError(f"param group {index}: {exc}") from exc
+        converted = {}
+        for index, group in changed:
+            for position, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if state:
+                    try:
+                        new = _adopt(state, p, group)
+                    except ValueError as exc:
+                        raise ValueError(
+                            f"param group {index}: cannot convert the state of its param {position}: {exc}"
+                        ) from exc
+                    if new is not state:
+                        converted[p] = new
+        self.state.update(converted)
+        for _, group in changed:
+            known = formats.get(id(group))
+            if known is not None and known[0] is group:
+                self._remember_format(group)
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -355,8 +436,10 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not torch.compiler.is_compiling():
-            # Every check runs before anything changes: a rejected step leaves params and state as they were.
+            # Every check runs before anything changes: a rejected step leaves params and state as they
+            # were. A group's state converted to its changed format is replaced whole or not at all.
             self._check_step_inputs()
+            self._convert_changed_formats()
 
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -395,6 +478,7 @@ class AdamW(Optimizer):
             )
         return loss
 
+    @run_eagerly
     def _lean_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         # The param's number in the optimizer keys its stochastic rounding: stable across steps and
         # checkpoints, and distinct for every param.
@@ -434,6 +518,7 @@ class AdamW(Optimizer):
             found_inf=getattr(self, "found_inf", None),
         )
 
+    @run_eagerly
     def _check_step_inputs(self) -> None:
         """Raise, before any change, for whatever would make some group's step fail."""
         for index, group in enumerate(self.param_groups):
@@ -445,8 +530,10 @@ class AdamW(Optimizer):
                 )
             if not params:
                 continue
+            _check_grad_dtypes(params, index)
             if _is_lean(group):
-                continue  # the lean path takes any float dtype on any device; options were checked at construction
+                _check_lean_group(params, group)
+                continue
             backend = select_backend(
                 params,
                 backend=group["backend"],
@@ -487,9 +574,45 @@ class AdamW(Optimizer):
                     step = self.state.get(p, {}).get("step")
                     if isinstance(step, Tensor) and step.requires_grad:
                         raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-            # Import the backend's module last (after the checks torch also makes): a missing optional
-            # backend must fail here, not after earlier groups were stepped or state was created.
+            # Import the backend's module and load its kernel last (after the checks torch also makes):
+            # a missing compiler or Triton must fail here, not after earlier groups were stepped or
+            # state was created.
             backend_step(backend)
+            if backend in FUSED_BACKENDS:
+                check_kernel(backend, params, lean=False)
+
+
+def _check_grad_dtypes(params: list[Tensor], index: int) -> None:
+    """Every backend computes a param's update from a grad of its own dtype. torch raises for any
+    other grad only mid-step (state created, earlier groups stepped); the lean kernels would take it."""
+    grads = list(map(_grad_of, params))
+    if list(map(_dtype_of, grads)) == list(map(_dtype_of, params)):
+        return
+    p, grad = next((p, g) for p, g in zip(params, grads, strict=True) if g.dtype != p.dtype)
+    raise RuntimeError(
+        f"expected each grad to have its param's dtype, but param group {index} has a {p.dtype} param "
+        f"with a {grad.dtype} grad (give it a {p.dtype} grad)"
+    )
+
+
+def _check_lean_group(params: list[Tensor], group: dict[str, Any]) -> None:
+    """What a lean group's step needs beyond the options checked at construction: its fused backend's
+    lean kernel, for the params it runs (DTensors run the torch-ops reference: see ``_lean_step``)."""
+    backend = select_backend(
+        params,
+        backend=group["backend"],
+        foreach=group["foreach"],
+        fused=group["fused"],
+        differentiable=False,
+        capturable=False,
+        lr=group["lr"],
+    )
+    if backend not in FUSED_BACKENDS:
+        return
+    if not set(map(type, params)) <= _PLAIN_TYPES:
+        params = [p for p in params if not is_dtensor(p)]
+    if params:
+        check_kernel(backend, params, lean=True)
 
 
 def _check_fused_params(params: list[Tensor], backend: str, group: dict[str, Any]) -> None:
@@ -520,52 +643,9 @@ def _is_lean(group: dict[str, Any]) -> bool:
     return group["state_precision"] != "param" or group["param_update"] != "round"
 
 
-def _stored_as(state: dict[str, Any], p: Tensor, state_precision: str, fmt: StateFormat | None = None) -> bool:
-    """Whether every moment in ``state`` is stored as ``state_precision`` (or ``fmt``) stores it for ``p``."""
-    meta = torch.empty_like(p, device="meta")
-    fmt = fmt or format_for(meta, state_precision)
-    for key in MOMENTS:
-        if key not in state:
-            continue
-        stored_format(state, key, p)  # raises for an incomplete 8-bit entry
-        for name, expected in fmt.zeros(meta, key).items():
-            value = state.get(name)
-            if not isinstance(value, Tensor) or value.dtype != expected.dtype or value.shape != expected.shape:
-                return False
-    return True
-
-
-def _decode_8bit(state: dict[str, Any], p: Tensor) -> dict[str, Any]:
-    """``state`` (a new dict) with its 8-bit moments decoded to the compute dtype, shaped (and, for a
-    DTensor, sharded) like ``p``; other entries as they are."""
-    if not any(k + ABSMAX_SUFFIX in state for k in MOMENTS):
-        return state
-    out = dict(state)
-    for key in MOMENTS:
-        if key + ABSMAX_SUFFIX not in state:
-            continue
-        codes = state[key].to_local() if is_dtensor(state[key]) else state[key]
-        value = INT8.decode({key: codes, key + ABSMAX_SUFFIX: out.pop(key + ABSMAX_SUFFIX)}, key, compute_dtype(p))
-        out[key] = like_param(key, value, p)
-    return out
-
-
 def _on_device_step(group: dict[str, Any]) -> bool:
     """Whether the group's step counters live on the param's device (capturable or a fused kernel)."""
     return bool(group["capturable"] or group["fused"] or group["backend"] in FUSED_BACKENDS)
-
-
-class _KeepAsIs:
-    """A state tensor that torch's loader must not cast to its param's dtype (see load_state_dict)."""
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
-
-
-def _wrap_lean_entries(state: Any) -> Any:
-    if not isinstance(state, dict):
-        return state
-    return {k: _KeepAsIs(v) if k != "step" and isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _check_group_options(options: dict[str, Any]) -> None:
@@ -606,24 +686,9 @@ def _check_group_options(options: dict[str, Any]) -> None:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    state_precision = options.get("state_precision", "param")
-    param_update = options.get("param_update", "round")
-    if state_precision not in STATE_PRECISIONS:
-        raise ValueError(f"state_precision must be one of {list(STATE_PRECISIONS)}, but got {state_precision!r}")
-    if param_update not in PARAM_UPDATES:
-        raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
+    _check_storage_options(options)
     if not isinstance(options.get("seed", 0), int):
         raise ValueError(f"seed must be an int, but got {options.get('seed')!r}")
-    if state_precision != "param" or param_update != "round":
-        lean = f"state_precision={state_precision!r}, param_update={param_update!r}"
-        if differentiable:
-            raise ValueError(
-                f"{lean} does not support differentiable=True (use state_precision='param', param_update='round')"
-            )
-        if capturable:
-            raise ValueError(
-                f"{lean} does not support capturable=True (use state_precision='param', param_update='round')"
-            )
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)} or None, but got {backend!r}")
@@ -631,6 +696,96 @@ def _check_group_options(options: dict[str, Any]) -> None:
             raise ValueError(f"backend={backend!r} names the implementation: leave foreach and fused unset (None)")
         if backend in FUSED_BACKENDS and differentiable:
             raise RuntimeError(f"backend={backend!r} (a fused kernel) does not support `differentiable`")
+
+
+def _check_storage_options(options: dict[str, Any]) -> None:
+    """Validate ``state_precision``/``param_update``: at construction, and when set in a live group."""
+    state_precision = options.get("state_precision", "param")
+    param_update = options.get("param_update", "round")
+    if state_precision not in STATE_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {list(STATE_PRECISIONS)}, but got {state_precision!r}")
+    if param_update not in PARAM_UPDATES:
+        raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
+    if state_precision != "param" or param_update != "round":
+        lean = f"state_precision={state_precision!r}, param_update={param_update!r}"
+        if options.get("differentiable"):
+            raise ValueError(
+                f"{lean} does not support differentiable=True (use state_precision='param', param_update='round')"
+            )
+        if options.get("capturable"):
+            raise ValueError(
+                f"{lean} does not support capturable=True (use state_precision='param', param_update='round')"
+            )
+
+
+def _complete_group(group: dict[str, Any]) -> None:
+    """Fill the options a checkpoint may lack (older torch's, or ours at their defaults) with defaults."""
+    for key, default in (
+        ("amsgrad", False),
+        ("maximize", False),
+        ("foreach", None),
+        ("capturable", False),
+        ("differentiable", False),
+        ("fused", None),
+        *OWN_GROUP_DEFAULTS.items(),
+    ):
+        group.setdefault(key, default)
+    group["decoupled_weight_decay"] = True
+
+
+def _upgrade_number_step(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
+    """Checkpoints from old torch versions store the step as a Python number: make it torch's tensor."""
+    step = state.get("step")
+    if step is not None and not torch.is_tensor(step):
+        on_device = group["capturable"] or group["fused"]
+        state["step"] = torch.tensor(
+            float(step), dtype=_scalar_dtype(group["fused"]), device=p.device if on_device else "cpu"
+        )
+
+
+def _adopt(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """``state`` in the format ``group`` keeps it in (see adamw.states.checkpoint.adopt_state)."""
+    return adopt_state(
+        state,
+        p,
+        group["state_precision"],
+        kahan=effective_param_update(p, group["param_update"]) == "kahan",
+        step_on_device=_on_device_step(group),
+    )
+
+
+def _param_at(params: list[Tensor], index: Any) -> Tensor | None:
+    """The param a state dict's ``state`` key stands for; None for an entry of no param (torch keeps
+    entries that a hook put in ``optimizer.state`` under their own keys)."""
+    return params[index] if type(index) is int and 0 <= index < len(params) else None
+
+
+def _at_default(key: str, value: Any) -> bool:
+    default = OWN_GROUP_DEFAULTS[key]
+    return value is None if default is None else type(value) is type(default) and value == default
+
+
+def _write_checkpoint_layout(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """State-dict post-hook, run first: each param's state as a checkpoint holds it, and our own group
+    options only where they differ from their defaults (see AdamW.state_dict)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    everywhere = getattr(optimizer, "reshardable_state_dict", False)
+    state = {}
+    for index, entry in state_dict["state"].items():
+        p = _param_at(params, index)
+        if p is not None and isinstance(entry, dict):
+            entry = to_checkpoint(entry, p, decode_8bit=everywhere or is_dtensor(p))
+        state[index] = entry
+    groups = [
+        {k: v for k, v in group.items() if not (k in OWN_GROUP_DEFAULTS and _at_default(k, v))}
+        for group in state_dict["param_groups"]
+    ]
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _shield_from_cast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load-state-dict pre-hook, run last (see AdamW.load_state_dict)."""
+    return shield_from_cast(state_dict)
 
 
 def _squeeze(x: float | Tensor) -> float | Tensor:

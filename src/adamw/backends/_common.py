@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,13 @@ def check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) ->
                 "If capturable=True, params and state_steps must be on supported devices: "
                 f"{supported}; got a param on {p.device.type} with its step on {s.device.type}"
             )
+
+
+def run_eagerly(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` as one call that torch.compile runs as it is instead of tracing (``torch.compiler.disable``).
+
+    Through torch's own lazy form, which torch.optim uses for the same purpose: ``torch.compiler.disable``
+    imports torch._dynamo at once (seconds that an eager user would pay at ``import adamw``), and a
+    lazy wrapper of our own would itself be traced, one more compiled frame per optimizer.
+    """
+    return torch._disable_dynamo(fn)  # type: ignore[return-value]

@@ -17,11 +17,10 @@ AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel cal
 and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
 Every scalar is computed on the host exactly as the reference computes it and rounded to float32
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
-``sqrt_rn``). The one known difference: torch's CPU float32 ``sqrt`` (MKL's vector math,
-high-accuracy mode) is within 1 ulp but not correctly rounded, so a param (never a moment: the sqrt
-only feeds the param) may differ from the reference's by an ulp of the update and a rounding flip
-per step; with a correctly rounded sqrt in the reference the two agree bit for bit
-(tests/test_triton_lean.py checks both).
+``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.states.reference.sqrt_rn`, not torch's
+float32 one, which is not always correctly rounded). Under Triton's interpreter ``sqrt_rn`` is
+numpy's, also correctly rounded. tests/test_triton_lean.py and tests/test_lean_reproducible.py check
+the two agree bit for bit.
 
 Storage, per constexpr switch:
 

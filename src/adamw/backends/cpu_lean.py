@@ -2,8 +2,8 @@
 copy): ``adamw_cpu_lean.c``, one call per group and step.
 
 Mirrors :func:`adamw.states.lean_step` bit for bit (see the comment at the top of the C source for
-the operation order and the storage rules). Built, cached and loaded by :mod:`adamw.backends.cpu`'s
-machinery (compiler, flags, cache directory); a missing compiler fails as that kernel's does.
+the operation order and the storage rules). Built, cached, checked and loaded on first use by
+:mod:`adamw.backends._native`, as the CPU kernel is; a missing compiler fails as that kernel's does.
 
 Params the kernel does not take (float64 or complex128, a state laid out other than its format says,
 or a step counter that is not a float32 or float64 CPU scalar) run the reference itself.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..states.rounding import (
     PURPOSE_PARAM,
     stream_key,
 )
-from . import cpu
+from . import _native
 from ._common import Hyper
 from .lean import (
     KeptLayout,
@@ -93,27 +92,12 @@ class _Tensor(ctypes.Structure):
 
 
 # --------------------------------------------------------------------------------------------------
-# building and loading: cpu.py's, for this source
+# the library
 
 
-_lock = threading.Lock()
-_library: cpu.Library | None = None
-
-
-def library() -> cpu.Library:
+def library() -> _native.Library:
     """The lean kernel, compiled on first use (or found in the cache) and loaded once per process."""
-    global _library
-    if _library is not None:
-        return _library
-    with _lock:
-        if _library is None:
-            _library = cpu.build_and_load(
-                SOURCE,
-                _bind,
-                "lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
-                "fused=None",
-            )
-    return _library
+    return _native.load(KERNEL)
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
@@ -126,6 +110,14 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     fn.argtypes = [ptr, i64, i64, ptr, ptr, f64, f64, f64, f64, f64, f64, i32, i32, i32, i32]
     fn.restype = i32
     return fn
+
+
+KERNEL = _native.Kernel(
+    SOURCE,
+    _bind,
+    "lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
+    "fused=None",
+)
 
 
 def _codes() -> Tensor:
@@ -319,6 +311,3 @@ def _columns(
         return None
     columns = state_columns(real, param, state, fmt, amsgrad, param_update)
     return None if columns is None else [real, real_grad, *columns]
-
-
-library()  # built or loaded now, so that a missing compiler fails the import, i.e. before a step

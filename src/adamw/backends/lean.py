@@ -170,15 +170,28 @@ def kernel_state_keys(fmt: StateFormat, amsgrad: bool, param_update: str) -> tup
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
+# -1 on the CPU, else the device's index: tells apart the devices the lean kernels run (the CPU and
+# CUDA devices) at half the cost of reading .device.
+_get_device = Tensor.get_device
 _dtype = attrgetter("dtype")
 _nbytes = attrgetter("nbytes")
-_device = attrgetter("device")
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
-Layout = tuple[list[int], list[int], list[torch.dtype]]  # data pointers, sizes in bytes, dtypes
+# data pointers, sizes in bytes, dtypes, devices (with the dtypes, the sizes give the numbers of values)
+Layout = tuple[list[int], list[int], list[torch.dtype], list[int]]
 
 
 def _layout(tensors: list[Tensor]) -> Layout:
-    return list(map(_data_ptr, tensors)), list(map(_nbytes, tensors)), list(map(_dtype, tensors))
+    return (
+        list(map(_data_ptr, tensors)),
+        list(map(_nbytes, tensors)),
+        list(map(_dtype, tensors)),
+        list(map(_get_device, tensors)),
+    )
+
+
+def _grad_layout(grads: list[Tensor]) -> Layout:
+    """A grad is a new tensor each step: all but its pointer (the kernels take it anew)."""
+    return [], list(map(_nbytes, grads)), list(map(_dtype, grads)), list(map(_get_device, grads))
 
 
 @dataclass(eq=False)
@@ -187,17 +200,18 @@ class KeptLayout:
 
     It holds no tensors (a kept table must not keep a dropped model's memory alive): a step fits when
     the params, the state entries the kernel reads and the step counters have the pointers, sizes,
-    dtypes and contiguity they had, the grads the same sizes, dtypes and devices, and the group the
-    same streams and ``config`` (the options the table depends on). Everything else a table row says
-    follows from those (its format from the param's dtype and size). Checking costs a few C-level
-    calls per tensor: about 1.5 ms for 1000 8-bit params, where building a table costs ~30 ms.
+    dtypes, devices and contiguity they had, the grads the same sizes, dtypes, devices and
+    contiguity, and the group the same streams and ``config`` (the options the table depends on).
+    Everything else a table row says follows from those (its format from the param's dtype and size,
+    its number of values from its dtype and size in bytes). Checking costs a few C-level calls per
+    tensor: about 1.5 ms for 1000 8-bit params, where building a table costs ~30 ms.
     """
 
     config: tuple[object, ...]
     streams: list[int]
     state_keys: list[tuple[str, ...]]  # per param
-    layout: Layout = field(default_factory=lambda: ([], [], []))  # params, then state entries, then steps
-    grad_layout: tuple[list[int], list[torch.dtype], set[torch.device]] = field(default_factory=lambda: ([], [], set()))
+    layout: Layout = field(default_factory=lambda: ([], [], [], []))  # params, then state entries, then steps
+    grad_layout: Layout = field(default_factory=lambda: ([], [], [], []))
 
     @classmethod
     def capture(
@@ -213,7 +227,7 @@ class KeptLayout:
         kept = cls(config, list(streams), state_keys)
         entries = [state[key] for state, keys in zip(states, state_keys, strict=True) for key in keys]
         kept.layout = _layout([*params, *entries, *steps])
-        kept.grad_layout = (list(map(_nbytes, grads)), list(map(_dtype, grads)), set(map(_device, grads)))
+        kept.grad_layout = _grad_layout(grads)
         return kept
 
     def fits(
@@ -236,11 +250,7 @@ class KeptLayout:
             return False
         if _layout(current) != self.layout or not all(map(_is_contiguous, current)):
             return False
-        return (
-            list(map(_nbytes, grads)),
-            list(map(_dtype, grads)),
-            set(map(_device, grads)),
-        ) == self.grad_layout and all(map(_is_contiguous, grads))
+        return _grad_layout(grads) == self.grad_layout and all(map(_is_contiguous, grads))
 
 
 class _Kept(Protocol):

@@ -31,8 +31,9 @@ this module is first imported (that is, before the first step with ``backend="tr
     p = torch.zeros(300, requires_grad=True); p.grad = torch.ones(300)
     adamw.AdamW([p], backend='triton').step(); print(p[:3])"
 
-A plan assumes that a tensor whose address and size are unchanged also keeps its dtype and layout.
-Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
+A plan is found again by every tensor's address, number of values, dtype and device (and, where
+some tensor is not contiguous, every shape and stride): memory that stays where it was but is read
+differently (``p.data = p.data.view(torch.float16)``) gets a new plan, checked. Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
 through contiguous copies held by the plan (correct, and slower). Plans are kept least recently
 used first out: the newest eight always, older ones while they hold no such copies and all tables
 together stay under 16 MiB of device memory, so a step in backward (a group, and a plan, per param)
@@ -53,6 +54,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter
 from types import ModuleType
 from typing import Any
 
@@ -84,7 +86,7 @@ from .lean import (
 from .lean import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
-# full bandwidth (tune with scripts/gpu_check.sh). Under the interpreter every program is one
+# full bandwidth (tune with benchmarks/gpu_check.sh). Under the interpreter every program is one
 # Python iteration, so small test tensors still span several chunks and both code paths.
 CUDA_BLOCK = 2048
 CUDA_NUM_WARPS = 8
@@ -164,12 +166,7 @@ def step(
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else [], state_steps]
     lists = _local_views(lists, hyper.has_complex)
     capturing = _is_capturing(lists[0][0].device)
-    key = (
-        CUDA_BLOCK,
-        INTERPRETER_BLOCK,
-        tuple(map(Tensor.data_ptr, chain(*lists))),
-        tuple(map(Tensor.numel, lists[0])),
-    )
+    key = _plan_key(list(chain(*lists)))
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
@@ -293,6 +290,22 @@ def _role_tensors(lists: list[list[Tensor]], position: int) -> list[Tensor]:
 
 # --------------------------------------------------------------------------------------------------
 # plans
+
+
+def _plan_key(tensors: list[Tensor]) -> tuple[Any, ...]:
+    """What a plan depends on: the launch sizes and every property of every tensor its table and its
+    choice of staged copies rely on. Shapes and strides decide that choice only where some tensor is
+    not contiguous, and are left out otherwise (reading them costs a tuple per tensor)."""
+    contiguous = all(map(Tensor.is_contiguous, tensors))
+    return (
+        CUDA_BLOCK,
+        INTERPRETER_BLOCK,
+        tuple(map(Tensor.data_ptr, tensors)),
+        tuple(map(Tensor.numel, tensors)),
+        tuple(map(_dtype, tensors)),
+        tuple(map(Tensor.get_device, tensors)),
+        None if contiguous else tuple((t.shape, t.stride()) for t in tensors),
+    )
 
 
 def _build_plan(lists: list[list[Tensor]], amsgrad: bool, capturing: bool, kernels: ModuleType) -> _Plan:
@@ -454,6 +467,20 @@ def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -
         )
 
 
+def check_params(params: list[Tensor], *, lean: bool) -> None:
+    """Raise what a step of ``params`` would raise for want of Triton or for a device the kernel (the
+    lean one for a lean group) does not run: :class:`adamw.AdamW` calls it before it changes anything.
+    A lean step leaves to the torch-ops reference the params its kernel does not take (DTensors,
+    float64 and complex128), on any device; one param per kind is checked."""
+    kernel = _lean_kernels().lean_kernel if lean else _kernels().adamw_kernel
+    interpreted = _is_interpreted_kernel(kernel)
+    kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
+    for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
+        if lean and (kind not in _PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
+            continue
+        _check_device(param, interpreted)
+
+
 def _check_device(param: Tensor, interpreted: bool) -> None:
     if param.device.type == "cuda" and interpreted:
         raise RuntimeError(
@@ -491,6 +518,8 @@ def _dense(t: Tensor) -> bool:
 
 
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
 
 
 def _local_views(lists: list[list[Tensor]], has_complex: bool) -> list[list[Tensor]]:

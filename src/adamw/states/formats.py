@@ -53,6 +53,10 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _real_shape(t: Tensor) -> tuple[int, ...]:
+    return (*t.shape, 2) if t.is_complex() else tuple(t.shape)
+
+
 class StateFormat:
     """Storage of one param's moments. Subclasses set ``name`` and implement the four methods."""
 
@@ -60,6 +64,11 @@ class StateFormat:
 
     def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
         """The state entries of moment ``key`` at zero (to merge into the param's state)."""
+        raise NotImplementedError
+
+    def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The dtype and shape of each entry :meth:`zeros` creates, without creating them (a check of
+        a stored state costs no allocation)."""
         raise NotImplementedError
 
     def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
@@ -99,6 +108,11 @@ class PlainFormat(StateFormat):
             return {key: torch.zeros_like(param, memory_format=torch.preserve_format)}
         return {key: torch.zeros_like(_real(param), dtype=self.dtype, memory_format=torch.preserve_format)}
 
+    def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        if self.dtype is None:
+            return {key: (param.dtype, tuple(param.shape))}
+        return {key: (self.dtype, _real_shape(param))}
+
     def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
         return _real(state[key]).to(dtype)  # no copy when the stored dtype is the compute dtype
 
@@ -134,6 +148,11 @@ class Int8Format(StateFormat):
             key: torch.zeros(real.shape, dtype=torch.uint8, device=param.device),
             key + ABSMAX_SUFFIX: torch.zeros(num_blocks(real.numel()), dtype=torch.float32, device=param.device),
         }
+
+    def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        shape = _real_shape(param)
+        numel = param.numel() * (2 if param.is_complex() else 1)
+        return {key: (torch.uint8, shape), key + ABSMAX_SUFFIX: (torch.float32, (num_blocks(numel),))}
 
     def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
         return dequantize(state[key], state[key + ABSMAX_SUFFIX], _CODES[key]).to(dtype)
@@ -171,12 +190,27 @@ def format_for(param: Tensor, state_precision: str) -> StateFormat:
 
 def stored_format(state: dict[str, Tensor], key: str, param: Tensor) -> StateFormat:
     """The format moment ``key`` is stored in, read from the state itself (for conversions)."""
-    if key + ABSMAX_SUFFIX in state:
-        return INT8
     stored = state[key]
+    if not isinstance(stored, Tensor):
+        raise ValueError(f"state[{key!r}] is a {type(stored).__name__}, not a tensor")
+    if key + ABSMAX_SUFFIX in state:
+        if stored.dtype != torch.uint8:
+            raise ValueError(
+                f"state[{key + ABSMAX_SUFFIX!r}] marks state[{key!r}] as 8-bit codes, but it holds {stored.dtype} values"
+            )
+        if not isinstance(state[key + ABSMAX_SUFFIX], Tensor):
+            raise ValueError(
+                f"state[{key + ABSMAX_SUFFIX!r}] is a {type(state[key + ABSMAX_SUFFIX]).__name__}, not a tensor"
+            )
+        return INT8
     if stored.dtype == torch.uint8:
         raise ValueError(
             f"state[{key!r}] holds 8-bit codes but no {key + ABSMAX_SUFFIX!r}: the checkpoint is incomplete"
+        )
+    if not (stored.is_floating_point() or stored.is_complex()):
+        raise ValueError(
+            f"state[{key!r}] holds {stored.dtype} values: a moment is stored as floating point "
+            f"(or as uint8 codes beside {key + ABSMAX_SUFFIX!r})"
         )
     if stored.dtype == param.dtype and stored.shape == param.shape:
         return PARAM

@@ -4,9 +4,11 @@ Mirrors :mod:`adamw.backends.forloop` (itself :mod:`adamw._math` in torch's orde
 taken out of the math: decode the moments to float32, update them and the param in float32, write
 the param back with ``param_update`` and re-encode the moments (8-bit: absmax after the update).
 Order, as torch: weight decay first (``p * (1 - lr*wd)``); ``m`` by ``lerp``; ``v*b2 + (1-b2)*g*g``;
-``denom = sqrt(v) / sqrt(1 - b2^t) + eps``; ``p += -(lr / (1 - b1^t)) * m / denom``. With
-``state_precision="param"``, ``param_update="round"`` and float32 (or float64) params every operation is
-the for-loop backend's, on the same tensors, so the two agree bit for bit.
+``denom = sqrt(v) / sqrt(1 - b2^t) + eps``; ``p += -(lr / (1 - b1^t)) * m / denom``. The square root
+is correctly rounded (:func:`sqrt_rn`), as the lean kernels' is, so that a seeded lean run is the same
+bits on every backend. With ``state_precision="param"``, ``param_update="round"`` and float32 (or
+float64) params every other operation is the for-loop backend's, on the same tensors: the two agree bit
+for bit in float64, and in float32 wherever torch's ``sqrt`` rounds correctly (tests/test_states.py).
 """
 
 from __future__ import annotations
@@ -137,9 +139,9 @@ def lean_step(
     if amsgrad:
         max_exp_avg_sq = fmt.decode(state, "max_exp_avg_sq", dtype)
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = (sqrt_rn(max_exp_avg_sq) / bias_correction2_sqrt).add_(eps)
     else:
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = (sqrt_rn(exp_avg_sq) / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-step_size)
 
     if param_update == "kahan":
@@ -154,6 +156,20 @@ def lean_step(
         updated["max_exp_avg_sq"] = max_exp_avg_sq
     for key, value in updated.items():
         fmt.encode(state, key, value, rounding_key(seed, step, stream, _PURPOSES[key]))
+
+
+def sqrt_rn(x: Tensor) -> Tensor:
+    """``sqrt(x)`` correctly rounded, as the lean kernels take it (C ``sqrtf``, Triton ``sqrt_rn``).
+
+    torch's CPU float32 ``sqrt`` (MKL's vector math) is within 1 ulp but not always correctly
+    rounded, which would move a param by an ulp of its update against the kernels. Taken in float64
+    and rounded to float32 it is: a float32's exact root is either a float32 or at least 2^-51
+    (relative) away from every midpoint between two float32s, and torch's float64 sqrt errs by less
+    than a float64 ulp (2^-52), so the rounding to float32 goes the way the exact root's would.
+    """
+    if x.dtype != torch.float32:
+        return torch.sqrt(x)
+    return x.double().sqrt_().to(torch.float32)
 
 
 # Sharded params (FSDP2 DTensors, sharded on dim 0). The lean step is elementwise except for the

@@ -1,11 +1,11 @@
 """The memory floor of a step, as a row of ``adamw bench``: AdamW's memory traffic with no math.
 
 :class:`MemoryFloor` has an optimizer's interface so that the bench times it like the others, but its
-"step" changes nothing: one pass of ``bench_floor.c`` reads param, grad, exp_avg and exp_avg_sq and
+"step" changes nothing: one pass of ``floor.c`` reads param, grad, exp_avg and exp_avg_sq and
 writes param, exp_avg and exp_avg_sq back unchanged, on all threads, as a fused step does. No step
 that keeps its state in the param's dtype can take less time on the same buffers, so the ratio of
 another row's time to this one bounds what any faster kernel could gain (e.g. over the foreach path).
-CPU tensors only; the library is built on first use with the C kernel's compiler and cache.
+CPU tensors only; the library is built on first use by :mod:`adamw.backends._native`, as our kernels are.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("bench_floor.c")
-_pass: Callable[..., int] | None = None
+from adamw.backends import _native
+
+SOURCE = Path(__file__).with_name("floor.c")
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
@@ -32,14 +33,12 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     return fn
 
 
+KERNEL = _native.Kernel(SOURCE, _bind, "memory-floor probe", "leave out the floor row")
+
+
 def floor_pass() -> Callable[..., int]:
     """The C pass, compiled (or loaded from the cache) on first use."""
-    global _pass
-    if _pass is None:
-        from .backends.cpu import build_and_load
-
-        _pass = build_and_load(SOURCE, _bind, "memory-floor probe", "leave out the floor row").step_fn
-    return _pass
+    return _native.load(KERNEL).step_fn
 
 
 class MemoryFloor(torch.optim.Optimizer):

@@ -1,172 +1,33 @@
-"""``adamw bench``: time one optimizer step of each implementation on named workloads.
+"""How ``adamw bench`` times a step: every (workload, implementation) pair against a memory-bandwidth
+reference timed in the same run (a large ``dst.copy_(src)``).
 
-Two small registries say what is measured — :data:`WORKLOADS` (parameter shapes and a dtype) and
-:data:`IMPLEMENTATIONS` (a factory from params to an optimizer) — and :func:`run` measures every pair
-against a memory-bandwidth reference timed in the same run (a large ``dst.copy_(src)``).
-
-How a step is timed: params and grads are random (never zeros) and shared by every implementation of
-a workload; each takes its warm-up steps (which also allocate its state), then its moments are swapped
-for the workload's shared ones of the same form (see :func:`_share_state`), then the timed steps run
-in windows, and the
-windows of all implementations (and of the copy) are interleaved, in an order rotated every round, so
-that drift on a shared machine touches all of them alike. A window is bracketed by
-``torch.cuda.synchronize`` on CUDA; its time divided by its steps is one sample; the report gives the
-median of the samples and their min and max. On CPU a window is one step by default (see the help).
+Params and grads are random (never zeros) and shared by every implementation of a workload; each
+takes its warm-up steps (which also allocate its state), then its moments are swapped for the
+workload's shared ones of the same form (see :func:`_share_state`), then the timed steps run in
+windows, and the windows of all implementations (and of the copy) are interleaved, in an order
+rotated every round, so that drift on a shared machine touches all of them alike. A window is
+bracketed by ``torch.cuda.synchronize`` on CUDA; its time divided by its steps is one sample; the
+report gives the median of the samples and their min and max. On CPU a window is one step by default
+(see the help).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Shape = tuple[int, ...]
-Hyper = dict[str, Any]
-MiB = 2**20
-
-# ------------------------------------------------------------------------------------------------
-# workloads
-
-
-def gpt2_shapes(vocab: int = 50257, n_ctx: int = 1024, d_model: int = 768, n_layer: int = 12) -> list[Shape]:
-    """The parameter shapes of GPT-2 (small by default: 124,439,808 params), HF's Conv1D layout (in, out)."""
-    d, d4 = d_model, 4 * d_model
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, d4), (d4,), (d4, d), (d,)]
-    return [(vocab, d), (n_ctx, d), *block * n_layer, (d,), (d,)]
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A set of parameter shapes of one dtype; ``cuda_shapes`` overrides ``shapes`` on CUDA."""
-
-    name: str
-    description: str
-    dtype: torch.dtype
-    shapes: list[Shape]
-    quick_shapes: list[Shape]
-    cuda_shapes: list[Shape] | None = None
-
-    def shapes_for(self, device: str, quick: bool) -> list[Shape]:
-        if quick:
-            return self.quick_shapes
-        if device == "cuda" and self.cuda_shapes is not None:
-            return self.cuda_shapes
-        return self.shapes
-
-
-WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload(
-            "big",
-            "one 32M-element float32 tensor (256M on CUDA)",
-            torch.float32,
-            shapes=[(32 * MiB,)],
-            cuda_shapes=[(256 * MiB,)],
-            quick_shapes=[(64 * 1024,)],
-        ),
-        Workload(
-            "many",
-            "1000 float32 tensors of 32K elements",
-            torch.float32,
-            shapes=[(32 * 1024,)] * 1000,
-            quick_shapes=[(1024,)] * 20,
-        ),
-        Workload(
-            "gpt2",
-            "GPT-2-small parameter shapes, float32 (124M params, 148 tensors)",
-            torch.float32,
-            shapes=gpt2_shapes(),
-            quick_shapes=gpt2_shapes(vocab=500, n_ctx=64, d_model=32, n_layer=2),
-        ),
-        Workload(
-            "bf16",
-            "four bfloat16 tensors of 8M elements",
-            torch.bfloat16,
-            shapes=[(8 * MiB,)] * 4,
-            quick_shapes=[(16 * 1024,)] * 4,
-        ),
-    )
-}
-
-# ------------------------------------------------------------------------------------------------
-# implementations
-
-
-class Factory(Protocol):
-    def __call__(self, params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer: ...
-
-
-def _adamw(**flags: Any) -> Factory:
-    def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-        from . import AdamW
-
-        return AdamW(params, **hyper, **flags)
-
-    return make
-
-
-def _torch(**flags: Any) -> Factory:
-    def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, **hyper, **flags)
-
-    return make
-
-
-def _floor(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-    from .bench_floor import MemoryFloor
-
-    return MemoryFloor(params)
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """One optimizer to time: a name for the table and a factory ``(params, hyper) -> optimizer``."""
-
-    name: str
-    description: str
-    make: Factory
-
-
-# A new implementation (e.g. an 8-bit state mode) is one more line here. Its bytes per step follow
-# from the state it allocates (see step_bytes), so no other change is needed.
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    i.name: i
-    for i in (
-        Implementation("torch-forloop", "torch.optim.AdamW(foreach=False)", _torch(foreach=False)),
-        Implementation("torch-foreach", "torch.optim.AdamW(foreach=True)", _torch(foreach=True)),
-        Implementation("torch-fused", "torch.optim.AdamW(fused=True)", _torch(fused=True)),
-        Implementation("adamw-forloop", 'adamw.AdamW(backend="forloop")', _adamw(backend="forloop")),
-        Implementation("adamw-foreach", 'adamw.AdamW(backend="foreach")', _adamw(backend="foreach")),
-        Implementation(
-            "adamw-fused", "adamw.AdamW(fused=True): our C kernel on CPU, Triton on CUDA", _adamw(fused=True)
-        ),
-        Implementation(
-            "adamw-fused-8bit",
-            'adamw.AdamW(fused=True, state_precision="8bit")',
-            _adamw(fused=True, state_precision="8bit"),
-        ),
-        Implementation(
-            "floor",
-            "no optimizer: a fused step's reads and writes, no math (CPU; see columns)",
-            _floor,
-        ),
-    )
-}
-BUSY_WARNING = 0.1  # others' share of CPU time above which the report warns that timings are noisy
-REFERENCE_IMPL = "torch-fused"  # the "vs torch-fused" column is its median time over each row's
+from .workloads import IMPLEMENTATIONS, REFERENCE_IMPL, WORKLOADS, Hyper, Implementation, MiB, Shape, Workload
 
 # ------------------------------------------------------------------------------------------------
 # bytes and the bandwidth reference
@@ -536,7 +397,7 @@ def _device_name(device: str) -> str:
 
 
 def _metadata(config: Config) -> dict[str, Any]:
-    from . import __version__
+    from adamw import __version__
 
     meta: dict[str, Any] = {
         "device": config.device,
@@ -555,220 +416,3 @@ def _metadata(config: Config) -> dict[str, Any]:
     if config.device == "cuda":
         meta["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB
     return meta
-
-
-# ------------------------------------------------------------------------------------------------
-# report
-
-
-def format_report(results: list[Result], copy: Copy, meta: dict[str, Any]) -> str:
-    lines = [
-        f"adamw bench {meta['adamw']}  {meta['date']}",
-        f"device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads, torch {meta['torch']}",
-        f"copy bandwidth (dst.copy_(src), {copy.bytes_per_copy // 2 / MiB:.0f} MiB, read+write): "
-        f"{copy.gb_per_s:.1f} GB/s",
-        f"{meta['steps']} timed steps in {meta['windows']} windows after {meta['warmup']} warm-up; "
-        f"ms/step is the median {'step' if meta['steps'] == meta['windows'] else 'window'} (min-max)"
-        + (", amsgrad" if meta["amsgrad"] else ""),
-    ]
-    others = meta.get("others_cpu_fraction")
-    if others is not None and others >= BUSY_WARNING:
-        lines.append(
-            f"warning: other processes used {100 * others:.0f}% of this machine's CPU time during the run; "
-            "multi-threaded CPU steps slow down far more than that share, so expect noisy numbers"
-        )
-    lines.append("")
-    header = ("workload", "implementation", "ms/step", "min-max", "Mparams/s", "GB/s", "% copy", "vs torch-fused")
-    rows: list[Sequence[str]] = []
-    for r in results:
-        if r.status != "ok":
-            rows.append((r.workload, r.impl, f"unavailable: {r.reason}"))
-            continue
-        ratio = f"{r.vs_torch_fused:.2f}x" if r.vs_torch_fused is not None else "-"
-        rows.append(
-            (
-                r.workload,
-                r.impl,
-                f"{r.ms_median:.3f}",
-                f"{r.ms_min:.3f}-{r.ms_max:.3f}",
-                f"{r.params_per_s / 1e6:.0f}",
-                f"{r.gb_per_s:.1f}",
-                f"{100 * r.fraction_of_copy:.0f}%",
-                ratio,
-            )
-        )
-    # A note row ("unavailable: ...") runs on past the numeric columns and does not set their width.
-    widths = [max(len(h), *(len(row[i]) for row in rows if len(row) == len(header))) for i, h in enumerate(header)]
-    left = 2  # workload and implementation are left-aligned, numbers right-aligned
-
-    def line(cells: Sequence[str]) -> str:
-        if len(cells) < len(header):
-            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    lines += [line(header), line(["-" * w for w in widths])]
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
-            lines.append("")
-        lines.append(line(row))
-        previous = row[0]
-    return "\n".join(lines)
-
-
-def to_json(results: list[Result], copy: Copy, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"meta": meta, "copy": asdict(copy), "results": [asdict(r) for r in results]}
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-
-
-DESCRIPTION = "Time one AdamW step of each implementation (ours and torch.optim.AdamW's) on named workloads."
-
-EPILOG = f"""\
-workloads:
-{chr(10).join(f"  {w.name:<6} {w.description}" for w in WORKLOADS.values())}
-
-implementations:
-{chr(10).join(f"  {i.name:<14} {i.description}" for i in IMPLEMENTATIONS.values())}
-  one that cannot run here (e.g. its kernel cannot be built) is listed as "unavailable: <reason>".
-
-columns:
-  ms/step      median over the timing windows of (window time / steps in it); min-max of the windows
-  Mparams/s    parameters updated per second
-  GB/s         bytes a step must move / ms/step
-  % copy       GB/s as a fraction of this machine's bandwidth, measured in the same run by a large
-               dst.copy_(src) counted as read + write. On a CPU the copy also pays a hidden read of
-               each destination line (write-allocate) that an in-place update does not, so a good
-               kernel can exceed 100%.
-  vs torch-fused
-               torch-fused's ms/step / this row's: above 1 is faster than torch's fused step
-  floor (row)  param, grad, exp_avg, exp_avg_sq read and the three written back unchanged, once,
-               on the same buffers, with no arithmetic (without amsgrad's max_exp_avg_sq): the
-               least a step that keeps its state in the param's dtype can take (8-bit states move
-               fewer bytes). A row's ms/step over the floor's is its distance from the memory
-               limit, and bounds what any faster such step could gain on it.
-
-{FORMULA}
-
-timing: every implementation of a workload takes its warm-up steps, then the timed steps run in
-windows (steps rounded down to a multiple of --windows), interleaved across the implementations and
-the copy in an order rotated every round, so drift on a shared machine touches all alike. On CPU
-each step is its own window by default: averaging steps before taking the median lets a busy
-machine's hiccups into the median (a 2-thread step stalls when a core is taken).
-On CPU a step's time also depends on which physical memory backs its tensors (here the same kernel
-ran at 42 to 70 GB/s on different fresh allocations), so a standalone timing can differ from the
-table by that much. The implementations of a workload therefore step the same params, grads and
-state tensors (each state format its own: 8-bit moments are not float32 ones), and only what they
-do with them differs.
-
-defaults: every workload and implementation. On CPU 10 timed steps, one per window, after 2 warm-up
-steps: about a minute on 2 cores (a GPT-2 for-loop step takes ~0.2 s there: slow, but not so slow
-that the for-loops need fewer steps); on CUDA 100 timed steps in 10 windows after 10 warm-up.
-Every implementation of a workload is alive at once, its params, grads and states shared (GPT-2 in
-float32: ~1 GB of params and grads plus ~1 GB of float32 state, and each other state format's own).
-Hyper-parameters: lr=1e-3, weight_decay=1e-2, torch's betas and eps.
-"""
-
-
-def _choices(registry: dict[str, Any], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = [n for n in names if n not in registry]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; valid: {', '.join(registry)}"
-            )
-        return names
-
-    return parse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "--workloads",
-        type=_choices(WORKLOADS, "workload"),
-        default=list(WORKLOADS),
-        metavar="LIST",
-        help=f"comma list of {{{','.join(WORKLOADS)}}} (default: all)",
-    )
-    parser.add_argument(
-        "--impls",
-        type=_choices(IMPLEMENTATIONS, "implementation"),
-        default=list(IMPLEMENTATIONS),
-        metavar="LIST",
-        help="comma list of implementations (default: all, see below)",
-    )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--steps", type=_positive, default=None, help="timed steps per implementation and workload")
-    parser.add_argument("--warmup", type=_positive, default=None, help="untimed steps first (at least 1)")
-    parser.add_argument(
-        "--windows",
-        type=_positive,
-        default=None,
-        help="timing windows the steps are split into (default: one per step on CPU, 10 on CUDA)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=_positive,
-        default=None,
-        help=f"torch.set_num_threads (default: torch's, {torch.get_num_threads()} here)",
-    )
-    parser.add_argument("--amsgrad", action="store_true", help="benchmark with amsgrad=True")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny shapes, 3 steps, 1 warm-up, small copy: a smoke test in seconds (numbers are meaningless)",
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available in this torch build or on this machine")
-    cuda = device == "cuda"
-    if args.quick:
-        steps, warmup, copy_bytes = 3, 1, 8 * MiB
-    else:
-        steps, warmup, copy_bytes = (100, 10, 1024 * MiB) if cuda else (10, 2, 256 * MiB)
-    steps = args.steps or steps
-    return Config(
-        device=device,
-        workloads=args.workloads,
-        impls=args.impls,
-        steps=steps,
-        warmup=args.warmup or warmup,
-        windows=args.windows or (10 if cuda and not args.quick else steps),
-        threads=args.threads or torch.get_num_threads(),
-        amsgrad=args.amsgrad,
-        quick=args.quick,
-        copy_bytes=copy_bytes,
-        copies_per_window=20 if cuda and not args.quick else 1,
-        progress=args.progress,
-    )
-
-
-def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    config = config_from_args(args, parser)
-    results, copy, meta = run(config)
-    print(format_report(results, copy, meta))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(to_json(results, copy, meta), out, indent=2)
-            out.write("\n")
-    return 0

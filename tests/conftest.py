@@ -1,9 +1,21 @@
-"""Test-wide settings: Triton kernels run on CPU tensors through Triton's interpreter where no GPU is."""
+"""Test-wide settings: Triton kernels run on CPU tensors through Triton's interpreter where no GPU is;
+the fixtures every test file may use."""
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before triton is first imported anywhere in the process.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: faster on small tensors, and immune to a busy machine's other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

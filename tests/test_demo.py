@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,8 @@ QUICK_STEPS = 12  # enough for every mode to learn and to pass its checks; the m
 TINY = ["--quick", "--steps", "3", "--out", "", "--no-progress"]  # a run that only has to finish
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The quick model is tiny: one thread is faster, and immune to a busy machine's other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The quick model is tiny: one thread is faster, and immune to a busy machine's other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

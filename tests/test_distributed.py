@@ -9,7 +9,6 @@ global batch, which the single process computes directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from _dist_workers import (
     train_single,
     train_step,
 )
-from _helpers import backend_params
+from _helpers import DISTRIBUTED_TOL, Ulps, backend_params
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -42,26 +41,6 @@ pytestmark = pytest.mark.skipif(
 # The fused Triton kernel is left out: on CPU it runs under Triton's interpreter, which is slow and
 # says nothing about DTensors that the C kernel (stepping local shards the same way) does not.
 DIST_BACKENDS = ("forloop", "foreach", "cpu")
-
-
-@dataclass(frozen=True)
-class Tol:
-    ulps: float
-    reason: str
-
-
-# |distributed - single process| <= ulps * float32 eps * max |single process|, per tensor (params and
-# every state entry, 8-bit moments decoded). The runs differ only in how the gradient of the mean loss
-# is summed (two half batches averaged over ranks vs one batch), a difference of float32 rounding that
-# Adam carries on; lean formats amplify it (a flipped rounding is a whole bf16 step or 8-bit code),
-# and under FSDP2 their stochastic-rounding counters and 8-bit blocks follow the local shard.
-TOLERANCES: dict[str, Tol] = {
-    "param": Tol(32, "float32 rounding of the gradient reduction, 4 steps (seen 19.6 ulps, exp_avg)"),
-    "bf16": Tol(16 * 2**16, "flipped stochastic roundings of bf16 moments (seen 8.5 bf16 steps, exp_avg)"),
-    "8bit": Tol(2**19, "per-shard blocks and flipped codes (seen 3.3e5 ulps = 4% of max, exp_avg)"),
-    "bf16-stochastic": Tol(48 * 2**16, "flipped roundings of bf16 params and moments (seen 20.4 bf16 steps)"),
-    "bf16-kahan": Tol(32 * 2**16, "flipped roundings of bf16 params and moments (seen 13.9 bf16 steps)"),
-}
 
 
 def _configs(*, in_backward: bool) -> list[Any]:
@@ -112,8 +91,8 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
 
 
 def assert_close_run(actual: dict[str, Any], expected: dict[str, Any], config: Config) -> None:
-    """Params and every state entry of two snapshots (see _dist_workers.snapshot), within TOLERANCES."""
-    tol = TOLERANCES[config.state_format]
+    """Params and every state entry of two snapshots (see _dist_workers.snapshot), within DISTRIBUTED_TOL."""
+    tol = DISTRIBUTED_TOL[config.state_format]
     assert actual["params"].keys() == expected["params"].keys()
     assert actual["state"].keys() == expected["state"].keys(), "not the same params have state"
     for name, param in expected["params"].items():
@@ -126,14 +105,14 @@ def assert_close_run(actual: dict[str, Any], expected: dict[str, Any], config: C
             _assert_close(actual["state"][name][key], value, tol, f"state[{name}][{key!r}]")
 
 
-def _assert_close(actual: Tensor, expected: Tensor, tol: Tol, what: str) -> None:
+def _assert_close(actual: Tensor, expected: Tensor, tol: Ulps, what: str) -> None:
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, f"{what}: shape/dtype differ"
     if expected.numel() == 0:
         return
     if not expected.is_floating_point() or expected.dim() == 0:
         assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"  # step counters, exactly
         return
-    bound = tol.ulps * torch.finfo(expected.dtype).eps * expected.abs().max().item()
+    bound = tol.of(expected.dtype, expected.abs().max().item())
     diff = (actual - expected).abs().max().item()
     ulps = diff / (torch.finfo(expected.dtype).eps * expected.abs().max().item())
     assert diff <= bound, (

@@ -17,7 +17,6 @@ import torch
 
 import adamw
 import adamw.functional
-import adamw.optimizer
 from _helpers import assert_unchanged, catch, drive, make_grads, make_params, set_grads, snapshot
 
 Tensor = torch.Tensor
@@ -109,15 +108,14 @@ def test_foreach_backend_differentiable_raises_before_any_change() -> None:
 
 def test_missing_backend_module_raises_before_any_change(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fused backend whose module cannot load (e.g. no C compiler) fails before group 1 is stepped."""
-    real = adamw.optimizer.backend_step
+    real = adamw.functional.steps_for
 
-    def backend_step(name: str) -> Any:
-        if name == "cpu":
+    def steps_for(backend: str, device_type: str) -> adamw.functional.Steps:
+        if backend == "cpu":
             raise ModuleNotFoundError("No module named 'adamw.backends.cpu'", name="adamw.backends.cpu")
-        return real(name)
+        return real(backend, device_type)
 
-    monkeypatch.setattr(adamw.optimizer, "backend_step", backend_step)
-    monkeypatch.setattr(adamw.functional, "backend_step", backend_step)
+    monkeypatch.setattr(adamw.functional, "steps_for", steps_for)
     params = make_params(torch.float32)
     opt = adamw.AdamW([{"params": params[:3]}, {"params": params[3:], "backend": "cpu"}])
     set_grads(params, make_grads(params, 0, all_steps=True))

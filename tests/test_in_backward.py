@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import typing
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import adamw
 from _dist_workers import STATE_FORMATS
 from _helpers import assert_same_run, backend_params
 from adamw.in_backward import AdamWInBackward
+from adamw.options import AdamWOptions
 
 STEPS = 4
 
@@ -346,3 +348,12 @@ def test_a_copy_of_the_optimizer_alone_keeps_the_state_it_had(copy_of: Callable[
         snapshot.step()
     opt.load_state_dict(snapshot.state_dict())
     assert opt.state[model.hidden.weight]["step"].item() == 2
+
+
+def test_its_options_are_the_keyword_arguments_of_adamw() -> None:
+    """step_in_backward's options are typed as AdamWOptions, which mypy checks against each call; the
+    TypedDict must name every keyword of AdamW.__init__, with its type, and nothing else."""
+    keywords = typing.get_type_hints(adamw.AdamW.__init__)
+    del keywords["params"], keywords["return"]
+    assert typing.get_type_hints(AdamWOptions) == keywords
+    assert list(AdamWOptions.__annotations__) == list(keywords)  # in the constructor's order

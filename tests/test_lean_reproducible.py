@@ -11,7 +11,7 @@ one, a 0-d one and an empty one.
 
 The Triton interpreter is slow, so it runs a cut of the grid (every format once, every flag set, and
 float32, float16, bfloat16 and complex64 params; float64 ones both kernels hand to the reference);
-tests/test_triton_lean.py holds it to the reference over more cases.
+tests/test_low_bit_kernels.py holds it to the reference over more cases.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import adamw
-from _lean_kernel_cases import as_real, assert_same_run, leaves
+from _helpers import LOW_BIT_FLAGS, as_real, assert_same_run, leaves
 
 STEPS = 3
 SEED = 77
@@ -44,10 +44,7 @@ FORMATS = [
 ]
 
 FLAGS: dict[str, dict[str, Any]] = {
-    "plain": dict(amsgrad=False, maximize=False, weight_decay=0.0, betas=(0.9, 0.999)),
-    "amsgrad-wd": dict(amsgrad=True, maximize=False, weight_decay=0.1, betas=(0.9, 0.999)),
-    # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
-    "maximize-amsgrad-lerp": dict(amsgrad=True, maximize=True, weight_decay=0.01, betas=(0.3, 0.99)),
+    **LOW_BIT_FLAGS,
     # GradScaler's in-step unscaling: grads 1024 times too large, divided by grad_scale in the step
     "grad-scale": dict(amsgrad=False, maximize=True, weight_decay=0.1, betas=(0.9, 0.999), grad_scale=1024.0),
 }
@@ -69,7 +66,7 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "triton": {"backend": "triton"},
 }
 # Without a GPU, under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with one,
-# tests/test_triton_lean.py runs the kernel on CUDA tensors against the reference on CPU copies.
+# tests/test_low_bit_kernels.py runs the kernel on CUDA tensors against the reference on CPU copies.
 TRITON_INTERPRETED = (
     importlib.util.find_spec("triton") is not None
     and not torch.cuda.is_available()
@@ -132,7 +129,7 @@ def run_against_forloop(
                 p.grad = g.clone()
             opt.step()
         for opt, params in runs:
-            assert_same_run(opt, ref, params, ref_params, step)
+            assert_same_run(opt, ref, params, ref_params, f"step {step}")
     # The params moved (a run that stepped nothing would agree trivially).
     assert not torch.equal(as_real(ref_params[0].detach()), as_real(init[0]))
     # The kernels stepped every param they take (float64 ones are the reference's, by design).

@@ -24,19 +24,22 @@ from typing import Any
 
 import pytest
 
+from _helpers import CLOSE
 from adamw.backends import _native, cpu, cpu_lean
+from adamw.cli.bench import floor
 
 # One run: steps the kernels named in argv, checks them, prints each kernel's path and whether it
 # was compiled now.
 SCRIPT = r"""
-import json, sys
+import json, os, sys
 import torch
 import adamw
 from adamw.backends import cpu, cpu_lean
 
 torch.manual_seed(0)
+TOLERANCES = json.loads(os.environ["ADAMW_TEST_TOLERANCES"])
 
-def check(options, reference, **tolerance):
+def check(options, reference, tolerance):
     p = torch.nn.Parameter(torch.randn(5000))
     q = torch.nn.Parameter(p.detach().clone())
     ours, ref = adamw.AdamW([p], lr=0.01, weight_decay=0.1, **options), reference([q])
@@ -49,17 +52,21 @@ def check(options, reference, **tolerance):
 
 out = {}
 if "cpu" in sys.argv[1:]:
-    check({"fused": True}, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False))
+    check({"fused": True}, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False), TOLERANCES["cpu"])
     out["cpu"] = cpu.library()
 if "lean" in sys.argv[1:]:
     lean = {"state_precision": "8bit"}
-    # The reference's sqrt may round a last bit differently from the kernel's (tests/test_cpu_lean.py).
-    check({"fused": True, **lean}, lambda ps: adamw.AdamW(ps, lr=0.01, weight_decay=0.1, **lean), atol=1e-5, rtol=1e-4)
+    check({"fused": True, **lean}, lambda ps: adamw.AdamW(ps, lr=0.01, weight_decay=0.1, **lean), TOLERANCES["lean"])
     out["lean"] = cpu_lean.library()
 print(json.dumps({k: {"path": str(v.path), "compiled": v.compiled} for k, v in out.items()}))
 """
 
 KERNELS = {"cpu": cpu.KERNEL, "lean": cpu_lean.KERNEL}
+# The run's check of each kernel it loaded, against torch's for-loop or the low-bit reference.
+TOLERANCES = {
+    "cpu": CLOSE["C kernel from the cache vs torch's for-loop"],
+    "lean": CLOSE["low-bit C kernel from the cache vs its reference"],
+}
 
 
 def _run(tmp: Path, cache: Path, *kernels: str, marker: Path | None = None) -> tuple[dict[str, Any], str]:
@@ -67,6 +74,7 @@ def _run(tmp: Path, cache: Path, *kernels: str, marker: Path | None = None) -> t
     $TMPDIR; what it loaded, and its stderr (the warnings). A crash fails the test."""
     (tmp / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "ADAMW_CACHE_DIR": str(cache), "TMPDIR": str(tmp / "tmp"), "OMP_NUM_THREADS": "2"}
+    env["ADAMW_TEST_TOLERANCES"] = json.dumps({k: {"atol": t.atol, "rtol": t.rtol} for k, t in TOLERANCES.items()})
     if marker is not None:
         env["ADAMW_TEST_MARKER"] = str(marker)
     result = subprocess.run(
@@ -328,3 +336,17 @@ def test_the_cache_is_private_and_used_by_a_second_load(pristine: Path) -> None:
     cc = _native.compiler(cpu.KERNEL)
     names = {_native._library_name(cc, flags, cpu.SOURCE) for flags in _native.FLAG_SETS}
     assert len(names) == len(_native.FLAG_SETS), "flags are part of the name"
+
+
+def test_the_shared_header_is_in_every_source_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit to the header gives every kernel a new library name, so none loads a stale build."""
+    sources = [cpu.SOURCE, cpu_lean.SOURCE, floor.SOURCE]
+    for source in sources:
+        assert f'#include "{_native.HEADER.name}"' in source.read_text(), source
+    cc, flags = _native.compiler(cpu.KERNEL), _native.FLAG_SETS[0]
+    before = {_native._library_name(cc, flags, source) for source in sources}
+    edited = tmp_path / _native.HEADER.name
+    edited.write_bytes(_native.HEADER.read_bytes() + b"/* edited */\n")
+    monkeypatch.setattr(_native, "HEADER", edited)
+    after = {_native._library_name(cc, flags, source) for source in sources}
+    assert len(before) == len(after) == len(sources) and before.isdisjoint(after)

@@ -121,12 +121,26 @@ def test_tensor_betas_forloop(tensor_lr: bool, differentiable: bool) -> None:
         ({"fused": True}, "cpu"),  # fused on the CPU runs our C kernel
         ({"foreach": True, "fused": False}, "foreach"),
         ({"foreach": False, "fused": False}, "forloop"),
+        # a low-bit format takes the same backend, and its low-bit step
+        ({"state_precision": "8bit"}, "forloop low-bit"),
+        ({"backend": "foreach", "state_precision": "bf16"}, "foreach low-bit"),
+        ({"fused": True, "param_update": "kahan"}, "cpu low-bit"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else v,
 )
 def test_flags_select_backend(kwargs: dict[str, Any], expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
-    monkeypatch.setattr(adamw.functional, "backend_step", lambda name: lambda *args: ran.append(name))
+
+    def steps_for(backend: str, device_type: str) -> adamw.functional.Steps:
+        def step(*args: object) -> None:
+            ran.append(backend)
+
+        def low_bit_step(*args: object) -> None:
+            ran.append(f"{backend} low-bit")
+
+        return adamw.functional.Steps(step, low_bit_step)
+
+    monkeypatch.setattr(adamw.functional, "steps_for", steps_for)
     params = make_params(torch.float32)
     opt = adamw.AdamW(params, **kwargs)
     for p in params:

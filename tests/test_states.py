@@ -1,20 +1,18 @@
-"""Lean state: the 8-bit code tables, blockwise quantization, stochastic rounding, Kahan compensation,
-the state formats and their conversions, and the lean reference step against the for-loop backend."""
+"""Low-bit state formats: the 8-bit code tables, blockwise quantization, random bits, stochastic
+rounding, Kahan compensation, the formats' rules and sizes, the correctly rounded square root, and
+checkpoint conversions between formats. The optimizer's use of them: test_low_bit_optimizer.py."""
 
 from __future__ import annotations
 
 import copy
-import io
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from adamw.backends._common import Hyper
-from adamw.backends.forloop import step as forloop_step
+from _helpers import CLOSE
 from adamw.cli.bench.workloads import gpt2_shapes
 from adamw.states import (
     BLOCK_SIZE,
@@ -34,20 +32,12 @@ from adamw.states import (
     state_nbytes,
     stochastic_round_to_bf16,
 )
-from adamw.states import formats as formats_module
 from adamw.states.quantize import LADDER_STEPS_PER_OCTAVE, quantization_error_bound
 from adamw.states.reference import sqrt_rn
 from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are small: one thread is faster, and immune to a busy machine's other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# These tensors are small: one thread is faster, and immune to a busy machine's other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HYPER: dict[str, Any] = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 # |decoded - x| / |x| for x inside the ladder's range, with nearest rounding on arithmetic midpoints:
@@ -347,76 +337,7 @@ def test_options_are_checked() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# lean_step
-
-
-def _run_lean(
-    param: torch.Tensor,
-    grads: list[torch.Tensor],
-    *,
-    state_precision: str,
-    param_update: str = "round",
-    amsgrad: bool = False,
-    maximize: bool = False,
-    seed: int = 0,
-    **hyper: float,
-) -> dict[str, torch.Tensor]:
-    options = HYPER | hyper
-    state = init_lean_state(param, amsgrad=amsgrad, state_precision=state_precision, param_update=param_update)
-    for t, g in enumerate(grads, start=1):
-        lean_step(
-            param,
-            g,
-            state,
-            **options,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            step=t,
-            state_precision=state_precision,
-            param_update=param_update,
-            seed=seed,
-        )
-    return state
-
-
-def _run_forloop(
-    param: torch.Tensor, grads: list[torch.Tensor], *, amsgrad: bool, maximize: bool
-) -> dict[str, torch.Tensor]:
-    state = {k: torch.zeros_like(param) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-    step_t = torch.tensor(0.0)
-    hyper = Hyper(
-        **HYPER,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        capturable=False,
-        differentiable=False,
-        has_complex=param.is_complex(),
-    )
-    for g in grads:
-        forloop_step(
-            [param], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["max_exp_avg_sq"]], [step_t], hyper
-        )
-    return state
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
-@pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("maximize", [False, True])
-def test_lean_step_param_round_is_the_forloop_backend_bit_for_bit(
-    dtype: torch.dtype, amsgrad: bool, maximize: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every operation but the square root is the for-loop backend's (torch's): lean_step takes a
-    correctly rounded one, which torch's float32 sqrt is not always; given the same, the two agree."""
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
-    g = torch.Generator().manual_seed(8)
-    p0 = torch.randn(33, 65, generator=g).to(dtype)
-    grads = [torch.randn(33, 65, generator=g).to(dtype) for _ in range(12)]
-    ours, theirs = p0.clone(), p0.clone()
-    state = _run_lean(ours, grads, state_precision="param", amsgrad=amsgrad, maximize=maximize)
-    reference = _run_forloop(theirs, grads, amsgrad=amsgrad, maximize=maximize)
-    assert torch.equal(ours, theirs)
-    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-        assert state[key].dtype == dtype and torch.equal(state[key], reference[key]), key
+# the square root every backend takes
 
 
 def test_sqrt_rn_is_correctly_rounded() -> None:
@@ -436,131 +357,6 @@ def test_sqrt_rn_is_correctly_rounded() -> None:
     assert torch.equal(sqrt_rn(y), y.sqrt()) and sqrt_rn(x.bfloat16()).dtype == torch.bfloat16
 
 
-def _trajectories(
-    state_precision: str, param_update: str, dtype: torch.dtype, steps: int = 50, lr: float = HYPER["lr"]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start, float32 AdamW's params, ours) after ``steps`` steps on random data whose rows have
-    gradient scales from 1e-2 to 1e2 and a common drift."""
-    g = torch.Generator().manual_seed(9)
-    p0 = torch.randn(64, 128, generator=g) * 0.1
-    scales = 10 ** (torch.rand(64, 1, generator=g) * 4 - 2)
-    grads = [torch.randn(64, 128, generator=g) * scales + 0.3 * scales for _ in range(steps)]
-    exact = p0.clone()
-    _run_lean(exact, grads, state_precision="param", lr=lr)
-    ours = p0.clone().to(dtype)
-    _run_lean(ours, [x.to(dtype) for x in grads], state_precision=state_precision, param_update=param_update, lr=lr)
-    return p0, exact, ours.float()
-
-
-@pytest.mark.parametrize(
-    ("state_precision", "param_update", "dtype", "tolerance"),
-    [
-        ("bf16", "round", torch.float32, 0.01),  # bf16 moments: ~2^-9 relative noise per step
-        ("8bit", "round", torch.float32, 0.04),  # ladder error <= 4.3% in m, <= 2.2% in sqrt(v)
-        ("param", "stochastic", torch.bfloat16, 0.04),  # bf16 params carry ~2^-9 of |p| each step
-        ("param", "kahan", torch.bfloat16, 0.01),
-        ("8bit", "stochastic", torch.bfloat16, 0.06),  # both errors above
-    ],
-)
-def test_lean_modes_stay_close_to_float32_adamw(
-    state_precision: str, param_update: str, dtype: torch.dtype, tolerance: float
-) -> None:
-    p0, exact, ours = _trajectories(state_precision, param_update, dtype)
-    # the error relative to how far the params moved
-    assert float((ours - exact).norm() / (exact - p0).norm()) < tolerance
-
-
-def test_plain_bf16_params_lose_the_updates_that_stochastic_and_kahan_keep() -> None:
-    # lr 1e-4 moves |p| ~ 0.1 by less than half a bf16 step (2^-12) a step: rounded to nearest, lost.
-    # Stochastic rounding is noisy element by element but unbiased: the mean displacement survives.
-    def displacement_error(param_update: str) -> float:
-        p0, exact, ours = _trajectories("param", param_update, torch.bfloat16, lr=1e-4)
-        return abs(float((ours - exact).mean() / (exact - p0).mean()))
-
-    assert displacement_error("round") > 0.5
-    assert displacement_error("stochastic") < 0.05
-    assert displacement_error("kahan") < 0.01
-
-
-def _stale_block_grads(steps: int) -> list[torch.Tensor]:
-    """Element 0 of each block sees one huge gradient at step 1 and nothing after: it holds its
-    block's v absmax for long. Element 1 sees a tiny gradient every other step: its v is ~1e-13 of
-    that absmax (below any 8-bit ladder) while its m is the largest of the block once element 0's m
-    has decayed. A code that decoded that v to 0 would make element 1's step lr * m / eps on the
-    steps without gradient."""
-    grads = []
-    for t in range(steps):
-        g = torch.zeros(16, 256)
-        if t == 0:
-            g[:, 0] = 1e3
-        g[:, 1] = 1e-5 if t % 2 else 0.0
-        grads.append(g)
-    return grads
-
-
-def _max_step(steps: int) -> float:
-    param = torch.zeros(16, 256)
-    state = init_lean_state(param, amsgrad=False, state_precision="8bit", param_update="round")
-    largest = 0.0
-    for t, g in enumerate(_stale_block_grads(steps), start=1):
-        before = param.clone()
-        lean_step(
-            param,
-            g,
-            state,
-            **HYPER | {"weight_decay": 0.0},
-            amsgrad=False,
-            maximize=False,
-            step=t,
-            state_precision="8bit",
-            param_update="round",
-        )
-        largest = max(largest, float((param - before).abs().max()))
-    return largest
-
-
-def test_8bit_step_never_blows_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Adam's own bound is about 3.2 lr with these betas; allow the ladder's error on top.
-    assert _max_step(200) <= 3.5 * HYPER["lr"]
-    # The same history with a zero code for v blows up: the check above can fail.
-    with_zero = Code("with-zero", (0.0, *UNSIGNED_CODE.magnitudes[1:]), signed=False)
-    monkeypatch.setitem(formats_module._CODES, "exp_avg_sq", with_zero)
-    assert _max_step(200) > 100 * HYPER["lr"]
-
-
-def test_bf16_moments_decay_without_gradient() -> None:
-    """Rounded to nearest, a bf16 v could never shrink at beta2 = 0.999 (0.1% < half a bf16 step)."""
-    param = torch.zeros(4096)
-    state = init_lean_state(param, amsgrad=False, state_precision="bf16", param_update="round")
-    state["exp_avg_sq"].fill_(1.0)
-    steps = 300
-    for t in range(1, steps + 1):
-        lean_step(
-            param,
-            torch.zeros(4096),
-            state,
-            **HYPER | {"weight_decay": 0.0},
-            amsgrad=False,
-            maximize=False,
-            step=t,
-            state_precision="bf16",
-            param_update="round",
-        )
-    assert abs(float(state["exp_avg_sq"].float().mean()) / 0.999**steps - 1) < 0.01
-
-
-def test_seeded_lean_runs_reproduce() -> None:
-    g = torch.Generator().manual_seed(10)
-    p0 = torch.randn(4096, generator=g).to(torch.bfloat16)
-    grads = [torch.randn(4096, generator=g).to(torch.bfloat16) for _ in range(5)]
-    runs = []
-    for seed in (1, 1, 2):
-        p = p0.clone()
-        runs.append((p, _run_lean(p, grads, state_precision="8bit", param_update="stochastic", seed=seed)))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["exp_avg"], runs[1][1]["exp_avg"])
-    assert not torch.equal(runs[0][0], runs[2][0])
-
-
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -572,37 +368,6 @@ def _torch_adamw_state(param: torch.Tensor, steps: int = 5) -> tuple[torch.optim
         param.grad = torch.randn(param.shape, generator=g)
         opt.step()
     return opt, opt.state[param]
-
-
-@pytest.mark.parametrize("state_precision", ["param", "bf16", "8bit"])
-@pytest.mark.parametrize("param_update", ["round", "stochastic", "kahan"])
-def test_state_round_trips_through_torch_save(state_precision: str, param_update: str) -> None:
-    g = torch.Generator().manual_seed(13)
-    p = torch.randn(64, 80, generator=g).to(torch.bfloat16)
-    grads = [torch.randn(64, 80, generator=g).to(torch.bfloat16) for _ in range(6)]
-    state = _run_lean(p, grads[:3], state_precision=state_precision, param_update=param_update, amsgrad=True)
-    buffer = io.BytesIO()
-    torch.save({"param": p, "state": state}, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer)
-    assert loaded["state"].keys() == state.keys()
-    for key, value in state.items():
-        assert loaded["state"][key].dtype == value.dtype and torch.equal(loaded["state"][key], value)
-    p2, state2 = loaded["param"], loaded["state"]
-    for t, grad in enumerate(grads[3:], start=4):
-        for param, st in ((p, state), (p2, state2)):
-            lean_step(
-                param,
-                grad,
-                st,
-                **HYPER,
-                amsgrad=True,
-                maximize=False,
-                step=t,
-                state_precision=state_precision,
-                param_update=param_update,
-            )
-    assert torch.equal(p, p2)
 
 
 @pytest.mark.parametrize("state_precision", ["bf16", "8bit"])
@@ -642,7 +407,7 @@ def test_formats_switch_between_save_and_load() -> None:
         state = convert_state(state, param, precision)
         assert ("exp_avg_absmax" in state) == (precision == "8bit")
     assert state["exp_avg"].dtype == torch.float32
-    assert torch.allclose(state["exp_avg_sq"], torch_state["exp_avg_sq"], rtol=0.1, atol=0)
+    CLOSE["exp_avg_sq after five format conversions"].assert_close(state["exp_avg_sq"], torch_state["exp_avg_sq"])
 
 
 def test_mismatched_checkpoints_fail_clearly() -> None:
@@ -663,9 +428,10 @@ def test_mismatched_checkpoints_fail_clearly() -> None:
 
 def test_kahan_state_converts_and_drops_for_torch() -> None:
     p = torch.randn(64, 80).to(torch.bfloat16)
-    state = _run_lean(
-        p, [torch.randn(64, 80).to(torch.bfloat16) for _ in range(3)], state_precision="8bit", param_update="kahan"
-    )
+    options = dict(amsgrad=False, state_precision="8bit", param_update="kahan")
+    state = init_lean_state(p, **options)
+    for t in range(1, 4):
+        lean_step(p, torch.randn(64, 80).to(torch.bfloat16), state, **HYPER, **options, maximize=False, step=t)
     state["step"] = torch.tensor(3.0)
     assert KAHAN_KEY in convert_state(state, p, "bf16")
     exported = full_precision_state(state, p)

@@ -1,49 +1,46 @@
 """The one place where a backend is chosen, and the functional ``adamw`` that runs it.
 
-torch's ``foreach``/``fused`` flags are kept for compatibility and mapped here to one backend name:
+torch's ``foreach``/``fused`` flags are kept for compatibility and mapped here to one backend name
+(:func:`select_backend`). That name and the device type of the group's first param pick, from one
+table (:data:`STEPS`), a step for each kind of storage format: the full-precision one (torch's: the
+moments in the param's dtype, the param rounded to nearest) and the low-bit ones (bf16 or 8-bit
+moments, bf16 params written by stochastic rounding or with a Kahan buffer):
 
-=========  =======================================================================
-backend    what runs
-=========  =======================================================================
-forloop    :mod:`adamw.backends.forloop`: torch ops, one tensor at a time
-foreach    :mod:`adamw.backends.foreach`: ``torch._foreach_*`` ops per device/dtype
-cpu        :mod:`adamw.backends.cpu`: our C kernel, one call per group (``fused=True`` on CPU)
-triton     :mod:`adamw.backends.triton`: our Triton kernel (``fused=True`` on CUDA)
-=========  =======================================================================
+=========  ===========  ===================================  =======================================
+backend    device type  full precision                       low-bit formats
+=========  ===========  ===================================  =======================================
+forloop    any          :mod:`~adamw.backends.forloop`       :mod:`~adamw.backends.low_bit` (torch ops)
+foreach    any          :mod:`~adamw.backends.foreach`       :mod:`~adamw.backends.low_bit` (torch ops)
+cpu        cpu          :mod:`~adamw.backends.cpu` (C)       :mod:`~adamw.backends.cpu_lean` (C)
+triton     cuda, cpu    :mod:`~adamw.backends.triton`        ``triton.step_low_bit``
+=========  ===========  ===================================  =======================================
+
+``fused=True`` is ``cpu`` on CPU tensors and ``triton`` on CUDA ones; ``triton`` runs CPU tensors
+under Triton's interpreter. DTensor params (FSDP2) in a low-bit format step their local shards
+through :mod:`~adamw.backends.low_bit` whatever the backend: the kernels take plain tensors, and the
+rule that keeps a param under 4096 values in float32 needs the whole param.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
+import torch
 from torch import Tensor
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
-from .backends import lean as _lean_backend
+from .backends import low_bit as _low_bit_backend
 from .backends._common import Hyper, run_eagerly
+from .options import BACKEND_DEVICES, FUSED_BACKENDS, check_backend_name, fused_backend_for
+from .states.reference import is_dtensor
 
 BackendName = Literal["forloop", "foreach", "cpu", "triton"]
-BACKENDS: tuple[str, ...] = ("forloop", "foreach", "cpu", "triton")
-FUSED_BACKENDS: tuple[str, ...] = ("cpu", "triton")
 
 # Devices on which torch's rule (the documentation's note) turns foreach on when no flag is given.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
-
-
-def fused_backend_for(param: Tensor) -> str:
-    """The kernel that ``fused=True`` runs on ``param``'s device (torch's message for another device)."""
-    if param.device.type == "cpu":
-        return "cpu"
-    if param.device.type == "cuda":
-        return "triton"
-    raise RuntimeError(
-        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
-        f"['cpu', 'cuda'] but {param.dtype} and {param.device.type}"
-    )
 
 
 def select_backend(
@@ -82,20 +79,92 @@ def _foreach_types() -> tuple[type, ...]:
 
 
 StepFn = Callable[..., None]
-# The two torch-only backends are loaded up front: importlib inside a torch.compile'd step is a graph
-# break, and on the first (state-creating) step that made dynamo trace _init_group on fake tensors,
-# so the foreach step failed to compile. The optional fused backends are imported on first use.
-_loaded: dict[str, StepFn] = {"forloop": _forloop_backend.step, "foreach": _foreach_backend.step}
+ANY_DEVICE = "*"
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+T = TypeVar("T")
 
 
-def backend_step(name: str) -> StepFn:
-    """The ``step`` function of a backend module, imported on first use (Triton is optional)."""
-    if name not in _loaded:
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, but got {name!r}")
-        module = importlib.import_module(f"adamw.backends.{name}")
-        _loaded[name] = module.step
-    return _loaded[name]
+def _nothing_to_check(params: list[Tensor], low_bit: bool) -> None:
+    """The torch-op backends run wherever torch runs, and are imported with this module."""
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What a backend runs on one device type: the step of the full-precision format (its moments are
+    :func:`adamw`'s lists), the step of the low-bit formats (its moments are in the params' state
+    dicts), and the check that its kernel can run, made before any group of a step changes."""
+
+    full_precision: StepFn
+    low_bit: StepFn
+    check: Callable[[list[Tensor], bool], None] = _nothing_to_check
+
+
+# The compiled kernels' modules are imported on first use: Triton is optional, and a user of the
+# torch-op backends need not load them. The torch-op backends are imported with this module: an import
+# inside a torch.compile'd step is a graph break, which on the first (state-creating) step makes dynamo
+# trace _init_group on fake tensors, and the foreach step then fails to compile.
+
+
+def _c_step(*args: Any) -> None:
+    from .backends import cpu
+
+    cpu.step(*args)
+
+
+def _c_low_bit_step(*args: Any) -> None:
+    from .backends import cpu_lean
+
+    cpu_lean.step_low_bit(*args)
+
+
+def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
+    from .backends import cpu, cpu_lean
+
+    (cpu_lean if low_bit else cpu).library()  # built, or found in the cache, and loaded once
+
+
+def _triton_step(*args: Any) -> None:
+    from .backends import triton
+
+    triton.step(*args)
+
+
+def _triton_low_bit_step(*args: Any) -> None:
+    from .backends import triton
+
+    triton.step_low_bit(*args)
+
+
+def _check_triton(params: list[Tensor], low_bit: bool) -> None:
+    from .backends import triton
+
+    triton.check_params(params, low_bit=low_bit)
+
+
+_TRITON = Steps(_triton_step, _triton_low_bit_step, _check_triton)
+
+# (backend, device type of the group's first param) -> what runs; ANY_DEVICE: whatever torch runs.
+STEPS: dict[tuple[str, str], Steps] = {
+    ("forloop", ANY_DEVICE): Steps(_forloop_backend.step, _low_bit_backend.step),
+    ("foreach", ANY_DEVICE): Steps(_foreach_backend.step, _low_bit_backend.step),
+    ("cpu", "cpu"): Steps(_c_step, _c_low_bit_step, _load_c_kernel),
+    ("triton", "cuda"): _TRITON,
+    ("triton", "cpu"): _TRITON,  # under Triton's interpreter
+}
+# The device types a backend runs here are those options.BACKEND_DEVICES lets its params be on.
+assert set(STEPS) == {
+    (name, device) for name, devices in BACKEND_DEVICES.items() for device in (devices or (ANY_DEVICE,))
+}
+
+
+def steps_for(backend: str, device_type: str) -> Steps:
+    """What ``backend`` runs on tensors of ``device_type``."""
+    steps = STEPS.get((backend, device_type)) or STEPS.get((backend, ANY_DEVICE))
+    if steps is None:
+        check_backend_name(backend)
+        devices = " and ".join(device for name, device in STEPS if name == backend)
+        raise RuntimeError(f"backend={backend!r} runs {devices} tensors, not {device_type} ones")
+    return steps
 
 
 def adamw(
@@ -121,11 +190,23 @@ def adamw(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     backend: str | None = None,
+    state_precision: str = "param",
+    param_update: str = "round",
+    seed: int = 0,
+    states: list[dict[str, Tensor]] | None = None,
+    streams: list[int] | None = None,
 ) -> None:
     """Functional AdamW: one step over lists of tensors (see :mod:`adamw._math` for the math).
 
     ``state_steps`` are singleton tensors, incremented here. Fused backends also take GradScaler's
     ``grad_scale`` (gradients are divided by it) and ``found_inf`` (nonzero: the step is skipped).
+
+    ``state_precision``, ``param_update`` and ``seed`` are the storage format, as :class:`adamw.AdamW`
+    takes them. In the full-precision one (``"param"``, ``"round"``: torch's) the moments are
+    ``exp_avgs``, ``exp_avg_sqs`` and ``max_exp_avg_sqs``. In a low-bit one those lists are not read:
+    the moments are in ``states``, the params' state dicts (layout: :mod:`adamw.states.formats`), and
+    ``streams`` number the params' stochastic rounding (distinct per param, stable across steps);
+    such a format is neither capturable nor differentiable.
     """
     if not params:
         return
@@ -152,12 +233,20 @@ def adamw(
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
-    run = _run_fused if name in FUSED_BACKENDS else _run
-    run(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+    if state_precision == "param" and param_update == "round":
+        run = _run_fused if name in FUSED_BACKENDS else _run
+        run(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+        return
+    storage = f"state_precision={state_precision!r}, param_update={param_update!r}"
+    if states is None or streams is None:
+        raise ValueError(f"{storage} keeps the moments in `states` and numbers the rounding by `streams`: pass both")
+    if capturable or differentiable:
+        raise ValueError(f"{storage} supports neither capturable=True nor differentiable=True")
+    _run_low_bit(name, params, grads, states, state_steps, streams, hyper, state_precision, param_update, seed)
 
 
-def _run(name: str, *args: object) -> None:
-    backend_step(name)(*args)
+def _run(name: str, params: list[Tensor], *args: object) -> None:
+    steps_for(name, params[0].device.type).full_precision(params, *args)
 
 
 # torch.compile runs our fused kernels eagerly, as it does torch's own fused optimizers: a kernel launched
@@ -168,57 +257,8 @@ def _run(name: str, *args: object) -> None:
 _run_fused = run_eagerly(_run)
 
 
-def adamw_lean(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    state_steps: list[Tensor],
-    streams: list[int],
-    *,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    state_precision: str,
-    param_update: str,
-    seed: int = 0,
-    foreach: bool | None = None,
-    fused: bool | None = None,
-    backend: str | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """One AdamW step with lean state (bf16/8-bit moments, bf16 params without a master copy).
-
-    ``states`` are the params' state dicts (layout: :mod:`adamw.states.formats`); ``streams`` key each
-    param's stochastic rounding. A fused backend that has a lean kernel (a ``step_lean`` function)
-    runs it; every other choice runs the torch-ops reference, :mod:`adamw.backends.lean`.
-    """
-    if not params:
-        return
-    name = select_backend(
-        params, backend=backend, foreach=foreach, fused=fused, differentiable=False, capturable=False, lr=lr
-    )
-    hyper = Hyper(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        capturable=False,
-        differentiable=False,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
-    lean = _lean_backend.Lean(state_precision=state_precision, param_update=param_update, seed=seed)
-    _run_low_bit(name, params, grads, states, state_steps, streams, hyper, lean)
-
-
+# Eager, as _run_fused: the low-bit kernels' host work cannot be traced, and every backend's low-bit
+# step reads the step counters on the host.
 @run_eagerly
 def _run_low_bit(
     name: str,
@@ -228,31 +268,37 @@ def _run_low_bit(
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    lean: _lean_backend.Lean,
+    state_precision: str,
+    param_update: str,
+    seed: int,
 ) -> None:
-    step_lean = _lean_kernel(name) or _lean_backend.step
-    step_lean(params, grads, states, state_steps, streams, hyper, lean)
+    storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
+    sharded = [] if set(map(type, params)) <= _PLAIN_TYPES else list(map(is_dtensor, params))
+    if not any(sharded):
+        steps_for(name, params[0].device.type).low_bit(params, grads, states, state_steps, streams, hyper, storage)
+        return
+    # DTensor params (FSDP2) step their local shards through the torch ops (see the module's docstring),
+    # after the plain params have stepped through the backend.
+    plain = [i for i, s in enumerate(sharded) if not s]
+    runs: list[tuple[list[int], StepFn]] = [([i for i, s in enumerate(sharded) if s], _low_bit_backend.step)]
+    if plain:
+        runs.insert(0, (plain, steps_for(name, params[plain[0]].device.type).low_bit))
+    for index, step in runs:
+        step(_pick(params, index), _pick(grads, index), _pick(states, index), _pick(state_steps, index),
+             _pick(streams, index), hyper, storage)  # fmt: skip
 
 
-def _lean_kernel(name: str) -> Callable[..., None] | None:
-    """The lean variant of a fused backend's kernel (``step_lean`` in its module or in a ``<name>_lean``
-    module beside it), where it has one."""
-    if name not in FUSED_BACKENDS:
-        return None
-    module = importlib.import_module(f"adamw.backends.{name}")
-    if hasattr(module, "step_lean"):
-        return module.step_lean  # type: ignore[no-any-return]
-    if importlib.util.find_spec(f"adamw.backends.{name}_lean") is None:
-        return None
-    return importlib.import_module(f"adamw.backends.{name}_lean").step_lean  # type: ignore[no-any-return]
+def _pick(values: list[T], index: list[int]) -> list[T]:
+    return [values[i] for i in index]
 
 
-def check_kernel(name: str, params: list[Tensor], *, lean: bool) -> None:
+def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
     """Raise now what a step of ``params`` on backend ``name`` would raise for want of its kernel: the
-    C kernel (the lean one for a lean group) is built or loaded, Triton imported and the params'
-    devices checked against the Triton kernel's. :class:`adamw.AdamW` calls it for every group before
-    it steps any; loading happens once per process, later calls cost a lookup."""
-    if name == "cpu":
-        importlib.import_module("adamw.backends.cpu_lean" if lean else "adamw.backends.cpu").library()
-    elif name == "triton":
-        importlib.import_module("adamw.backends.triton").check_params(params, lean=lean)
+    backend's module imported, the C kernel (the low-bit one for a low-bit format) built or loaded,
+    Triton imported and the params' devices checked against the Triton kernel's. :class:`adamw.AdamW`
+    calls it for every group before it steps any; loading happens once per process, later calls cost
+    a lookup. Low-bit DTensor params are left out: the torch ops step them."""
+    if low_bit and not set(map(type, params)) <= _PLAIN_TYPES:
+        params = [p for p in params if not is_dtensor(p)]
+    if params:
+        steps_for(name, params[0].device.type).check(params, low_bit)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,24 +39,9 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import Unpack
 
 from .optimizer import AdamW
+from .options import AdamWOptions
 
 BeforeStep = Callable[[Tensor], object]
-
-
-class AdamWOptions(TypedDict, total=False):
-    """The keyword arguments of :class:`adamw.AdamW` (see its docstring for their meaning)."""
-
-    lr: float | Tensor
-    betas: tuple[float | Tensor, float | Tensor]
-    eps: float
-    weight_decay: float
-    amsgrad: bool
-    maximize: bool
-    foreach: bool | None
-    capturable: bool
-    differentiable: bool
-    fused: bool | None
-    backend: str | None
 
 
 def _unhooked_adamw_step() -> Callable[..., Any]:

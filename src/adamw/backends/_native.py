@@ -2,7 +2,7 @@
 
 Every C source of the package (``adamw_cpu.c``, ``adamw_cpu_lean.c``, the benchmark's floor) is
 declared as a :class:`Kernel` and loaded by :func:`load`, once per process, on its first use; importing
-a module builds nothing.
+a module builds nothing. Each includes the one shared header, :data:`HEADER`.
 
 **Build.** The system C compiler (``$CC`` if set, else the compiler Python was built with, else
 ``cc``) compiles the source in about a second with ``-O3 -march=native -fopenmp``, falling back to
@@ -11,10 +11,10 @@ one thread, with a one-time warning. Without a compiler, or when no flag set bui
 raises a ``RuntimeError`` that names the compiler, its error and how to do without the kernel.
 
 **Cache.** The library is cached in ``$ADAMW_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamw``, else
-``~/.cache/adamw``, under a name that hashes the source, the compiler, the flags and the CPU, so later
-processes load it without compiling. Beside it, ``<name>.sha256`` records its name, size and SHA-256.
-Both are written to temporary files and renamed into place (the digest first), so concurrent first
-uses do not collide and no reader sees half a file.
+``~/.cache/adamw``, under a name that hashes the source and the shared header, the compiler, the flags
+and the CPU, so later processes load it without compiling. Beside it, ``<name>.sha256`` records its
+name, size and SHA-256. Both are written to temporary files and renamed into place (the digest first),
+so concurrent first uses do not collide and no reader sees half a file.
 
 **Trust.** ``dlopen`` runs a library's constructors and a step runs its code, so a library is loaded
 only when it is exactly what was built: a regular file whose size and SHA-256 match its digest file,
@@ -57,6 +57,9 @@ FLAG_SETS = (
     ("-march=native",),
     (),
 )
+# What every C source includes (bit casts, conversions, the work split); its directory is on the
+# include path of every build.
+HEADER = Path(__file__).with_name("adamw_common.h")
 # Part of every library's name: a library cached in another layout (e.g. without a digest file) is
 # never looked up, so it is neither loaded nor reported as damaged.
 _CACHE_LAYOUT = 2
@@ -203,7 +206,8 @@ def _cpu_identity() -> str:
 
 def _library_name(cc: list[str], flags: tuple[str, ...], source: Path) -> str:
     h = hashlib.sha256()
-    h.update(source.read_bytes())
+    for text in (source, HEADER):  # an edit to the header rebuilds every library
+        h.update(text.read_bytes() + b"\0")
     resolved = shutil.which(cc[0]) or cc[0]
     stat_ = os.stat(resolved)
     parts = (*cc, resolved, str(stat_.st_mtime_ns), *BASE_FLAGS, *flags, _cpu_identity(), sys.platform)
@@ -219,7 +223,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], target: Path, source: Path) 
     os.close(fd)
     try:
         result = subprocess.run(
-            [*cc, *BASE_FLAGS, *flags, str(source), "-o", tmp, "-lm"],
+            [*cc, *BASE_FLAGS, *flags, f"-I{HEADER.parent}", str(source), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=300,

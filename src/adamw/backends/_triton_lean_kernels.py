@@ -34,7 +34,7 @@ Storage, per constexpr switch:
 Stochastic rounding draws ``hash32(hash32(i) ^ key)`` per flat element ``i`` (``lowbias32``, see
 :mod:`adamw.states.rounding`); the keys are computed on the host per tensor and purpose.
 
-Couplings with the host side (:func:`adamw.backends.triton.step_lean`): ``table`` has ``ROW`` int64
+Couplings with the host side (:func:`adamw.backends.triton.step_low_bit`): ``table`` has ``ROW`` int64
 per tensor (columns below; an address of 0 is never read); ``chunk_tensor`` names the tensor of
 every program; ``codes`` is the float32 concatenation of the signed code's values and midpoints and
 the unsigned code's values and midpoints (``CODE_*`` offsets).

@@ -30,59 +30,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3 };
+#include "adamw_common.h"
+
 enum { STEP_FLOAT32 = 0, STEP_FLOAT64 = 1 };
 
 /* Totals below this run on the calling thread: waking the pool costs more than it saves. */
 #define MIN_PARALLEL_NUMEL 32768
 #define CUT_ALIGN 64
-
-#define INLINE static inline __attribute__((always_inline))
-
-/* ---------------------------------------------------------------------------------------------
- * bit casts and low-precision conversions (branch-free, so loops vectorize) */
-
-INLINE uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-INLINE float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-
-INLINE float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
-
-/* Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rule. */
-INLINE uint16_t float_to_bf16(float f) {
-    uint32_t u = bits_of(f);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(f != f ? 0x7FC0u : rounded);
-}
-
-/* IEEE half <-> float, exact in both directions with round to nearest even: the FP16 library's
- * algorithm, which c10::Half uses for its scalar conversions. */
-INLINE float fp16_to_float(uint16_t h) {
-    const uint32_t w = (uint32_t)h << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normalized = float_of((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
-    const uint32_t result = sign | (two_w < (1u << 27) ? bits_of(denormalized) : bits_of(normalized));
-    return float_of(result);
-}
-
-INLINE uint16_t float_to_fp16(float f) {
-    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = bits_of(f);
-    const uint32_t shl1_w = w + w;
-    const uint32_t sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = float_of((bias >> 1) + 0x07800000u) + base;
-    const uint32_t b = bits_of(base);
-    const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
 
 /* ---------------------------------------------------------------------------------------------
  * per-tensor scalars, rounded once to the math type */
@@ -154,7 +109,7 @@ DEFINE_SEGMENT(segment_f16, uint16_t, float, fp16_to_float, float_to_fp16, fmaf,
 
 /* ---------------------------------------------------------------------------------------------
  * bfloat16 and float16 with AVX-512: the conversions as single instructions. The compiler does not
- * turn the bit operations above into them, and they are most of the work once the data is in
+ * turn adamw_common.h's bit operations into them, and they are most of the work once the data is in
  * cache. Each result is bit for bit the generic loop's (the tests compare the two). */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
@@ -299,12 +254,10 @@ static int64_t tensor_at(const int64_t *offsets, int64_t n, int64_t index) {
     return lo;
 }
 
-/* Where thread `k` of `threads` starts: an equal share, moved back to a multiple of CUT_ALIGN
- * elements from the start of the tensor it falls in. */
-static int64_t cut(const int64_t *offsets, int64_t n, int64_t total, int k, int threads) {
-    if (k <= 0) return 0;
-    if (k >= threads) return total;
-    int64_t index = (int64_t)((double)total * k / threads);
+/* A cut between two threads' shares, moved back to a multiple of CUT_ALIGN elements from the start
+ * of the tensor it falls in (the ends of the whole range stay). */
+static int64_t align_cut(const int64_t *offsets, int64_t n, int64_t total, int64_t index) {
+    if (index <= 0 || index >= total) return index;
     int64_t t = tensor_at(offsets, n, index);
     return offsets[t] + ((index - offsets[t]) / CUT_ALIGN) * CUT_ALIGN;
 }
@@ -358,24 +311,17 @@ int adamw_step(int dtype, int64_t n, void *const *params, void *const *grads,
         .grad_sign = maximize ? -1.0 : 1.0,
     };
     const int64_t total = offsets[n];
-    int threads = num_threads > 0 ? num_threads : 1;
-    if (total < MIN_PARALLEL_NUMEL) threads = 1;
+    const int threads = team_size(num_threads, total, MIN_PARALLEL_NUMEL);
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int k = 0, count = 1;
-#ifdef _OPENMP
-        k = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t begin = cut(offsets, n, total, k, count);
-        const int64_t end = cut(offsets, n, total, k + 1, count);
-        if (begin < end) {
-            for (int64_t t = tensor_at(offsets, n, begin); t < n && offsets[t] < end; t++) {
-                const int64_t lo = (begin > offsets[t] ? begin : offsets[t]) - offsets[t];
-                const int64_t hi = (end < offsets[t + 1] ? end : offsets[t + 1]) - offsets[t];
-                if (lo < hi)
-                    run_segment(dtype, t, lo, hi, params, grads, exp_avgs, exp_avg_sqs,
+        const Range share = thread_share(total, 1);
+        const Range mine = {align_cut(offsets, n, total, share.begin), align_cut(offsets, n, total, share.end)};
+        if (mine.begin < mine.end) {
+            for (int64_t t = tensor_at(offsets, n, mine.begin); t < n && offsets[t] < mine.end; t++) {
+                const Range part = clip(mine, offsets[t], offsets[t + 1] - offsets[t]);
+                if (part.begin < part.end)
+                    run_segment(dtype, t, part.begin, part.end, params, grads, exp_avgs, exp_avg_sqs,
                                 max_exp_avg_sqs, &gs, &scalars[t], unscale, amsgrad);
             }
         }

@@ -34,11 +34,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
+#include "adamw_common.h"
+
 enum { UPDATE_ROUND = 0, UPDATE_STOCHASTIC = 1, UPDATE_KAHAN = 2 };
 enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_MAX = 3 };
 
@@ -47,8 +45,6 @@ enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_M
 #define UNSIGNED_TOP 255
 #define GUESS_BITS 6        /* mantissa bits that index the log guess table */
 #define MIN_PARALLEL_BLOCKS 128
-
-#define INLINE static inline __attribute__((always_inline))
 
 /* One tensor of a call (adamw/backends/cpu_lean.py, class _Tensor). The host fills what stays the
  * same from step to step, so that it can keep a group's table and pass only the new grads; the
@@ -97,18 +93,7 @@ typedef struct {
 } Group;
 
 /* ---------------------------------------------------------------------------------------------
- * bit casts, conversions, rounding */
-
-INLINE uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-INLINE float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-INLINE float bf16_to_float(uint16_t h) { return float_of((uint32_t)h << 16); }
-
-/* To nearest even, NaN to the canonical quiet NaN (c10::BFloat16's rule). */
-INLINE uint16_t nearest_bf16(float f) {
-    uint32_t u = bits_of(f);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(f != f ? 0x7FC0u : rounded);
-}
+ * stochastic rounding to bfloat16 (to nearest: adamw_common.h) */
 
 INLINE uint32_t hash32(uint32_t x) {
     x ^= x >> 16;
@@ -222,13 +207,13 @@ INLINE void store_param(const LeanTensor *t, const float *p, int64_t start, int 
         uint16_t *d = (uint16_t *)t->param + start;
         uint16_t *c = t->comp + start;
         for (int i = 0; i < len; i++) {
-            const uint16_t stored = nearest_bf16(p[i]);
+            const uint16_t stored = float_to_bf16(p[i]);
             d[i] = stored;
-            c[i] = nearest_bf16(p[i] - bf16_to_float(stored));
+            c[i] = float_to_bf16(p[i] - bf16_to_float(stored));
         }
     } else {
         uint16_t *d = (uint16_t *)t->param + start;
-        for (int i = 0; i < len; i++) d[i] = nearest_bf16(p[i]);
+        for (int i = 0; i < len; i++) d[i] = float_to_bf16(p[i]);
     }
 }
 
@@ -585,33 +570,25 @@ int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const 
         gr.guess[i] = (int32_t)lrint(8.0 * log2(1.0 + (i + 0.5) / (1 << GUESS_BITS)));
     ladder_init(&gr.ladder, codes);
 
-    int threads = num_threads > 0 ? num_threads : 1;
-    if (total_blocks < MIN_PARALLEL_BLOCKS) threads = 1;
+    const int threads = team_size(num_threads, total_blocks, MIN_PARALLEL_BLOCKS);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int k = 0, count = 1;
-#ifdef _OPENMP
-        k = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t begin = total_blocks * k / count, end = total_blocks * (k + 1) / count;
-        if (begin < end) {
-            for (int64_t i = tensor_at(tensors, n, begin); i < n && tensors[i].first_block < end; i++) {
+        const Range mine = thread_share(total_blocks, 1);
+        if (mine.begin < mine.end) {
+            for (int64_t i = tensor_at(tensors, n, mine.begin); i < n && tensors[i].first_block < mine.end; i++) {
                 const LeanTensor *t = &tensors[i];
-                const int64_t blocks = (t->numel + QBLOCK - 1) / QBLOCK;
-                const int64_t lo = (begin > t->first_block ? begin : t->first_block) - t->first_block;
-                const int64_t hi = (end < t->first_block + blocks ? end : t->first_block + blocks) - t->first_block;
-                int64_t b = lo;
+                const Range part = clip(mine, t->first_block, (t->numel + QBLOCK - 1) / QBLOCK);
+                int64_t b = part.begin;
 #if HAVE_FAST_BLOCK
                 if (gr.ladder.ok && t->moment_dtype == DTYPE_UINT8) {
-                    const int64_t whole = hi < t->numel / QBLOCK ? hi : t->numel / QBLOCK;
+                    const int64_t whole = part.end < t->numel / QBLOCK ? part.end : t->numel / QBLOCK;
                     if (gr.amsgrad)
                         for (; b < whole; b++) fast_block_amsgrad(t, &gr, b * QBLOCK);
                     else
                         for (; b < whole; b++) fast_block_plain(t, &gr, b * QBLOCK);
                 }
 #endif
-                for (; b < hi; b++) {
+                for (; b < part.end; b++) {
                     const int64_t start = b * QBLOCK;
                     const int64_t left = t->numel - start;
                     step_block(t, &gr, start, left < QBLOCK ? (int)left : QBLOCK);

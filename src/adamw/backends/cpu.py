@@ -40,7 +40,7 @@ from ._common import Hyper, host_value
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 ABI_VERSION = 1
 
-# The kernel's dtype codes (the enum at the top of adamw_cpu.c).
+# The kernel's dtype codes (the enum in adamw_common.h).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 

@@ -1,4 +1,4 @@
-"""The lean CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
+"""The low-bit CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
 copy): ``adamw_cpu_lean.c``, one call per group and step.
 
 Mirrors :func:`adamw.states.lean_step` bit for bit (see the comment at the top of the C source for
@@ -15,7 +15,7 @@ tensors are stepped, which a check of their identities, pointers, sizes, dtypes 
 confirms each step (a few C-level calls per tensor: ~1.5 ms for 1000 params, against ~30 ms to
 rebuild the table).
 
-**GradScaler.** As :mod:`adamw.backends.lean`: a nonzero ``found_inf`` skips the step, counters
+**GradScaler.** As :mod:`adamw.backends.low_bit`: a nonzero ``found_inf`` skips the step, counters
 included; float32 grads are divided by ``grad_scale`` in the kernel (a correctly rounded division,
 as torch's), others by torch's op on the host, whose rounding for reduced types differs.
 """
@@ -42,10 +42,10 @@ from ..states.rounding import (
 )
 from . import _native
 from ._common import Hyper
-from .lean import (
+from .low_bit import (
     KeptLayout,
     KeptTables,
-    Lean,
+    StorageFormat,
     effective_param_update,
     host_scalars,
     kernel_state_keys,
@@ -53,7 +53,7 @@ from .lean import (
     stage_contiguous,
     state_columns,
 )
-from .lean import real_view as _real
+from .low_bit import real_view as _real
 
 SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
 ABI_VERSION = 2
@@ -96,7 +96,7 @@ class _Tensor(ctypes.Structure):
 
 
 def library() -> _native.Library:
-    """The lean kernel, compiled on first use (or found in the cache) and loaded once per process."""
+    """The low-bit kernel, compiled on first use (or found in the cache) and loaded once per process."""
     return _native.load(KERNEL)
 
 
@@ -134,16 +134,16 @@ assert _CODES.numel() == 256 + 127 + 256 + 255 and BLOCK_SIZE == QBLOCK
 # the step
 
 
-def step_lean(
+def step_low_bit(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    lean: Lean,
+    storage: StorageFormat,
 ) -> None:
-    """The lean step of :mod:`adamw.backends.lean` in one kernel call per group."""
+    """The low-bit step of :mod:`adamw.backends.low_bit` in one kernel call per group."""
     if not params:
         return
     fn = library().step_fn
@@ -151,11 +151,11 @@ def step_lean(
     if scalars is None:
         return
     lr, beta1, beta2 = scalars
-    config = _tables.config(lean, hyper)
+    config = _tables.config(storage, hyper)
     table = _tables.find(params, grads, states, state_steps, streams, config)
     built: _Built | None = None
     if table is None:
-        built = _build(params, grads, states, state_steps, streams, hyper, lean, config, lr, beta1, beta2)
+        built = _build(params, grads, states, state_steps, streams, hyper, storage, config, lr, beta1, beta2)
         table = built.table
         if table.kept is not None:
             _tables.keep(params, config, table)
@@ -223,7 +223,7 @@ def _build(
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    lean: Lean,
+    storage: StorageFormat,
     config: tuple[object, ...],
     lr: float,
     beta1: float,
@@ -240,8 +240,8 @@ def _build(
     reusable = True
     total_blocks = 0
     for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
-        param_update = effective_param_update(param, lean.param_update)
-        fmt = format_for(param, lean.state_precision)
+        param_update = effective_param_update(param, storage.param_update)
+        fmt = format_for(param, storage.state_precision)
         unscale = scale is not None and grad.dtype == torch.float32 and scale.dtype == torch.float32
         if scale is not None and not unscale:
             grad = grad / scale.to(grad.device)
@@ -251,7 +251,7 @@ def _build(
             if unscale:
                 grad = grad / scale.to(grad.device)  # type: ignore[union-attr]
             step_t += 1
-            reference_step(param, grad, state, int(step_t.item()), stream, hyper, lean, lr, beta1, beta2)
+            reference_step(param, grad, state, int(step_t.item()), stream, hyper, storage, lr, beta1, beta2)
             reusable = False
             continue
         staged, back = stage_contiguous(columns)
@@ -272,7 +272,7 @@ def _build(
         row.step, row.step_dtype = step_t.data_ptr(), _STEP_CODES[step_t.dtype]
         row.numel, row.first_block = real.numel(), total_blocks
         for j, purpose in enumerate(_PURPOSES):
-            row.stream_key[j] = stream_key(lean.seed, stream, purpose)
+            row.stream_key[j] = stream_key(storage.seed, stream, purpose)
         row.param_dtype, row.grad_dtype = _DTYPE_CODES[real.dtype], _DTYPE_CODES[real_grad.dtype]
         row.moment_dtype = _DTYPE_CODES[staged[2].dtype]
         row.param_update, row.unscale = _UPDATE_CODES[param_update], int(unscale)

@@ -39,12 +39,12 @@ used first out: the newest eight always, older ones while they hold no such copi
 together stay under 16 MiB of device memory, so a step in backward (a group, and a plan, per param)
 finds every param's plan again on the next step.
 
-Lean groups (``state_precision``/``param_update`` other than torch's) run :func:`step_lean`: the
-kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per (device, param dtype, grad
-dtype, moment storage, param_update), bit for bit the lean reference. Its table is filled every step
-(the step numbers, bias corrections and rounding keys in it change) from a static table kept while
-the group's memory stays where it was, after reading the counters on the host: the lean path syncs
-once per step and is not capturable.
+Groups in a low-bit format (``state_precision``/``param_update`` other than torch's) run
+:func:`step_low_bit`: the kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per
+(device, param dtype, grad dtype, moment storage, param_update), bit for bit the low-bit reference.
+Its table is filled every step (the step numbers, bias corrections and rounding keys in it change)
+from a static table kept while the group's memory stays where it was, after reading the counters on
+the host: the low-bit step syncs once per step and is not capturable.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ from ..states.rounding import (
     stream_key,
 )
 from ._common import Hyper
-from .lean import (
+from .low_bit import (
     KeptLayout,
     KeptTables,
-    Lean,
+    StorageFormat,
     effective_param_update,
     host_scalars,
     kernel_state_keys,
@@ -83,7 +83,7 @@ from .lean import (
     stage_contiguous,
     state_columns,
 )
-from .lean import real_view as _real
+from .low_bit import real_view as _real
 
 # Elements per program (a power of two). On GPUs: enough bytes in flight per program to stream at
 # full bandwidth (tune with benchmarks/gpu_check.sh). Under the interpreter every program is one
@@ -467,16 +467,16 @@ def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -
         )
 
 
-def check_params(params: list[Tensor], *, lean: bool) -> None:
+def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     """Raise what a step of ``params`` would raise for want of Triton or for a device the kernel (the
-    lean one for a lean group) does not run: :class:`adamw.AdamW` calls it before it changes anything.
-    A lean step leaves to the torch-ops reference the params its kernel does not take (DTensors,
-    float64 and complex128), on any device; one param per kind is checked."""
-    kernel = _lean_kernels().lean_kernel if lean else _kernels().adamw_kernel
+    low-bit one for a low-bit format) does not run: :class:`adamw.AdamW` calls it before it changes
+    anything. A low-bit step leaves to the torch-ops reference the params its kernel does not take
+    (DTensors, float64 and complex128), on any device; one param per kind is checked."""
+    kernel = _lean_kernels().lean_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
     kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
     for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
-        if lean and (kind not in _PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
+        if low_bit and (kind not in _PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
             continue
         _check_device(param, interpreted)
 
@@ -562,7 +562,7 @@ def _kernels() -> ModuleType:
 
 
 # --------------------------------------------------------------------------------------------------
-# the lean step: bf16 or 8-bit moments, bf16 params written by stochastic rounding or Kahan
+# the low-bit step: bf16 or 8-bit moments, bf16 params written by stochastic rounding or Kahan
 
 # Blocks of 256 values per program (a power of two). On GPUs a program streams 1024 values (tune
 # on a GPU). Under the interpreter two blocks per program: fewer (slow) programs, and a test tensor
@@ -614,24 +614,25 @@ class _LeanGroup:
 _lean_groups: KeptTables[_LeanGroup] = KeptTables(limit=4096)  # a step in backward keeps one per param
 
 
-def step_lean(
+def step_low_bit(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Tensor]],
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    lean: Lean,
+    storage: StorageFormat,
 ) -> None:
-    """The lean step of :mod:`adamw.backends.lean` in one Triton launch per (device, dtypes, storage).
+    """The low-bit step of :mod:`adamw.backends.low_bit` in one Triton launch per (device, dtypes,
+    storage).
 
     Mirrors :func:`adamw.states.lean_step` bit for bit (see :mod:`adamw.backends._triton_lean_kernels`
     for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
-    per step): the lean path is not capturable. Params the kernel does not take (float64 or
+    per step): the low-bit step is not capturable. Params the kernel does not take (float64 or
     complex128, or state laid out other than their format says) run the reference itself.
 
     The launches' tables are kept while the group's memory stays where it was (checked each step by
-    :class:`adamw.backends.lean.KeptLayout`); a step then only fills their per-step columns.
+    :class:`adamw.backends.low_bit.KeptLayout`); a step then only fills their per-step columns.
     """
     if not params:
         return
@@ -640,7 +641,7 @@ def step_lean(
         return
     lr, beta1, beta2 = scalars
     kernels = _lean_kernels()
-    config = _lean_groups.config(lean, hyper)
+    config = _lean_groups.config(storage, hyper)
     group = _lean_groups.find(params, grads, states, state_steps, streams, config)
     if group is not None:
         step_numbers = _bump_steps(state_steps)
@@ -657,10 +658,10 @@ def step_lean(
     state_keys: list[tuple[str, ...]] = []
     host_divided = False
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
-        param_update = effective_param_update(param, lean.param_update)
+        param_update = effective_param_update(param, storage.param_update)
         kernel_grad, unscale = _lean_grad(grad, hyper.grad_scale)
         host_divided |= hyper.grad_scale is not None and not unscale
-        fmt = format_for(param, lean.state_precision)
+        fmt = format_for(param, storage.state_precision)
         columns = _lean_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
         if columns is None:
             by_reference.append(i)
@@ -673,7 +674,7 @@ def step_lean(
     step_numbers = _bump_steps(state_steps)
     for i in by_reference:
         grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
-        reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, lean, lr, beta1, beta2)
+        reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, storage, lr, beta1, beta2)
     launches: list[_LeanLaunch] = []
     staged_any = False
     for key, entries in by_launch.items():
@@ -683,7 +684,7 @@ def step_lean(
             staged_any |= any(new is not old for new, old in zip(staged, columns, strict=True))
             staged_columns.append(staged)
             written_back += back
-        launch = _lean_launch(key, [i for i, _ in entries], staged_columns, streams, lean.seed, kernels)
+        launch = _lean_launch(key, [i for i, _ in entries], staged_columns, streams, storage.seed, kernels)
         launches.append(launch)
         launch_grads = [columns[1] for columns in staged_columns]
         assert all(g is not None for g in launch_grads)

@@ -9,8 +9,9 @@ quantize       the 8-bit code tables and blockwise ``quantize``/``dequantize``
 formats        ``StateFormat``: "param", "bf16", "8bit" (the 4096-value rule), conversions
 rounding       stochastic rounding to bfloat16 (counter-based, seedable), Kahan compensation
 reference      ``lean_step``: the update in float32 torch ops over any format
-checkpoint     the state dict's layout (8-bit codes as ``exp_avg_codes``), reading it back,
-               and the conversion of a loaded or re-formatted state to its group's format
+checkpoint     a param's first state, the state dict's layout (8-bit codes as ``exp_avg_codes``),
+               reading it back, and the conversion of a loaded or re-formatted state to its
+               group's format
 =============  ==========================================================================
 """
 

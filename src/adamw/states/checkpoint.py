@@ -1,5 +1,6 @@
-"""Checkpoints: the state a param keeps in memory, the layout its state dict holds, and the
-conversion of a loaded (or changed) state to the format its group asks for.
+"""Checkpoints and the state behind them: a param's state as created for its group, the layout its
+state dict holds (written and read by ``AdamW``'s state-dict hooks), and the conversion of a loaded
+(or changed) state to the format its group asks for.
 
 In memory a moment has one name whatever its storage (``exp_avg``: the param's dtype, bfloat16, or
 uint8 codes beside ``exp_avg_absmax``), because the kernels' host code and the reference read each
@@ -17,14 +18,30 @@ layouts, so checkpoints written with codes under ``exp_avg`` (and its absmax) st
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .formats import ABSMAX_SUFFIX, INT8, MOMENTS, StateFormat, compute_dtype, convert_state, format_for, stored_format
-from .reference import KAHAN_KEY, is_dtensor, like_param
+from ..options import FUSED_BACKENDS, is_lean
+from .formats import (
+    ABSMAX_SUFFIX,
+    INT8,
+    MOMENTS,
+    StateFormat,
+    compute_dtype,
+    convert_state,
+    format_for,
+    full_precision_state,
+    stored_format,
+)
+from .reference import KAHAN_KEY, init_lean_state, is_dtensor, like_param
+from .rounding import effective_param_update
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
 
 CODES_SUFFIX = "_codes"
 """A state dict's name for 8-bit codes: ``exp_avg`` + ``"_codes"``."""
@@ -32,6 +49,20 @@ CODES_SUFFIX = "_codes"
 # Options that are ours, not torch's, at their defaults: a state dict leaves them out, so that one
 # written with default options is key for key what torch.optim.AdamW writes.
 OWN_GROUP_DEFAULTS: dict[str, Any] = {"backend": None, "state_precision": "param", "param_update": "round", "seed": 0}
+# A checkpoint without these (torch's, or ours at the defaults) keeps the live group's values.
+_OWN_GROUP_KEYS = ("backend", "seed")
+# How state is stored is this run's memory decision, not the checkpoint's: these always keep the live
+# group's value, and a loaded state is converted to them.
+_STORAGE_GROUP_KEYS = ("state_precision", "param_update")
+# torch's options that older checkpoints may lack, at their defaults.
+_TORCH_GROUP_DEFAULTS: dict[str, Any] = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": None,
+}
 
 
 class KeepAsIs:
@@ -45,8 +76,9 @@ class KeepAsIs:
         self.tensor = tensor
 
 
-def shield_from_cast(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with each param's state tensors but the step wrapped in :class:`KeepAsIs`.
+def shield_from_cast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load-state-dict pre-hook: ``state_dict`` with each param's state tensors but the step wrapped
+    in :class:`KeepAsIs`.
 
     Applied after every user pre-hook (which see the checkpoint's tensors), right before torch's
     loader; entries that belong to no param pass as they are. A state dict without ``state`` or
@@ -157,3 +189,164 @@ def stored_as(state: dict[str, Any], param: Tensor, state_precision: str, fmt: S
             if not isinstance(value, Tensor) or value.dtype != dtype or tuple(value.shape) != shape:
                 return False
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# a group's state: created, converted to the group's format, written and loaded
+
+
+def step_dtype(fused: bool | None) -> torch.dtype:
+    """dtype of the ``step`` counter, as torch stores it (so checkpoints match)."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def step_on_device(group: Mapping[str, Any]) -> bool:
+    """Whether the group's step counters live on the param's device (capturable or a fused kernel)."""
+    return bool(group["capturable"] or group["fused"] or group["backend"] in FUSED_BACKENDS)
+
+
+def new_state(param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param's state before its first step, in the format its group keeps (torch's key order)."""
+    # The step lives on the CPU unless a kernel or graph capture needs it on the device: reading a
+    # CPU scalar costs no device sync and no kernel launch.
+    if step_on_device(group):
+        step = torch.zeros((), dtype=step_dtype(group["fused"]), device=param.device)
+    else:
+        step = torch.tensor(0.0, dtype=step_dtype(None), device="cpu")
+    state: dict[str, Any] = {"step": step}
+    if is_lean(group):
+        param_update = effective_param_update(param, group["param_update"])
+        lean = init_lean_state(
+            param, amsgrad=group["amsgrad"], state_precision=group["state_precision"], param_update=param_update
+        )
+        return {**state, **lean}
+    for key in MOMENTS if group["amsgrad"] else MOMENTS[:2]:
+        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def adopt_for_group(state: dict[str, Any], param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` in the format ``group`` keeps it in (see :func:`adopt_state`)."""
+    return adopt_state(
+        state,
+        param,
+        group["state_precision"],
+        kahan=effective_param_update(param, group["param_update"]) == "kahan",
+        step_on_device=step_on_device(group),
+    )
+
+
+def adopt_groups(
+    groups: list[tuple[int, dict[str, Any]]], state: Mapping[Tensor, dict[str, Any]]
+) -> dict[Tensor, dict[str, Any]]:
+    """The states of the params of ``groups`` (each with its index) that their group's format changes,
+    converted; raises ValueError, naming the group and param, before any is replaced."""
+    converted = {}
+    for index, group in groups:
+        for position, p in enumerate(group["params"]):
+            p_state = state.get(p)
+            if p_state:
+                try:
+                    new = adopt_for_group(p_state, p, group)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"param group {index}: cannot convert the state of its param {position}: {exc}"
+                    ) from exc
+                if new is not p_state:
+                    converted[p] = new
+    return converted
+
+
+def complete_group(group: dict[str, Any]) -> None:
+    """Fill the options a checkpoint may lack (older torch's, or ours at their defaults) with defaults."""
+    for key, default in {**_TORCH_GROUP_DEFAULTS, **OWN_GROUP_DEFAULTS}.items():
+        group.setdefault(key, default)
+    group["decoupled_weight_decay"] = True
+
+
+def upgrade_number_step(state: dict[str, Any], param: Tensor, group: Mapping[str, Any]) -> None:
+    """Checkpoints from old torch versions store the step as a Python number: make it torch's tensor."""
+    step = state.get("step")
+    if step is not None and not torch.is_tensor(step):
+        on_device = group["capturable"] or group["fused"]
+        state["step"] = torch.tensor(
+            float(step), dtype=step_dtype(group["fused"]), device=param.device if on_device else "cpu"
+        )
+
+
+def prepare_load(state: dict[str, Any], live_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The groups and state that ``load_state_dict`` installs: the checkpoint's groups (with our own
+    keys from the live ones) and each param's state read and converted to its group's format.
+    Raises (ValueError) before anything is installed."""
+    new_groups = state.get("param_groups", [])
+    if len(live_groups) == len(new_groups):
+        for new, live in zip(new_groups, live_groups, strict=True):
+            for key in _OWN_GROUP_KEYS:
+                if key not in new and key in live:
+                    new[key] = live[key]
+            for key in _STORAGE_GROUP_KEYS:
+                if key in live:
+                    new[key] = live[key]
+    loaded = state.get("state", {})
+    adopted = {}
+    index = 0
+    for group in new_groups:
+        complete_group(group)
+        for p in group["params"]:
+            entry = loaded.get(p)
+            if isinstance(entry, dict):
+                try:
+                    p_state = from_checkpoint(entry, p)
+                    upgrade_number_step(p_state, p, group)
+                    adopted[p] = adopt_for_group(p_state, p, group)
+                except ValueError as exc:
+                    raise ValueError(f"cannot load the state of param {index}: {exc}") from exc
+            index += 1
+    new_state: defaultdict[Any, Any] = defaultdict(dict, loaded)  # with the entries of no param
+    new_state.update(adopted)
+    return {**state, "state": new_state, "param_groups": new_groups}
+
+
+def write_checkpoint_layout(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """State-dict post-hook, run first: each param's state as a checkpoint holds it, and our own group
+    options only where they differ from their defaults (see AdamW.state_dict)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    everywhere = getattr(optimizer, "reshardable_state_dict", False)
+    state = {}
+    for index, entry in state_dict["state"].items():
+        p = _param_at(params, index)
+        if p is not None and isinstance(entry, dict):
+            entry = to_checkpoint(entry, p, decode_8bit=everywhere or is_dtensor(p))
+        state[index] = entry
+    groups = [
+        {k: v for k, v in group.items() if not (k in OWN_GROUP_DEFAULTS and _at_default(k, v))}
+        for group in state_dict["param_groups"]
+    ]
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def full_precision_state_dict(state_dict: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    """``state_dict`` (written by ``AdamW.state_dict`` for ``params``, in order) with every moment in
+    its param's dtype and only torch's state keys."""
+    state = {}
+    for index, entry in state_dict["state"].items():
+        p = _param_at(params, index)
+        if p is not None and isinstance(entry, dict):
+            entry = from_checkpoint(entry, p)
+            if any(k in entry for k in MOMENTS):
+                entry = full_precision_state(entry, p)
+        state[index] = entry
+    return {**state_dict, "state": state}
+
+
+def _param_at(params: list[Tensor], index: Any) -> Tensor | None:
+    """The param a state dict's ``state`` key stands for; None for an entry of no param (torch keeps
+    entries that a hook put in ``optimizer.state`` under their own keys)."""
+    return params[index] if type(index) is int and 0 <= index < len(params) else None
+
+
+def _at_default(key: str, value: Any) -> bool:
+    default = OWN_GROUP_DEFAULTS[key]
+    return value is None if default is None else type(value) is type(default) and value == default

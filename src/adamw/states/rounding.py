@@ -55,6 +55,11 @@ def check_param_update(param_update: str, dtype: torch.dtype) -> None:
         )
 
 
+def effective_param_update(param: Tensor, param_update: str) -> str:
+    """``param_update`` applies to bfloat16 params; params of other dtypes are written as usual."""
+    return param_update if param.dtype == torch.bfloat16 else "round"
+
+
 def hash32_int(x: int) -> int:
     """lowbias32 of a Python int's low 32 bits (the host side of :func:`hash32`)."""
     x &= _MASK32

@@ -4,12 +4,13 @@
  * exp_avg_sq back, the pattern of a fused AdamW step (28 bytes per float32 element, 14 per
  * bfloat16), with no arithmetic beyond an AND and an XOR: `x ^= grad & mask` with mask 0 at run
  * time, so the values stay as they were while the compiler must still load the grad and store x.
- * Same work split as adamw_cpu.c: one parallel region, the tensors as one range, one chunk per thread.
+ * The work split of adamw_cpu.c (adamw_common.h): one parallel region, the tensors as one range, one
+ * chunk per thread; but the cuts are rounded to 64 elements of the whole range, not of each tensor,
+ * and no call is too small to split.
  */
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "adamw_common.h"
 
 #define CUT_ALIGN 64
 
@@ -36,20 +37,14 @@ int adamw_floor_pass(int item, int64_t n, void *const *params, void *const *grad
     if (item != 2 && item != 4 && item != 8) return -1;
     int64_t total = 0;
     for (int64_t t = 0; t < n; t++) total += numels[t];
-    const int threads = num_threads > 0 ? num_threads : 1;
+    const int threads = team_size(num_threads, total, 0);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int k = 0, count = 1;
-#ifdef _OPENMP
-        k = omp_get_thread_num();
-        count = omp_get_num_threads();
-#endif
-        const int64_t begin = (int64_t)((double)total * k / count) / CUT_ALIGN * CUT_ALIGN;
-        const int64_t end = k + 1 == count ? total : (int64_t)((double)total * (k + 1) / count) / CUT_ALIGN * CUT_ALIGN;
+        const Range mine = thread_share(total, CUT_ALIGN);
         int64_t offset = 0;
-        for (int64_t t = 0; t < n && offset < end; offset += numels[t], t++) {
-            const int64_t lo = (begin > offset ? begin : offset) - offset;
-            const int64_t hi = (end < offset + numels[t] ? end : offset + numels[t]) - offset;
+        for (int64_t t = 0; t < n && offset < mine.end; offset += numels[t], t++) {
+            const Range part = clip(mine, offset, numels[t]);
+            const int64_t lo = part.begin, hi = part.end;
             if (lo >= hi) continue;
             if (item == 2)
                 touch_2(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lo, hi, (uint16_t)mask);

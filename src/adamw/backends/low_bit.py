@@ -1,8 +1,10 @@
-"""The lean backend: bf16 or 8-bit moments and bf16 params without a master copy, in torch ops.
+"""The low-bit storage formats in torch ops (bf16 or 8-bit moments, bf16 params without a master
+copy), and what the low-bit kernels share: the layout of a param's state, the tables they keep.
 
-Runs :func:`adamw.states.lean_step` (the reference the lean kernels are tested against) one param at
-a time. Used for every group whose ``state_precision``/``param_update`` is not torch's
-(``"param"``/``"round"``), unless the group's fused kernel has a lean variant of its own.
+:func:`step` runs :func:`adamw.states.lean_step` (the reference the low-bit kernels are tested
+against) one param at a time: for every group whose ``state_precision``/``param_update`` is not
+torch's (``"param"``/``"round"``) on the for-loop and foreach backends, and for DTensor params on any
+(:mod:`adamw.functional` routes them).
 """
 
 from __future__ import annotations
@@ -17,21 +19,18 @@ from torch import Tensor
 from ..states import KAHAN_KEY, lean_step
 from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat
 from ..states.quantize import num_blocks
+from ..states.rounding import effective_param_update
 from ._common import Hyper, host_value
 
 
 @dataclass(frozen=True)
-class Lean:
-    """How a group stores its moments and writes its bfloat16 params."""
+class StorageFormat:
+    """How a group stores its moments and writes its bfloat16 params (each moment's encoding is a
+    :class:`adamw.states.formats.StateFormat`, chosen per param from ``state_precision``)."""
 
     state_precision: str
     param_update: str
     seed: int
-
-
-def effective_param_update(param: Tensor, param_update: str) -> str:
-    """``param_update`` applies to bfloat16 params; params of other dtypes are written as usual."""
-    return param_update if param.dtype == torch.bfloat16 else "round"
 
 
 def host_scalars(hyper: Hyper) -> tuple[float, float, float] | None:
@@ -50,7 +49,7 @@ def step(
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    lean: Lean,
+    storage: StorageFormat,
 ) -> None:
     scalars = host_scalars(hyper)
     if scalars is None:
@@ -60,7 +59,7 @@ def step(
         if hyper.grad_scale is not None:
             grad = grad / hyper.grad_scale.to(grad.device)
         step_t += 1
-        reference_step(param, grad, state, int(step_t.item()), stream, hyper, lean, lr, beta1, beta2)
+        reference_step(param, grad, state, int(step_t.item()), stream, hyper, storage, lr, beta1, beta2)
 
 
 def reference_step(
@@ -70,12 +69,13 @@ def reference_step(
     step: int,
     stream: int,
     hyper: Hyper,
-    lean: Lean,
+    storage: StorageFormat,
     lr: float,
     beta1: float,
     beta2: float,
 ) -> None:
-    """One param's lean step in torch ops (also the lean kernels' fallback for params they do not take)."""
+    """One param's low-bit step in torch ops (also the low-bit kernels' fallback for params they do
+    not take)."""
     lean_step(
         param,
         grad,
@@ -88,9 +88,9 @@ def reference_step(
         amsgrad=hyper.amsgrad,
         maximize=hyper.maximize,
         step=step,
-        state_precision=lean.state_precision,
-        param_update=effective_param_update(param, lean.param_update),
-        seed=lean.seed,
+        state_precision=storage.state_precision,
+        param_update=effective_param_update(param, storage.param_update),
+        seed=storage.seed,
         stream=stream,
     )
 
@@ -98,7 +98,7 @@ def reference_step(
 def state_columns(
     real: Tensor, param: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
 ) -> list[Tensor | None] | None:
-    """For a lean kernel: a param's moments (padded to three), their absmaxes and its Kahan buffer
+    """For a low-bit kernel: a param's moments (padded to three), their absmaxes and its Kahan buffer
     (None where unused), laid out as ``fmt`` says and beside ``real`` (the param's real view); or None
     where the state does not fit, and the reference steps the param (and raises if it must)."""
     keys = MOMENTS if amsgrad else MOMENTS[:2]
@@ -155,11 +155,11 @@ def real_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# what a lean kernel's table of a group depends on, to keep the table from one step to the next
+# what a low-bit kernel's table of a group depends on, to keep the table from one step to the next
 
 
 def kernel_state_keys(fmt: StateFormat, amsgrad: bool, param_update: str) -> tuple[str, ...]:
-    """The state entries a lean kernel reads for a param (those :func:`state_columns` takes)."""
+    """The state entries a low-bit kernel reads for a param (those :func:`state_columns` takes)."""
     keys = list(MOMENTS if amsgrad else MOMENTS[:2])
     if isinstance(fmt, Int8Format):
         keys += [key + ABSMAX_SUFFIX for key in keys]
@@ -170,7 +170,7 @@ def kernel_state_keys(fmt: StateFormat, amsgrad: bool, param_update: str) -> tup
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
-# -1 on the CPU, else the device's index: tells apart the devices the lean kernels run (the CPU and
+# -1 on the CPU, else the device's index: tells apart the devices the low-bit kernels run (the CPU and
 # CUDA devices) at half the cost of reading .device.
 _get_device = Tensor.get_device
 _dtype = attrgetter("dtype")
@@ -196,7 +196,7 @@ def _grad_layout(grads: list[Tensor]) -> Layout:
 
 @dataclass(eq=False)
 class KeptLayout:
-    """The memory a lean kernel's table for a group was built from, to check a later step against.
+    """The memory a low-bit kernel's table for a group was built from, to check a later step against.
 
     It holds no tensors (a kept table must not keep a dropped model's memory alive): a step fits when
     the params, the state entries the kernel reads and the step counters have the pointers, sizes,
@@ -262,7 +262,7 @@ Entry = TypeVar("Entry", bound=_Kept)
 
 
 class KeptTables(Generic[Entry]):
-    """What a lean kernel keeps per group between steps (a table, launches), found again by the
+    """What a low-bit kernel keeps per group between steps (a table, launches), found again by the
     group's first param, size and options while its :class:`KeptLayout` fits.
 
     Up to ``limit`` entries (a step in backward makes a group of every param); past that all are
@@ -274,9 +274,9 @@ class KeptTables(Generic[Entry]):
         self.entries: dict[tuple[int, int, tuple[object, ...]], Entry] = {}
 
     @staticmethod
-    def config(lean: Lean, hyper: Hyper) -> tuple[object, ...]:
+    def config(storage: StorageFormat, hyper: Hyper) -> tuple[object, ...]:
         """The options a kept table depends on beyond the memory KeptLayout checks."""
-        return (lean, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
+        return (storage, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
 
     def find(
         self,

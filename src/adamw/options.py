@@ -1,0 +1,266 @@
+"""Every rule on AdamW's options, stated once: the keyword arguments and their types, where each
+backend runs, the checks made at construction (and by ``add_param_group``), and those made before
+each step.
+
+A rule is checked where it can first be decided: an option's value at construction; what depends on
+the params (devices, dtypes, grads) or on their state before a step, which raises before anything
+changes. Where torch has the rule, the exception type and the message's opening words are torch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from operator import attrgetter
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor
+
+from .backends._common import capturable_devices
+from .states import PARAM_UPDATES, STATE_PRECISIONS
+
+
+class AdamWOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`adamw.AdamW` (see its docstring for their meaning), shared by
+    :func:`adamw.step_in_backward`. mypy holds the two together: ``AdamW.__init__`` builds its group
+    options as one, and ``AdamWInBackward`` passes one to it; a test checks that it names every keyword."""
+
+    lr: float | Tensor
+    betas: tuple[float | Tensor, float | Tensor]
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    foreach: bool | None
+    capturable: bool
+    differentiable: bool
+    fused: bool | None
+    backend: str | None
+    state_precision: str
+    param_update: str
+    seed: int
+    reshardable_state_dict: bool
+
+
+def is_lean(group: Mapping[str, Any]) -> bool:
+    """Whether the group stores state or writes params other than torch's way."""
+    return group["state_precision"] != "param" or group["param_update"] != "round"
+
+
+# ----------------------------------------------------------------------------------------------
+# the backends
+
+FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# Where each backend runs: device type -> the param dtypes its kernel takes. The torch-op backends
+# (None) run whatever torch runs.
+BACKEND_DEVICES: dict[str, Mapping[str, tuple[torch.dtype, ...]] | None] = {
+    "forloop": None,
+    "foreach": None,
+    "cpu": {"cpu": FUSED_DTYPES},
+    "triton": {"cuda": FUSED_DTYPES, "cpu": FUSED_DTYPES},  # CPU tensors under Triton's interpreter
+}
+BACKENDS: tuple[str, ...] = tuple(BACKEND_DEVICES)
+FUSED_BACKENDS: tuple[str, ...] = tuple(name for name, devices in BACKEND_DEVICES.items() if devices is not None)
+# The kernel that torch's flag fused=True runs on each device type.
+FUSED_BY_DEVICE = {"cpu": "cpu", "cuda": "triton"}
+
+_FUSED_NOT_DIFFERENTIABLE = "`fused` does not support `differentiable`"
+# As torch's message spells what its fused kernels take: {'cpu', 'cuda'} x ['torch.float64', ...].
+_FUSED_SUPPORT = f"{{{', '.join(map(repr, FUSED_BY_DEVICE))}}} x {[str(d) for d in FUSED_DTYPES]}"
+
+
+def fused_backend_for(param: Tensor) -> str:
+    """The kernel that ``fused=True`` runs on ``param``'s device (torch's message for another device)."""
+    if param.device.type in FUSED_BY_DEVICE:
+        return FUSED_BY_DEVICE[param.device.type]
+    raise RuntimeError(
+        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+        f"{list(FUSED_BY_DEVICE)} but {param.dtype} and {param.device.type}"
+    )
+
+
+def check_backend_name(backend: str) -> None:
+    """``backend`` names one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, but got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# at construction
+
+
+def _refuse_foreach_tensor(
+    name: str, value: object, *, foreach: bool, capturable: bool, error: type[Exception]
+) -> None:
+    """torch's foreach path takes a Tensor lr or beta only with capturable=True. Checked at
+    construction and again before each step (options set in a live group, or loaded), each time with
+    the type torch raises there: ValueError in its constructor, RuntimeError for lr in its step."""
+    if foreach and not capturable and isinstance(value, Tensor):
+        raise error(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def check_group_options(options: Mapping[str, Any]) -> None:
+    """Validate one group's options; messages name the argument and what it accepts (torch's wording first)."""
+    lr, betas, eps, weight_decay = options["lr"], options["betas"], options["eps"], options["weight_decay"]
+    foreach, fused, capturable = options["foreach"], options["fused"], options["capturable"]
+    differentiable, backend = options["differentiable"], options.get("backend")
+    # backend="foreach" is foreach=True by name: the same Tensor lr/betas limits apply at construction
+    # (otherwise a Tensor beta only failed inside the step, after state was created).
+    runs_foreach = bool(foreach) or backend == "foreach"
+    if isinstance(lr, Tensor):
+        _refuse_foreach_tensor("lr", lr, foreach=runs_foreach, capturable=capturable, error=ValueError)
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, but got {lr.numel()} elements")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr} (lr must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), but got {betas!r}")
+    for i in (0, 1):
+        if not 0.0 <= betas[i] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]} (betas[{i}] must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay must be >= 0)")
+    both_float = isinstance(betas[0], float) and isinstance(betas[1], float)
+    both_tensor = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
+    if not (both_float or both_tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i in (0, 1):
+        if isinstance(betas[i], Tensor):
+            _refuse_foreach_tensor(
+                f"betas[{i}]", betas[i], foreach=runs_foreach, capturable=capturable, error=ValueError
+            )
+            if betas[i].numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    if fused and differentiable:
+        raise RuntimeError(_FUSED_NOT_DIFFERENTIABLE)
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check_storage_options(options)
+    if not isinstance(options.get("seed", 0), int):
+        raise ValueError(f"seed must be an int, but got {options.get('seed')!r}")
+    if backend is not None:
+        check_backend_name(backend)
+        if foreach is not None or fused is not None:
+            raise ValueError(f"backend={backend!r} names the implementation: leave foreach and fused unset (None)")
+        if backend in FUSED_BACKENDS and differentiable:
+            raise RuntimeError(f"backend={backend!r} (a fused kernel) does not support `differentiable`")
+
+
+def check_storage_options(options: Mapping[str, Any]) -> None:
+    """Validate ``state_precision``/``param_update``: at construction, and when set in a live group."""
+    state_precision = options.get("state_precision", "param")
+    param_update = options.get("param_update", "round")
+    if state_precision not in STATE_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {list(STATE_PRECISIONS)}, but got {state_precision!r}")
+    if param_update not in PARAM_UPDATES:
+        raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
+    if state_precision != "param" or param_update != "round":
+        lean = f"state_precision={state_precision!r}, param_update={param_update!r}"
+        if options.get("differentiable"):
+            raise ValueError(
+                f"{lean} does not support differentiable=True (use state_precision='param', param_update='round')"
+            )
+        if options.get("capturable"):
+            raise ValueError(
+                f"{lean} does not support capturable=True (use state_precision='param', param_update='round')"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# before each step
+
+_dtype_of = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+_grad_of = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+
+
+def stepped_params(group: Mapping[str, Any], index: int) -> list[Tensor]:
+    """The params of group ``index`` that have a grad, once their grads are checked: dense (torch's
+    message), and of their param's dtype."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if any(map(_is_sparse, map(_grad_of, params))):
+        raise RuntimeError(
+            "AdamW does not support sparse gradients, please consider SparseAdam instead "
+            f"(param group {index} has a sparse grad)"
+        )
+    _check_grad_dtypes(params, index)
+    return params
+
+
+def _check_grad_dtypes(params: list[Tensor], index: int) -> None:
+    """Every backend computes a param's update from a grad of its own dtype. torch raises for any
+    other grad only mid-step (state created, earlier groups stepped); the lean kernels would take it."""
+    grads = list(map(_grad_of, params))
+    if list(map(_dtype_of, grads)) == list(map(_dtype_of, params)):
+        return
+    p, grad = next((p, g) for p, g in zip(params, grads, strict=True) if g.dtype != p.dtype)
+    raise RuntimeError(
+        f"expected each grad to have its param's dtype, but param group {index} has a {p.dtype} param "
+        f"with a {grad.dtype} grad (give it a {p.dtype} grad)"
+    )
+
+
+def check_group_step(
+    params: list[Tensor], group: Mapping[str, Any], backend: str, state: Mapping[Tensor, Mapping[str, Any]]
+) -> None:
+    """What a full-precision group's step on ``backend`` needs of its options, ``params`` (those with
+    a grad) and their ``state``."""
+    capturable, differentiable = group["capturable"], group["differentiable"]
+    if backend == "foreach":
+        _refuse_foreach_tensor("lr", group["lr"], foreach=True, capturable=capturable, error=RuntimeError)
+        # torch's foreach path raises ValueError for Tensor betas, but only mid-step; we raise first.
+        for i, beta in enumerate(group["betas"]):
+            _refuse_foreach_tensor(f"betas[{i}]", beta, foreach=True, capturable=capturable, error=ValueError)
+        if differentiable:
+            # AssertionError is torch's type here (its foreach path asserts); raised before any change,
+            # where torch has already created state and stepped earlier groups.
+            raise AssertionError("_foreach ops don't support autograd (foreach with differentiable=True)")
+    if backend in FUSED_BACKENDS:
+        if differentiable:
+            raise RuntimeError(_FUSED_NOT_DIFFERENTIABLE)
+        _check_fused_params(params, backend)
+    if capturable and backend not in FUSED_BACKENDS:
+        supported = capturable_devices()
+        for p in params:
+            step = state[p].get("step") if p in state else None
+            step_device = step.device.type if isinstance(step, Tensor) else p.device.type
+            if p.device.type not in supported or step_device != p.device.type:
+                raise AssertionError(
+                    "If capturable=True, params and state_steps must be on supported devices: "
+                    f"{supported}; got a param on {p.device.type} with its step on {step_device}"
+                )
+    if differentiable:
+        for p in params:
+            step = state.get(p, {}).get("step")
+            if isinstance(step, Tensor) and step.requires_grad:
+                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+
+
+def _check_fused_params(params: list[Tensor], backend: str) -> None:
+    """Every param on a device of ``backend``'s kernel, of a dtype it takes there."""
+    devices = BACKEND_DEVICES[backend] or {}
+    for p in _one_per_kind(params):
+        dtypes = devices.get(p.device.type)
+        if dtypes is None and p.device.type in FUSED_BY_DEVICE:
+            # The device of another fused kernel: a group's fused=True runs the kernel of its first param.
+            raise RuntimeError("`fused=True` on the CPU needs every param of a group on the CPU")
+        if p.dtype not in (dtypes or ()):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported "
+                f"devices and dtypes: {_FUSED_SUPPORT}, but got {p.dtype} on {p.device.type}"
+            )
+
+
+def _one_per_kind(params: list[Tensor]) -> list[Tensor]:
+    """The first param of each (device type, dtype) present, in a fixed order: a group of a thousand
+    params has one or two kinds. A group on the CPU alone is told apart by dtype, the cheap lookup."""
+    firsts = params[::-1]  # so that each kind keeps its first param
+    if all(map(_is_cpu, params)):
+        by_dtype = dict(zip(map(_dtype_of, firsts), firsts, strict=True))
+        return [by_dtype[dtype] for dtype in sorted(by_dtype, key=str)]
+    by_kind = {(p.device.type, str(p.dtype)): p for p in firsts}
+    return [by_kind[kind] for kind in sorted(by_kind)]

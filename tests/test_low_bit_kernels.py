@@ -1,0 +1,514 @@
+"""The low-bit kernels (the C one, ``fused=True`` on CPU tensors; the Triton one, ``backend="triton"``)
+against the low-bit reference, bit for bit.
+
+Two AdamW optimizers on copies of the same params, one running a kernel and one with
+``backend="forloop"`` (the reference, :func:`adamw.states.lean_step`), same ``state_precision``,
+``param_update`` and ``seed``; after every step the params and every state entry must be equal bit for
+bit, with no tolerance (tests/test_lean_reproducible.py holds every backend to the same). Both kernels
+round every operation as the reference does.
+
+Where no GPU is, the Triton kernel runs on CPU tensors under Triton's interpreter (tests/conftest.py
+sets ``TRITON_INTERPRET=1``), slowly: it takes fewer and smaller cases, and the exhaustive code checks
+run for it on a GPU only. On a GPU its params are CUDA tensors and the reference's CPU copies.
+After the shared tests, each kernel's own: the C kernel's kept tables and calls, the Triton kernel's
+kept launches and its GPU compilation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import adamw
+from _helpers import LOW_BIT_FLAGS, assert_bitwise, assert_same_run, backend_device, backend_params, leaves
+from adamw.states import SIGNED_CODE, quantize
+
+STEPS = 3
+SEED = 1234
+CPU = torch.device("cpu")
+CUDA = torch.cuda.is_available()
+
+f32, bf16, f16, f64, c64 = torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64
+
+
+# Per case: state_precision, param_update, and the dtypes of the params (their shapes: Kernel.shapes).
+Case = tuple[str, str, list[torch.dtype]]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A low-bit kernel under test: ``options`` pick it in AdamW, its params live on ``device`` (the
+    reference's on the CPU), ``cases`` name a :data:`Case` each and ``shapes`` are the params' shapes
+    (the second one is stepped as a transposed view, run through contiguous copies)."""
+
+    name: str
+    options: dict[str, Any]
+    device: torch.device
+    cases: dict[str, Case]
+    shapes: list[tuple[int, ...]]
+
+    def make_params(self, dtypes: list[torch.dtype]) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for dtype, shape in zip(dtypes, self.shapes, strict=False):
+            p = torch.randn(shape, generator=gen, dtype=c64 if dtype.is_complex else f32)
+            params.append(p.to(dtype))
+        params[1] = params[1].t()
+        return params
+
+    def pair(self, init: list[Tensor], state_precision: str, param_update: str, **flags: Any) -> tuple[Any, ...]:
+        """The kernel's optimizer and the reference's, each on its own copies of ``init``."""
+        params, ref_params = leaves(init, self.device), leaves(init, CPU)
+        options = dict(lr=1e-2, state_precision=state_precision, param_update=param_update, seed=SEED, **flags)
+        ours = adamw.AdamW(params, **options, **self.options)
+        ref = adamw.AdamW(ref_params, **options, backend="forloop")
+        return ours, ref, params, ref_params
+
+    def contiguous_pair(self, case: str, flags: dict[str, Any]) -> tuple[Any, ...]:
+        """As :meth:`pair` for ``case``, with every param contiguous (nothing needs a staged copy)."""
+        state_precision, param_update, dtypes = self.cases[case]
+        init = [p.contiguous() for p in self.make_params(dtypes)]
+        return self.pair(init, state_precision, param_update, **flags)
+
+    def step_both(
+        self, ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        for p, q, g in zip(params, ref_params, grads, strict=True):
+            p.grad, q.grad = g.to(self.device, copy=True), g.clone()
+        ours.step()
+        ref.step()
+
+    def assert_same_run(self, ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
+        assert_same_run(ours, ref, params, ref_params, f"step {step}", same_device=self.device == CPU)
+
+
+# Shapes: 4196 values (8-bit: a short last block; for Triton the last program has a short block and
+# one wholly past the end), a transposed 64x72, a 7x5 (float32 moments under "8bit": a group mixing
+# 8-bit and float32 moments), and a fourth param. Extras test what the kernels route elsewhere: a
+# float64 param (the reference steps it) and a complex64 one (its real view, 8-bit).
+KERNELS = {
+    "cpu": Kernel(
+        "cpu",
+        {"fused": True},
+        CPU,
+        {
+            "8bit": ("8bit", "round", [f32, f32, f32, c64]),
+            "bf16": ("bf16", "round", [f32, bf16, f16, f64]),
+            "param-stochastic": ("param", "stochastic", [bf16, bf16, f16, bf16]),  # float16: moments in float16
+            "param-kahan": ("param", "kahan", [bf16, bf16, f32, bf16]),  # float32: plain, float32 moments
+            "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16, bf16]),
+            "8bit-kahan": ("8bit", "kahan", [bf16, f16, bf16, f32]),  # float16: rounded to nearest
+        },
+        [(4196,), (72, 64), (7, 5), (5000,)],
+    ),
+    # The interpreter is slow: three params where the fourth adds no route, and no 8bit-kahan.
+    "triton": Kernel(
+        "triton",
+        {"backend": "triton"},
+        backend_device("triton"),
+        {
+            "8bit": ("8bit", "round", [f32, f32, f32, c64]),
+            "bf16": ("bf16", "round", [f32, bf16, f16, f64]),
+            "param-stochastic": ("param", "stochastic", [bf16, bf16, f16]),
+            "param-kahan": ("param", "kahan", [bf16, bf16, f32]),
+            "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16]),
+        },
+        [(4196,), (72, 64), (7, 5), (2100,)],
+    ),
+}
+
+# Kernels for the exhaustive code checks: Triton's interpreter would take minutes over them.
+EXHAUSTIVE = ["cpu", "triton"] if CUDA else ["cpu"]
+
+
+def kernel_params(names: list[str], each: Callable[[Kernel], list[tuple[Any, ...]]] = lambda k: [()]) -> list[Any]:
+    """``pytest.param(kernel, *rest)`` for every ``rest`` of ``each(kernel)``, skipped where the
+    kernel's backend does not import (no triton)."""
+    out = []
+    for backend in backend_params(names):
+        kernel = KERNELS[backend.values[0]]
+        for rest in each(kernel):
+            ids = "-".join([kernel.name, *(str(r) for r in rest)])
+            out.append(pytest.param(kernel, *rest, id=ids, marks=backend.marks))
+    return out
+
+
+def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[list[Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=gen, dtype=c64 if p.is_complex() else f32)
+            grads.append((g * scale).to(p.dtype))
+        out.append(grads)
+    return out
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of params each call of the C kernel took (so a test fails if it never ran)."""
+    from adamw.backends import cpu_lean
+
+    counted: list[int] = []
+    library = cpu_lean.library()
+    original = library.step_fn
+
+    def counting(table: int, n: int, *args: Any) -> int:
+        counted.append(n)
+        return original(table, n, *args)
+
+    monkeypatch.setattr(cpu_lean, "library", lambda: dataclasses.replace(library, step_fn=counting))
+    return counted
+
+
+@pytest.fixture
+def builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of params of each table (C) or launch (Triton) built: a kept one is not built again."""
+    kernel: Kernel = request.getfixturevalue("kernel")
+    counted: list[int] = []
+    if kernel.name == "cpu":
+        from adamw.backends import cpu_lean as module
+
+        name = "_build"
+
+        def count(params: list[Tensor], *args: Any) -> int:
+            return len(params)
+    else:
+        from adamw.backends import triton as module
+
+        name = "_lean_launch"
+
+        def count(key: Any, positions: list[int], *args: Any) -> int:
+            return len(positions)
+
+    original = getattr(module, name)
+
+    def counting(*args: Any) -> Any:
+        counted.append(count(*args))
+        return original(*args)
+
+    monkeypatch.setattr(module, name, counting)
+    return counted
+
+
+# --------------------------------------------------------------------------------------------------
+# both kernels
+
+
+def _case_flags(kernel: Kernel) -> list[tuple[str, str]]:
+    return [(case, flags) for case in kernel.cases for flags in LOW_BIT_FLAGS]
+
+
+@pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu", "triton"], _case_flags))
+def test_matches_reference(kernel: Kernel, case: str, flags: str, request: pytest.FixtureRequest) -> None:
+    counted = request.getfixturevalue("calls") if kernel.name == "cpu" else None
+    state_precision, param_update, dtypes = kernel.cases[case]
+    init = kernel.make_params(dtypes)
+    ours, ref, params, ref_params = kernel.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
+    for step, step_grads in enumerate(make_grads(init, STEPS), 1):
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    if counted is not None:
+        expected = sum(p.dtype != f64 for p in params)
+        assert counted == [expected] * STEPS, "one kernel call per step, for every param it takes"
+
+
+@pytest.mark.parametrize("kernel", kernel_params(["cpu", "triton"]))
+def test_codes_on_midpoints(kernel: Kernel) -> None:
+    """Values exactly on the signed code's float32 midpoints (which take the smaller magnitude) and
+    one float32 step either side: the kernel's codes are quantize()'s, the definition. With beta1 = 0
+    the new exp_avg is the grad itself, in the kernel and in the reference."""
+    _, mids = SIGNED_CODE.tables()
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))
+    one, zero = torch.ones(1), torch.zeros(1)
+    blocks = [  # 256 values each, whose largest magnitude is a power of two: y = x / absmax is exact
+        torch.cat([one, mids, up, zero]),
+        torch.cat([-one, -mids, -down, -zero]),
+        torch.cat([one, down, -mids, -one]),
+        torch.cat([one / 2, up / 2, -down / 2, one / 4]),
+    ]
+    grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
+    init = [torch.randn(grad.numel())]
+    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", betas=(0.0, 0.999), weight_decay=0.0)
+    kernel.step_both(ours, ref, params, ref_params, [grad])
+    codes, absmax = quantize(grad, SIGNED_CODE)
+    assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, "codes")
+    assert_bitwise(ours.state[params[0]]["exp_avg_absmax"].cpu(), absmax, "absmax")
+    kernel.assert_same_run(ours, ref, params, ref_params, 1)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(EXHAUSTIVE))
+def test_unsigned_codes_over_the_range(kernel: Kernel) -> None:
+    """exp_avg_sq's codes over its whole ladder (2^-32 .. 1 of the absmax, and below): with beta1 = 0
+    and beta2 = 0 the new exp_avg_sq is g*g, and grads spread over 2^-17 .. 1 hit every code."""
+    n = 32 * 256
+    block = torch.exp2(torch.linspace(-17.0, 0.0, 256))  # the largest is 1: the absmax of its block
+    jitter = torch.exp2(torch.rand(32, 256, generator=torch.Generator().manual_seed(2)) / 8)  # within a step
+    grad = (block * jitter).clamp(max=1.0).reshape(-1)
+    grad = grad * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    init = [torch.randn(n)]
+    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", betas=(0.0, 0.0), weight_decay=0.0)
+    kernel.step_both(ours, ref, params, ref_params, [grad])
+    assert len(torch.unique(ref.state[ref_params[0]]["exp_avg_sq"])) > 200
+    kernel.assert_same_run(ours, ref, params, ref_params, 1)
+
+
+@pytest.mark.parametrize(("kernel", "flags"), kernel_params(EXHAUSTIVE, lambda k: [(f,) for f in LOW_BIT_FLAGS]))
+def test_codes_of_random_bit_patterns(kernel: Kernel, flags: str) -> None:
+    """Whole blocks of arbitrary float32 magnitudes in [0, 1] (random bit patterns: every exponent,
+    subnormals and zeros included), each block's absmax 1 so that y = x: the kernel's codes are
+    quantize()'s, over three steps (decoding what it encoded)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 64 * 256
+    grads = []
+    for _ in range(STEPS):
+        raw = torch.randint(0, 0x3F800001, (n,), generator=gen, dtype=torch.int32).view(torch.float32)
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        g = (raw * sign).reshape(-1, 256)
+        g[:, 0] = 1.0
+        g[1::7] = 0.0  # whole zero blocks
+        grads.append([g.reshape(-1)])
+    init = [torch.randn(n, generator=gen)]
+    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", **{**LOW_BIT_FLAGS[flags], "betas": (0.0, 0.0)})
+    for step, step_grads in enumerate(grads, 1):
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+        if not LOW_BIT_FLAGS[flags]["maximize"]:
+            codes, _ = quantize(step_grads[0], SIGNED_CODE)
+            assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, f"step {step}, codes")
+
+
+@pytest.mark.parametrize(("kernel", "flags"), kernel_params(EXHAUSTIVE, lambda k: [(f,) for f in LOW_BIT_FLAGS]))
+def test_non_finite_and_extreme_values(kernel: Kernel, flags: str) -> None:
+    """NaN, infinities, huge (v overflows), tiny and subnormal grads and signed zeros in whole blocks
+    (and a short last one): a NaN or infinity propagates to the block's absmax as in the reference,
+    and every output stays bitwise."""
+    gen = torch.Generator().manual_seed(4)
+    n = 24 * 256 + 100
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -1e30, 1e-40, -1e-45, 0.0, -0.0, 1e-20])
+    grads = []
+    for _ in range(STEPS):
+        g = torch.randn(n, generator=gen)
+        where = torch.randint(0, n, (40,), generator=gen)
+        g[where] = specials[torch.randint(0, len(specials), (40,), generator=gen)]
+        g[5 * 256 : 6 * 256] = 0.0
+        g[7 * 256 : 8 * 256] = -0.0
+        g[9 * 256 : 10 * 256] *= 1e-30
+        grads.append([g])
+    init = [torch.randn(n, generator=gen)]
+    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", **LOW_BIT_FLAGS[flags])
+    for step, step_grads in enumerate(grads, 1):
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(EXHAUSTIVE))
+def test_codes_near_midpoints_of_any_absmax(kernel: Kernel) -> None:
+    """Blocks whose absmax is not a power of two (y = x / absmax is rounded) with values a few ulps
+    either side of midpoint * absmax: the codes of the correctly rounded quotient, as quantize()."""
+    gen = torch.Generator().manual_seed(5)
+    _, mids = SIGNED_CODE.tables()
+    blocks = []
+    for _ in range(48):
+        absmax = 1.0 + torch.rand(1, generator=gen) * (1 - 2**-20)
+        absmax = absmax * 2.0 ** torch.randint(-20, 20, (1,), generator=gen).float()
+        pick = mids[torch.randint(0, len(mids), (255,), generator=gen)]
+        x = (pick * absmax).view(torch.int32) + torch.randint(-4, 5, (255,), generator=gen, dtype=torch.int32)
+        x = x.view(torch.float32) * torch.where(torch.rand(255, generator=gen) < 0.5, -1.0, 1.0)
+        blocks.append(torch.cat([absmax, x]))
+    grad = torch.cat(blocks)
+    init = [torch.randn(grad.numel(), generator=gen)]
+    for flags in ({"betas": (0.0, 0.0), "amsgrad": True}, {"betas": (0.0, 0.999)}):
+        ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", weight_decay=0.0, **flags)
+        kernel.step_both(ours, ref, params, ref_params, [grad])
+        codes, absmax = quantize(grad, SIGNED_CODE)
+        assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, "codes")
+        assert_bitwise(ours.state[params[0]]["exp_avg_absmax"].cpu(), absmax, "absmax")
+        kernel.assert_same_run(ours, ref, params, ref_params, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# what each kernel keeps from step to step: the C kernel a table per group, the Triton kernel its
+# launches (built on the first step, then only the grads' addresses, the rounding keys and the step
+# scalars change, derived from the counters bit for bit as the reference does)
+
+
+def _reusable(kernel: Kernel) -> list[str]:
+    return [case for case, (_, _, dtypes) in kernel.cases.items() if f64 not in dtypes]
+
+
+def _kept_cases(kernel: Kernel) -> list[tuple[str, str]]:
+    # The C kernel over every flag set; the interpreter over one.
+    flags = list(LOW_BIT_FLAGS) if kernel.name == "cpu" else ["maximize-amsgrad-lerp"]
+    return [(case, f) for case in _reusable(kernel) for f in flags]
+
+
+@pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu", "triton"], _kept_cases))
+def test_kept_from_the_first_step_match_reference(
+    kernel: Kernel, case: str, flags: str, builds: list[int], request: pytest.FixtureRequest
+) -> None:
+    counted = request.getfixturevalue("calls") if kernel.name == "cpu" else None
+    steps = 5 if kernel.name == "cpu" else 4
+    ours, ref, params, ref_params = kernel.contiguous_pair(case, LOW_BIT_FLAGS[flags])
+    for step, step_grads in enumerate(make_grads(params, steps), 1):
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+        if step == 1:
+            first = list(builds)
+    assert sum(first) == len(params) and builds == first, "built on the first step for every param, then kept"
+    if counted is not None:
+        assert first == [len(params)], "one table for the group"
+        assert counted == [len(params)] * steps
+
+
+MOVES: dict[str, Callable[[Any, list[Tensor]], Any]] = {
+    # new state tensors, loaded from a checkpoint (a copy: loading the live state dict keeps its tensors)
+    "load_state_dict": lambda opt, params: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+    # a param moved to new memory (as some wrappers do with .data)
+    "param.data": lambda opt, params: setattr(params[0], "data", params[0].data.clone()),
+    # a moment replaced by hand
+    "state entry": lambda opt, params: opt.state[params[-1]].__setitem__(
+        "exp_avg", opt.state[params[-1]]["exp_avg"].clone()
+    ),
+    # float64 step counters (e.g. from a checkpoint of another optimizer)
+    "float64 steps": lambda opt, params: [s.__setitem__("step", s["step"].double()) for s in opt.state.values()],
+}
+
+
+def _move_cases(kernel: Kernel) -> list[tuple[str, str]]:
+    if kernel.name == "cpu":
+        return [(case, move) for case in ("8bit", "8bit-kahan", "param-stochastic") for move in MOVES]
+    return [("8bit-stochastic", move) for move in MOVES if move != "float64 steps"]
+
+
+@pytest.mark.parametrize(("kernel", "case", "move"), kernel_params(["cpu", "triton"], _move_cases))
+def test_kept_are_rebuilt_when_memory_moves(kernel: Kernel, case: str, move: str, builds: list[int]) -> None:
+    """Whatever moves a param or state entry (or changes a counter's dtype) between steps makes the
+    next step build anew; stepping stays bitwise the reference's."""
+    ours, ref, params, ref_params = kernel.contiguous_pair(case, LOW_BIT_FLAGS["amsgrad-wd"])
+    grads = make_grads(params, 5 if kernel.name == "cpu" else 4)
+    for step in (1, 2):
+        kernel.step_both(ours, ref, params, ref_params, grads[step - 1])
+    built = list(builds)
+    assert built == [len(params)] if kernel.name == "cpu" else sum(built) == len(params)
+    MOVES[move](ours, params)
+    MOVES[move](ref, ref_params)
+    for step in range(3, len(grads) + 1):
+        kernel.step_both(ours, ref, params, ref_params, grads[step - 1])
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    assert builds == built * 2, "rebuilt once, after the move, then kept"
+
+
+# --------------------------------------------------------------------------------------------------
+# the C kernel's own
+
+
+def _contiguous_but_transposed(g: Tensor) -> Tensor:
+    """``g``'s values in column-major memory (a non-contiguous tensor of the same shape)."""
+    return torch.empty_strided(g.shape, (1, g.shape[0]), dtype=g.dtype).copy_(g)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(["cpu"]))
+def test_a_non_contiguous_grad_is_staged_for_its_step_only(kernel: Kernel, builds: list[int]) -> None:
+    ours, ref, params, ref_params = kernel.contiguous_pair("8bit", LOW_BIT_FLAGS["plain"])
+    assert params[1].dim() == 2
+    grads = make_grads(params, 4)
+    grads[2][1] = _contiguous_but_transposed(grads[2][1])
+    for step, step_grads in enumerate(grads, 1):
+        for p, q, g in zip(params, ref_params, step_grads, strict=True):
+            p.grad, q.grad = g.clone(memory_format=torch.preserve_format), g.clone()
+        assert params[1].grad.is_contiguous() == (step != 3)
+        ours.step()
+        ref.step()
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    # built on step 1, then for the staged grad of step 3 (not kept); step 4 fits step 1's again
+    assert builds == [len(params)] * 2
+
+
+def test_kept_tables_hold_no_tensors() -> None:
+    """A C kernel's table cached for reuse keeps pointers, not tensors: dropping the model frees its memory."""
+    params = [torch.nn.Parameter(torch.randn(5000)) for _ in range(3)]
+    opt = adamw.AdamW(params, fused=True, state_precision="8bit")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    watched = [weakref.ref(params[0]), weakref.ref(opt.state[params[0]]["exp_avg"]), weakref.ref(params[0].grad)]
+    del params, opt, p
+    gc.collect()
+    assert all(ref() is None for ref in watched)
+
+
+# --------------------------------------------------------------------------------------------------
+# the Triton kernel's own: compiled for a GPU (no GPU needed: Triton compiles to PTX on the CPU)
+
+_COMPILE_CHECK = textwrap.dedent(
+    r"""
+    import os, re
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from adamw.backends import _triton_lean_kernels as K, triton as backend
+
+    def lean_ptx(param, grad, moments, update, amsgrad, flags):
+        constants = dict(BLOCKS=backend.LEAN_CUDA_BLOCKS, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments,
+                         PARAM_UPDATE=update, AMSGRAD=amsgrad, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
+                         HAS_GRAD_SCALE=flags)
+        floats = {n: "fp32" for n in ["decay", "lerp_coeff", "beta2", "one_minus_beta2", "eps"]}
+        signature = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "codes_ptr": "*fp32",
+                     "grad_scale_ptr": "*fp32", "lerp_small": "i32", **floats}
+        signature.update({name: "constexpr" for name in constants})
+        source = triton.compiler.ASTSource(fn=K.lean_kernel, signature=signature, constexprs=constants)
+        options = {"num_warps": backend.LEAN_CUDA_NUM_WARPS, "enable_fp_fusion": backend.LEAN_FP_FUSION}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    variants = [
+        (tl.float32, tl.float32, tl.uint8, 0, True, True),
+        (tl.bfloat16, tl.bfloat16, tl.uint8, 1, True, False),
+        (tl.bfloat16, tl.bfloat16, tl.bfloat16, 2, True, True),
+        (tl.float16, tl.float16, tl.float16, 0, False, False),
+        (tl.bfloat16, tl.float32, tl.float32, 1, False, True),
+    ]
+    for variant in variants:
+        ptx = lean_ptx(*variant)
+        # Per element: one sqrt and the reference's two FMAs (lerp, addcmul), and no other FMA
+        # (the log2 guess of the 8-bit codes has its own, flushing subnormals: it only guesses).
+        fmas, sqrts = len(re.findall(r"\bfma\.rn\.f32\b", ptx)), len(re.findall(r"\bsqrt\.rn\.f32\b", ptx))
+        assert sqrts > 0 and fmas == 2 * sqrts, (variant, fmas, sqrts)
+        assert not re.search(r"\b(mad\S*\.f32|div\.(approx|full)|sqrt\.approx|rsqrt)\b", ptx), variant
+        assert not re.search(r"\b(add|sub|mul|div|sqrt|max|min)\.\S*ftz", ptx), variant
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(["triton"]))
+def test_triton_kernel_compiles_for_hopper_rounding_as_the_reference(kernel: Kernel) -> None:
+    """The real compiler (not the interpreter) accepts the storage variants for sm_90, and rounds as
+    the reference does: correctly rounded division and sqrt, no flushed subnormals, and exactly the
+    reference's two FMAs per element (what bit-for-bit equality on a GPU rests on)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas) and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile for a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

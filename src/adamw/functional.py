@@ -25,15 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
 from .backends import low_bit as _low_bit_backend
-from .backends._common import Hyper, run_eagerly
+from .backends._common import PLAIN_TYPES, Hyper, run_eagerly
 from .options import BACKEND_DEVICES, FUSED_BACKENDS, check_backend_name, fused_backend_for
 from .states.reference import is_dtensor
 
@@ -80,8 +79,6 @@ def _foreach_types() -> tuple[type, ...]:
 
 StepFn = Callable[..., None]
 ANY_DEVICE = "*"
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
-T = TypeVar("T")
 
 
 def _nothing_to_check(params: list[Tensor], low_bit: bool) -> None:
@@ -273,23 +270,23 @@ def _run_low_bit(
     seed: int,
 ) -> None:
     storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
-    sharded = [] if set(map(type, params)) <= _PLAIN_TYPES else list(map(is_dtensor, params))
+    sharded = [] if set(map(type, params)) <= PLAIN_TYPES else list(map(is_dtensor, params))
     if not any(sharded):
         steps_for(name, params[0].device.type).low_bit(params, grads, states, state_steps, streams, hyper, storage)
         return
+
     # DTensor params (FSDP2) step their local shards through the torch ops (see the module's docstring),
     # after the plain params have stepped through the backend.
+    def run(step: StepFn, index: list[int]) -> None:
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in index]
+
+        step(pick(params), pick(grads), pick(states), pick(state_steps), pick(streams), hyper, storage)
+
     plain = [i for i, s in enumerate(sharded) if not s]
-    runs: list[tuple[list[int], StepFn]] = [([i for i, s in enumerate(sharded) if s], _low_bit_backend.step)]
     if plain:
-        runs.insert(0, (plain, steps_for(name, params[plain[0]].device.type).low_bit))
-    for index, step in runs:
-        step(_pick(params, index), _pick(grads, index), _pick(states, index), _pick(state_steps, index),
-             _pick(streams, index), hyper, storage)  # fmt: skip
-
-
-def _pick(values: list[T], index: list[int]) -> list[T]:
-    return [values[i] for i in index]
+        run(steps_for(name, params[plain[0]].device.type).low_bit, plain)
+    run(_low_bit_backend.step, [i for i, s in enumerate(sharded) if s])
 
 
 def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
@@ -298,7 +295,7 @@ def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
     Triton imported and the params' devices checked against the Triton kernel's. :class:`adamw.AdamW`
     calls it for every group before it steps any; loading happens once per process, later calls cost
     a lookup. Low-bit DTensor params are left out: the torch ops step them."""
-    if low_bit and not set(map(type, params)) <= _PLAIN_TYPES:
+    if low_bit and not set(map(type, params)) <= PLAIN_TYPES:
         params = [p for p in params if not is_dtensor(p)]
     if params:
         steps_for(name, params[0].device.type).check(params, low_bit)

@@ -9,6 +9,9 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
+# Tensors whose memory is their own (a DTensor's is its local shard's): what our kernels take.
+PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._common import Hyper, host_value
+from ._common import PLAIN_TYPES, Hyper, host_value
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 ABI_VERSION = 1
@@ -77,7 +77,6 @@ _nbytes = attrgetter("nbytes")
 _numel = Tensor.numel
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 
 def step(
@@ -113,7 +112,7 @@ def step(
         torch.get_num_threads(),
     )
     tensors = [params, grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if hyper.amsgrad else [])]
-    if not set(map(type, params)) <= _PLAIN_TYPES:
+    if not set(map(type, params)) <= PLAIN_TYPES:
         tensors, state_steps = _to_local(tensors), _to_local([state_steps])[0]
     dtypes = set(map(_dtype, tensors[0]))
     if len(dtypes) == 1:

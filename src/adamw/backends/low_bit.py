@@ -20,7 +20,7 @@ from ..states import KAHAN_KEY, lean_step
 from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat
 from ..states.quantize import num_blocks
 from ..states.rounding import effective_param_update
-from ._common import Hyper, host_value
+from ._common import PLAIN_TYPES, Hyper, host_value
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,6 @@ _is_contiguous = Tensor.is_contiguous
 _get_device = Tensor.get_device
 _dtype = attrgetter("dtype")
 _nbytes = attrgetter("nbytes")
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 # data pointers, sizes in bytes, dtypes, devices (with the dtypes, the sizes give the numbers of values)
 Layout = tuple[list[int], list[int], list[torch.dtype], list[int]]
 
@@ -246,7 +245,7 @@ class KeptLayout:
         except KeyError:
             return False
         current = [*params, *entries, *steps]
-        if not set(map(type, current)) <= _PLAIN_TYPES:  # e.g. a DTensor, whose memory is not its own
+        if not set(map(type, current)) <= PLAIN_TYPES:  # e.g. a DTensor, whose memory is not its own
             return False
         if _layout(current) != self.layout or not all(map(_is_contiguous, current)):
             return False

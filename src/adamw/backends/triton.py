@@ -71,7 +71,7 @@ from ..states.rounding import (
     hash32,
     stream_key,
 )
-from ._common import Hyper
+from ._common import PLAIN_TYPES, Hyper
 from .low_bit import (
     KeptLayout,
     KeptTables,
@@ -476,7 +476,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     interpreted = _is_interpreted_kernel(kernel)
     kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
     for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
-        if low_bit and (kind not in _PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
+        if low_bit and (kind not in PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
             continue
         _check_device(param, interpreted)
 
@@ -517,14 +517,13 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _dtype = attrgetter("dtype")
 _device = attrgetter("device")
 
 
 def _local_views(lists: list[list[Tensor]], has_complex: bool) -> list[list[Tensor]]:
     """DTensors replaced by their local shards and complex tensors by real views (same memory)."""
-    if not set(map(type, lists[0])) <= _PLAIN_TYPES:  # a DTensor param has DTensor grads and states
+    if not set(map(type, lists[0])) <= PLAIN_TYPES:  # a DTensor param has DTensor grads and states
         lists = [[_to_local(t) for t in lst] for lst in lists]
     if has_complex:
         lists = [[torch.view_as_real(t) if t.is_complex() else t for t in lst] for lst in lists[:5]] + [lists[5]]
@@ -767,7 +766,7 @@ def _lean_columns(
 ) -> list[Tensor | None] | None:
     """A param's tensors in table-column order, or None where the kernel does not take them (the
     reference then steps the param, and raises if its state does not fit its format)."""
-    if type(param) not in _PLAIN_TYPES or type(grad) not in _PLAIN_TYPES:
+    if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES:
         return None  # e.g. DTensors: the reference runs their torch ops
     real = torch.view_as_real(param) if param.is_complex() else param
     if real.dtype not in _STORAGE_DTYPES or grad.dtype not in _STORAGE_DTYPES:

@@ -19,7 +19,7 @@ Every scalar is computed on the host exactly as the reference computes it and ro
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
 ``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.states.reference.sqrt_rn`, not torch's
 float32 one, which is not always correctly rounded). Under Triton's interpreter ``sqrt_rn`` is
-numpy's, also correctly rounded. tests/test_triton_lean.py and tests/test_lean_reproducible.py check
+numpy's, also correctly rounded. tests/test_low_bit_kernels.py and tests/test_lean_reproducible.py check
 the two agree bit for bit.
 
 Storage, per constexpr switch:

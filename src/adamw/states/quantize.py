@@ -44,7 +44,7 @@ are unless a gradient grows sharply (``g^2`` above ~45 ``v``); a share that shou
 that element's steps are larger than float32 Adam's (by ``sqrt`` of the lag). Any 8-bit code rounded
 to nearest behaves so (a finer code near 1 only lowers the threshold); stochastic rounding would
 remove the bias but its noise, summed over ~1/(1 - beta2) steps, would be of the order of ``v``
-itself. ``tests/test_states.py`` and ``adamw demo`` measure what this costs in training.
+itself. ``tests/test_low_bit_optimizer.py`` and ``adamw demo`` measure what this costs in training.
 """
 
 from __future__ import annotations

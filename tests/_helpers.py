@@ -3,8 +3,9 @@ the one tolerance table, and the one place that decides which of our backends a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,27 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+# torch's thread count when the tests start (a test may lower it: see one_thread).
+THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch (and the C kernels, which split their work as torch does) on ``n`` threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """torch on one thread: on small tensors faster by far, and immune to a busy machine's other jobs
+    (on two contended cores a step of a few thousand values can take 20x longer on two threads)."""
+    return torch_threads(1)
+
+
 def torch_counterpart(backend: str) -> dict[str, Any]:
     """The torch.optim.AdamW flags that run the implementation our ``backend`` is compared with."""
     if backend == "forloop":
@@ -174,10 +196,10 @@ class RoundTrip:
 # implementations over every flag set of test_reference.py (which re-checks it), then about 4x margin.
 REFERENCE_TOL: dict[torch.dtype, Tol] = {
     torch.float64: Tol(2e-15, 2e-15, "float64 throughout; only the order of operations differs (seen 4.5e-16)"),
-    torch.float32: Tol(1e-6, 1e-6, "float32 rounding of ~10 ops per step over 5 steps (seen 2.4e-7)"),
+    torch.float32: Tol(1e-6, 1e-6, "float32 rounding of ~10 ops per step over 5 steps (seen 2.6e-7)"),
     torch.complex64: Tol(5e-7, 5e-7, "float32 per real component (view_as_real), as float32 (seen 1.5e-7)"),
-    torch.bfloat16: Tol(5e-2, 5e-2, "8-bit mantissa, params and moments stored in bf16 each step (seen 1.2e-2)"),
-    torch.float16: Tol(2.4e-2, 2.4e-2, "11-bit mantissa, moments stored in fp16 each step (seen 5.9e-3)"),
+    torch.bfloat16: Tol(4e-2, 4e-2, "8-bit mantissa, params and moments stored in bf16 each step (seen 1.0e-2)"),
+    torch.float16: Tol(2.2e-2, 2.2e-2, "11-bit mantissa, moments stored in fp16 each step (seen 5.6e-3)"),
 }
 
 
@@ -209,7 +231,7 @@ SLACK: dict[str, dict[torch.dtype, Ulps]] = {
         torch.float16: Ulps(1, "as bfloat16, with fp16's rounding (seen 0)"),
     },
     "triton": {
-        torch.float64: Ulps(4, "float64 math in both; lerp vs mul+add rounds a few ulps apart (seen 1.3)"),
+        torch.float64: Ulps(4, "float64 math in both; lerp vs mul+add rounds a few ulps apart (seen 1.2)"),
         torch.float32: Ulps(4, "torch's kernel keeps some products in double; on a GPU ours FMAs (seen 0.83)"),
         # Rounding of the stored states dominates and is the same (to nearest even); float32
         # intermediates rounded differently (FMAs on GPUs) can flip a stored value by one ulp.

@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """torch on one thread for the test: faster on small tensors, and immune to a busy machine's other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """torch on one thread for the test (see :func:`_helpers.one_thread`)."""
+    from _helpers import one_thread  # not at the top: the environment above comes first
+
+    with one_thread():
+        yield

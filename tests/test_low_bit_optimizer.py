@@ -24,6 +24,9 @@ from adamw.states import KAHAN_KEY, UNSIGNED_CODE, Code
 from adamw.states import formats as formats_module
 from adamw.states.reference import sqrt_rn
 
+# Small tensors: one thread is faster by far.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LR = 1e-2
 # The low-bit formats, with the param dtype each is drifting in (param_update applies to bf16 params).
 MODES = [

@@ -14,6 +14,7 @@ run to compare with: each kernel is held bit for bit to the for-loop reference
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ import adamw
 from _helpers import (
     DTYPES,
     ENTRIES,
+    THREADS,
     backend_device,
     backend_params,
     leaves,
@@ -36,39 +38,47 @@ from _helpers import (
     skip_unsupported,
     slack,
     torch_counterpart,
+    torch_threads,
 )
 from adamw._math import ReferenceState
 
+# Small tensors: one thread is faster by far (but for the C kernel's step, below).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 5
 
-# Large enough that every term shows: eps is comparable with sqrt(v) of the small-grad params, the
-# betas make the bias corrections far from 1, weight decay moves params visibly. Each flag set
-# changes this base.
+# Two regimes. In the first every term shows: eps is comparable with sqrt(v) of the small-grad
+# params (where eps applies shows), the betas make the bias corrections far from 1, weight decay moves
+# params visibly. The second is torch's betas and eps: eps far below sqrt(v), the second moment
+# dominates. Each flag set changes one of them.
 HYPER: dict[str, Any] = {"lr": 0.05, "betas": (0.8, 0.9), "eps": 1e-3, "weight_decay": 0.1}
+SMALL_EPS: dict[str, Any] = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
 FLAGS: dict[str, dict[str, Any]] = {
-    "adam": {},
-    "amsgrad": {"amsgrad": True},
-    "maximize": {"maximize": True},
-    "amsgrad-maximize": {"amsgrad": True, "maximize": True},
-    "maximize-no-decay": {"maximize": True, "weight_decay": 0.0},
+    "adam": HYPER,
+    "amsgrad": {**HYPER, "amsgrad": True},
+    "maximize": {**HYPER, "maximize": True},
+    "amsgrad-maximize": {**HYPER, "amsgrad": True, "maximize": True},
+    "small-eps": SMALL_EPS,
+    "small-eps-amsgrad": {**SMALL_EPS, "amsgrad": True},
+    "small-eps-maximize-no-decay": {**SMALL_EPS, "maximize": True, "weight_decay": 0.0},
+    "small-eps-amsgrad-maximize": {**SMALL_EPS, "amsgrad": True, "maximize": True},
     # float64: the same lr as the float one (a float32 tensor would be another lr for float64 params)
-    "tensor-lr": {"lr": torch.tensor(0.05, dtype=torch.float64)},
+    "small-eps-tensor-lr": {**SMALL_EPS, "lr": torch.tensor(1e-2, dtype=torch.float64)},
     # beta1 = 0.3: torch's lerp takes its other form (weight 0.7 >= 0.5)
-    "small-beta1-amsgrad": {"betas": (0.3, 0.9), "amsgrad": True},
-    # torch's defaults but for lr: eps far below sqrt(v), so the second moment dominates
-    "small-eps": {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+    "small-eps-small-beta1-amsgrad": {**SMALL_EPS, "betas": (0.3, 0.9), "amsgrad": True},
 }
 
 # Beyond make_params' awkward layouts, shapes where the kernels split their work: several Triton
 # chunks with a partial one, exactly one chunk (the interpreter's chunk is 128 values), a transposed
-# view over several chunks, an odd size (the C kernel's vector loop and scalar tail).
-SHAPES: list[tuple[int, ...]] = [(300,), (128,), (37, 5)]
-TRANSPOSED_SHAPES: list[tuple[int, ...]] = [(40, 7)]
+# view over several chunks.
+SHAPES: list[tuple[int, ...]] = [(200,), (128,)]
+TRANSPOSED_SHAPES: list[tuple[int, ...]] = [(20, 7)]
 # A contiguous param whose grad is transposed (autograd can give one): the kernel reads each layout.
 TRANSPOSED_GRAD_SHAPE = (5, 6)
-# Over the C kernel's 32768-value threshold for splitting a step across threads (only there: the
-# Triton interpreter would take minutes over it, and torch's ops have no such threshold).
-BACKEND_SHAPES: dict[str, list[tuple[int, ...]]] = {"cpu": [(3, 12_000)]}
+# The C kernel's own: an odd size (its vector loop and scalar tail) and one over its 32768-value
+# threshold for splitting a step across threads. Only there: the Triton interpreter is slow, and
+# torch's ops have neither.
+BACKEND_SHAPES: dict[str, list[tuple[int, ...]]] = {"cpu": [(37, 5), (3, 12_000)]}
 
 
 def _init(backend: str, dtype: torch.dtype) -> list[Tensor]:
@@ -100,18 +110,35 @@ def _run(opt: torch.optim.Optimizer, params: list[Tensor], *, transposed_last_gr
         opt.step()
 
 
-@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", backend_params())
-def test_error_vs_reference_no_worse_than_torch(backend: str, dtype: torch.dtype, flags: dict[str, Any]) -> None:
-    options = {**HYPER, **flags}
+# Triton's interpreter is slow: the Triton kernel leaves out two flag sets that take no path of its
+# own here. A Tensor lr has its own test (test_triton.py); beta1 < 0.5 is the other side of torch's
+# lerp, which the C kernel mirrors and the Triton kernel does not (it multiplies and adds).
+SLOW_FLAGS = {"triton": ("small-eps-tensor-lr", "small-eps-small-beta1-amsgrad")}
+
+
+def _cases() -> list[Any]:
+    """backend x dtype x flags, but for each backend's :data:`SLOW_FLAGS`."""
+    out = []
+    for backend in backend_params():
+        name = backend.values[0]
+        for dtype in DTYPES:
+            for flags, options in FLAGS.items():
+                if flags not in SLOW_FLAGS.get(name, ()):
+                    ids = f"{name}-{str(dtype).removeprefix('torch.')}-{flags}"
+                    out.append(pytest.param(name, dtype, options, id=ids, marks=backend.marks))
+    return out
+
+
+@pytest.mark.parametrize(("backend", "dtype", "options"), _cases())
+def test_error_vs_reference_no_worse_than_torch(backend: str, dtype: torch.dtype, options: dict[str, Any]) -> None:
     skip_unsupported(backend, dtype, **options)
     init = _init(backend, dtype)
     refs = _reference(init, options)
     device = backend_device(backend)
     ours_params = leaves(init, device)
     ours = adamw.AdamW(ours_params, backend=backend, **options)
-    _run(ours, ours_params, transposed_last_grad=True)
+    with torch_threads(THREADS if backend == "cpu" else 1):  # the C kernel splits its work across threads
+        _run(ours, ours_params, transposed_last_grad=True)
     # torch steps contiguous copies with contiguous grads of the same values: its fused CPU kernel
     # (torch 2.13) walks a non-dense param, or a grad laid out unlike its param, as if it were
     # contiguous, and steps the wrong elements. Its error is then the yardstick it should be.
@@ -143,15 +170,14 @@ def test_error_vs_reference_no_worse_than_torch(backend: str, dtype: torch.dtype
             assert ours_error <= bound, f"{what}: error {ours_error:.3e} > torch's {torch_error:.3e} + slack"
 
 
-@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+@pytest.mark.parametrize("options", FLAGS.values(), ids=FLAGS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["forloop", "foreach", "cpu"])
-def test_torch_itself_within_table(backend: str, dtype: torch.dtype, flags: dict[str, Any]) -> None:
+def test_torch_itself_within_table(backend: str, dtype: torch.dtype, options: dict[str, Any]) -> None:
     """The tolerance table is torch's own error with margin: check it still holds for torch.
 
     Each of torch's implementations (for-loop, foreach, fused) on the data of the test above.
     """
-    options = {**HYPER, **flags}
     skip_unsupported(backend, dtype, **options)
     tol = reference_tol(dtype, options["eps"])
     if tol is None:
@@ -167,4 +193,6 @@ def test_torch_itself_within_table(backend: str, dtype: torch.dtype, flags: dict
 
 
 def _max_abs(t: Tensor) -> float:
-    return t.abs().max().item() if t.numel() else 0.0
+    """The largest error, NaN counted as infinite: where torch's own result is NaN (float16 with an eps
+    that is 0 in float16, see reference_tol), ours may be too, and no worse."""
+    return t.abs().nan_to_num(nan=math.inf).max().item() if t.numel() else 0.0

@@ -228,12 +228,12 @@ def test_implementations_of_a_workload_step_the_same_state_memory() -> None:
     for opt in optimizers:
         opt.step()
         timing._share_state(opt, params, shared)
-    first, ours, lean = (opt.state for opt in optimizers)
+    first, ours, low_bit = (opt.state for opt in optimizers)
     for p in params:
         for key in ("exp_avg", "exp_avg_sq"):
             assert ours[p][key] is first[p][key]
         assert ours[p]["step"] is not first[p]["step"]  # each keeps its own step count
-    assert lean[params[0]]["exp_avg"].dtype != torch.float32  # 8-bit codes keep their own memory
-    assert lean[params[0]]["exp_avg"] is not first[params[0]]["exp_avg"]
+    assert low_bit[params[0]]["exp_avg"].dtype != torch.float32  # 8-bit codes keep their own memory
+    assert low_bit[params[0]]["exp_avg"] is not first[params[0]]["exp_avg"]
     for opt in optimizers:  # and every one still steps
         opt.step()

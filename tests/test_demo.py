@@ -71,7 +71,7 @@ def test_table_lists_every_mode_and_check(quick_run: tuple[Path, Path, float, st
         assert mode.name in table
     assert "PASS" in table
     assert "ms/step" in table and "bytes/param" in table
-    # which implementation ran each mode: on this CPU the lean modes run the C kernel
+    # which implementation ran each mode: on this CPU the low-bit modes run the C kernel
     assert "leanest" in table and "the C kernel (fused=True)" in table
     results = json.loads(quick_run[1].read_text())
     assert {r["implementation"] for r in results["results"] if r["mode"] not in ("torch", "adamw")} == {

@@ -253,10 +253,10 @@ def test_step_hooks_do_not_run_once_per_parameter() -> None:
 def test_kernels_keep_a_table_per_param(monkeypatch: pytest.MonkeyPatch, state_precision: str) -> None:
     """In backward each param is its own group; the C kernels keep each one's table (here 300 of
     them) instead of rebuilding it every step."""
-    from adamw.backends import cpu, cpu_lean
+    from adamw.backends import cpu, cpu_low_bit
 
     builds: list[str] = []
-    for module, name in ((cpu, "_build_plan"), (cpu_lean, "_build")):
+    for module, name in ((cpu, "_build_plan"), (cpu_low_bit, "_build")):
         original = getattr(module, name)
 
         def counting(*args: Any, _original: Any = original, _name: str = name) -> Any:

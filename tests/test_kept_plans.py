@@ -1,5 +1,5 @@
 """The fused kernels keep what they built for a group (the CPU kernel's pointer arrays, the Triton
-kernel's launch tables, the lean kernels' tables) from one step to the next. Memory that stays where
+kernel's launch tables, the low-bit kernels' tables) from one step to the next. Memory that stays where
 it was but is read differently (``t.data = t.data.view(dtype)`` keeps the pointer and the byte count,
 and changes the dtype and the number of values) must not reuse it: the next step gives what a fresh
 optimizer gives on the same tensors, or raises what that one raises, having changed nothing.
@@ -95,7 +95,7 @@ def test_memory_read_as_another_dtype_is_not_stepped_by_the_kept_plan(
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
-def test_lean_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(backend: str) -> None:
+def test_low_bit_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(backend: str) -> None:
     """bf16 moments stay bf16 whatever the param's dtype: a bf16 param read as fp16 is a valid fp16
     param with its state, which a fresh optimizer steps with the fp16 code."""
     options = {"backend": backend, "state_precision": "bf16"}

@@ -2,9 +2,9 @@
 against the low-bit reference, bit for bit.
 
 Two AdamW optimizers on copies of the same params, one running a kernel and one with
-``backend="forloop"`` (the reference, :func:`adamw.states.lean_step`), same ``state_precision``,
+``backend="forloop"`` (the reference, :func:`adamw.states.low_bit_step`), same ``state_precision``,
 ``param_update`` and ``seed``; after every step the params and every state entry must be equal bit for
-bit, with no tolerance (tests/test_lean_reproducible.py holds every backend to the same). Both kernels
+bit, with no tolerance (tests/test_low_bit_reproducible.py holds every backend to the same). Both kernels
 round every operation as the reference does.
 
 Where no GPU is, the Triton kernel runs on CPU tensors under Triton's interpreter (tests/conftest.py
@@ -171,17 +171,17 @@ def make_grads(params: list[Tensor], steps: int, scale: float = 1.0) -> list[lis
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of params each call of the C kernel took (so a test fails if it never ran)."""
-    from adamw.backends import cpu_lean
+    from adamw.backends import cpu_low_bit
 
     counted: list[int] = []
-    library = cpu_lean.library()
+    library = cpu_low_bit.library()
     original = library.step_fn
 
     def counting(table: int, n: int, *args: Any) -> int:
         counted.append(n)
         return original(table, n, *args)
 
-    monkeypatch.setattr(cpu_lean, "library", lambda: dataclasses.replace(library, step_fn=counting))
+    monkeypatch.setattr(cpu_low_bit, "library", lambda: dataclasses.replace(library, step_fn=counting))
     return counted
 
 
@@ -191,7 +191,7 @@ def builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> l
     kernel: Kernel = request.getfixturevalue("kernel")
     counted: list[int] = []
     if kernel.name == "cpu":
-        from adamw.backends import cpu_lean as module
+        from adamw.backends import cpu_low_bit as module
 
         name = "_build"
 
@@ -200,7 +200,7 @@ def builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> l
     else:
         from adamw.backends import triton as module
 
-        name = "_lean_launch"
+        name = "_low_bit_launch"
 
         def count(key: Any, positions: list[int], *args: Any) -> int:
             return len(positions)
@@ -473,18 +473,18 @@ _COMPILE_CHECK = textwrap.dedent(
     os.environ.pop("TRITON_INTERPRET", None)
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from adamw.backends import _triton_lean_kernels as K, triton as backend
+    from adamw.backends import _triton_low_bit_kernels as K, triton as backend
 
-    def lean_ptx(param, grad, moments, update, amsgrad, flags):
-        constants = dict(BLOCKS=backend.LEAN_CUDA_BLOCKS, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments,
+    def low_bit_ptx(param, grad, moments, update, amsgrad, flags):
+        constants = dict(BLOCKS=backend.LOW_BIT_CUDA_BLOCKS, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments,
                          PARAM_UPDATE=update, AMSGRAD=amsgrad, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                          HAS_GRAD_SCALE=flags)
         floats = {n: "fp32" for n in ["decay", "lerp_coeff", "beta2", "one_minus_beta2", "eps"]}
         signature = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "codes_ptr": "*fp32",
                      "grad_scale_ptr": "*fp32", "lerp_small": "i32", **floats}
         signature.update({name: "constexpr" for name in constants})
-        source = triton.compiler.ASTSource(fn=K.lean_kernel, signature=signature, constexprs=constants)
-        options = {"num_warps": backend.LEAN_CUDA_NUM_WARPS, "enable_fp_fusion": backend.LEAN_FP_FUSION}
+        source = triton.compiler.ASTSource(fn=K.low_bit_kernel, signature=signature, constexprs=constants)
+        options = {"num_warps": backend.LOW_BIT_CUDA_NUM_WARPS, "enable_fp_fusion": backend.LOW_BIT_FP_FUSION}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     variants = [
@@ -495,7 +495,7 @@ _COMPILE_CHECK = textwrap.dedent(
         (tl.bfloat16, tl.float32, tl.float32, 1, False, True),
     ]
     for variant in variants:
-        ptx = lean_ptx(*variant)
+        ptx = low_bit_ptx(*variant)
         # Per element: one sqrt and the reference's two FMAs (lerp, addcmul), and no other FMA
         # (the log2 guess of the 8-bit codes has its own, flushing subnormals: it only guesses).
         fmas, sqrts = len(re.findall(r"\bfma\.rn\.f32\b", ptx)), len(re.findall(r"\bsqrt\.rn\.f32\b", ptx))

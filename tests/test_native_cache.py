@@ -3,7 +3,7 @@ what was built, from a directory only this user can write.
 
 Whatever could load a damaged or planted library runs in a subprocess, so that a crash (SIGBUS,
 SIGSEGV, SIGILL) fails the test instead of ending the session; each such run steps the kernels and
-checks them against torch's for-loop AdamW (the C kernel) and the lean reference (the lean kernel).
+checks them against torch's for-loop AdamW (the C kernel) and the low-bit reference (the low-bit kernel).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from _helpers import CLOSE
-from adamw.backends import _native, cpu, cpu_lean
+from adamw.backends import _native, cpu, cpu_low_bit
 from adamw.cli.bench import floor
 
 # One run: steps the kernels named in argv, checks them, prints each kernel's path and whether it
@@ -34,7 +34,7 @@ SCRIPT = r"""
 import json, os, sys
 import torch
 import adamw
-from adamw.backends import cpu, cpu_lean
+from adamw.backends import cpu, cpu_low_bit
 
 torch.manual_seed(0)
 TOLERANCES = json.loads(os.environ["ADAMW_TEST_TOLERANCES"])
@@ -54,18 +54,18 @@ out = {}
 if "cpu" in sys.argv[1:]:
     check({"fused": True}, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False), TOLERANCES["cpu"])
     out["cpu"] = cpu.library()
-if "lean" in sys.argv[1:]:
-    lean = {"state_precision": "8bit"}
-    check({"fused": True, **lean}, lambda ps: adamw.AdamW(ps, lr=0.01, weight_decay=0.1, **lean), TOLERANCES["lean"])
-    out["lean"] = cpu_lean.library()
+if "low-bit" in sys.argv[1:]:
+    low_bit = {"state_precision": "8bit"}
+    check({"fused": True, **low_bit}, lambda ps: adamw.AdamW(ps, lr=0.01, weight_decay=0.1, **low_bit), TOLERANCES["low-bit"])
+    out["low-bit"] = cpu_low_bit.library()
 print(json.dumps({k: {"path": str(v.path), "compiled": v.compiled} for k, v in out.items()}))
 """
 
-KERNELS = {"cpu": cpu.KERNEL, "lean": cpu_lean.KERNEL}
+KERNELS = {"cpu": cpu.KERNEL, "low-bit": cpu_low_bit.KERNEL}
 # The run's check of each kernel it loaded, against torch's for-loop or the low-bit reference.
 TOLERANCES = {
     "cpu": CLOSE["C kernel from the cache vs torch's for-loop"],
-    "lean": CLOSE["low-bit C kernel from the cache vs its reference"],
+    "low-bit": CLOSE["low-bit C kernel from the cache vs its reference"],
 }
 
 
@@ -140,10 +140,10 @@ def _scramble(libs: dict[str, Path]) -> list[str]:
 
 
 def _swap(libs: dict[str, Path]) -> list[str]:
-    cpu_bytes, lean_bytes = libs["cpu"].read_bytes(), libs["lean"].read_bytes()
-    libs["cpu"].write_bytes(lean_bytes)
-    libs["lean"].write_bytes(cpu_bytes)
-    return ["cpu", "lean"]
+    cpu_bytes, low_bit_bytes = libs["cpu"].read_bytes(), libs["low-bit"].read_bytes()
+    libs["cpu"].write_bytes(low_bit_bytes)
+    libs["low-bit"].write_bytes(cpu_bytes)
+    return ["cpu", "low-bit"]
 
 
 def _empty(libs: dict[str, Path]) -> list[str]:
@@ -302,7 +302,7 @@ def _corrupt_digest(path: Path, **changes: Any) -> None:
 
 CHECKS = {
     "no digest file": (lambda p: Path(f"{p}.sha256").unlink(), "no digest"),
-    "a digest file of another library": (lambda p: _corrupt_digest(p, name="adamw_cpu_lean-x.so"), "another"),
+    "a digest file of another library": (lambda p: _corrupt_digest(p, name="adamw_cpu_low_bit-x.so"), "another"),
     "another size": (lambda p: _corrupt_digest(p, size=4096), "bytes"),
     "another digest": (lambda p: _corrupt_digest(p, sha256="0" * 64), "digest"),
     "a digest file that is not one": (lambda p: Path(f"{p}.sha256").write_text("{"), "digest"),
@@ -340,7 +340,7 @@ def test_the_cache_is_private_and_used_by_a_second_load(pristine: Path) -> None:
 
 def test_the_shared_header_is_in_every_source_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An edit to the header gives every kernel a new library name, so none loads a stale build."""
-    sources = [cpu.SOURCE, cpu_lean.SOURCE, floor.SOURCE]
+    sources = [cpu.SOURCE, cpu_low_bit.SOURCE, floor.SOURCE]
     for source in sources:
         assert f'#include "{_native.HEADER.name}"' in source.read_text(), source
     cc, flags = _native.compiler(cpu.KERNEL), _native.FLAG_SETS[0]

@@ -8,7 +8,7 @@ module does not import is skipped, so a new kernel gets these tests the day it l
 
 This is the storage format torch has (states in the param's dtype). The low-bit formats have no torch
 run to compare with: each kernel is held bit for bit to the for-loop reference
-(test_low_bit_kernels.py, test_lean_reproducible.py), and that reference near float32 AdamW
+(test_low_bit_kernels.py, test_low_bit_reproducible.py), and that reference near float32 AdamW
 (test_low_bit_optimizer.py).
 """
 

@@ -25,8 +25,8 @@ from adamw.states import (
     dequantize,
     format_for,
     full_precision_state,
-    init_lean_state,
-    lean_step,
+    init_low_bit_state,
+    low_bit_step,
     quantize,
     rounding_key,
     state_nbytes,
@@ -304,7 +304,7 @@ def test_the_4096_rule_and_bytes_per_element() -> None:
     assert format_for(large, "8bit").bytes_per_element(large) == 1 + 4 / BLOCK_SIZE
     assert format_for(large, "bf16").bytes_per_element(large) == 2
     assert format_for(large, "param").bytes_per_element(large) == 4
-    state = init_lean_state(large, amsgrad=True, state_precision="8bit", param_update="round")
+    state = init_low_bit_state(large, amsgrad=True, state_precision="8bit", param_update="round")
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (16,)
     assert state_nbytes(state) == 3 * (4096 + 16 * 4)
     assert format_for(large, "8bit").nbytes(state, "exp_avg") == 4096 + 16 * 4
@@ -317,23 +317,25 @@ def test_8bit_state_is_at_most_2_1_bytes_per_param_on_gpt2_small() -> None:
     numel = sum(p.numel() for p in params)
     assert 124_000_000 < numel < 125_000_000
     moments = sum(
-        state_nbytes(init_lean_state(p, amsgrad=False, state_precision="8bit", param_update="round")) for p in params
+        state_nbytes(init_low_bit_state(p, amsgrad=False, state_precision="8bit", param_update="round")) for p in params
     )
     assert moments / numel <= 2.1
-    lean = sum(
+    low_bit = sum(
         state_nbytes(
-            init_lean_state(p.to(torch.bfloat16), amsgrad=False, state_precision="8bit", param_update="stochastic")
+            init_low_bit_state(p.to(torch.bfloat16), amsgrad=False, state_precision="8bit", param_update="stochastic")
         )
         for p in params
     )
-    assert (lean + 2 * numel) / numel <= 4.1  # bf16 params + 8-bit moments: about 4 bytes per param
+    assert (low_bit + 2 * numel) / numel <= 4.1  # bf16 params + 8-bit moments: about 4 bytes per param
 
 
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="bfloat16 params"):
-        init_lean_state(torch.zeros(4), amsgrad=False, state_precision="param", param_update="stochastic")
+        init_low_bit_state(torch.zeros(4), amsgrad=False, state_precision="param", param_update="stochastic")
     with pytest.raises(ValueError, match="param_update must be"):
-        init_lean_state(torch.zeros(4, dtype=torch.bfloat16), amsgrad=False, state_precision="param", param_update="up")
+        init_low_bit_state(
+            torch.zeros(4, dtype=torch.bfloat16), amsgrad=False, state_precision="param", param_update="up"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ def test_options_are_checked() -> None:
 
 
 def test_sqrt_rn_is_correctly_rounded() -> None:
-    """lean_step's float32 sqrt is the C kernel's sqrtf and Triton's sqrt_rn (numpy's sqrt, the
+    """low_bit_step's float32 sqrt is the C kernel's sqrtf and Triton's sqrt_rn (numpy's sqrt, the
     interpreter's, is the hardware's, correctly rounded): on every float32 of [1, 4) (two octaves:
     every significand, at either parity of the exponent), subnormals, random values of every
     exponent, zeros, infinity and NaN (sign kept)."""
@@ -371,15 +373,15 @@ def _torch_adamw_state(param: torch.Tensor, steps: int = 5) -> tuple[torch.optim
 
 
 @pytest.mark.parametrize("state_precision", ["bf16", "8bit"])
-def test_torch_checkpoint_converts_to_lean_and_back(state_precision: str) -> None:
+def test_torch_checkpoint_converts_to_low_bit_and_back(state_precision: str) -> None:
     param = torch.randn(64, 80)
     opt, torch_state = _torch_adamw_state(param)
-    lean = convert_state(torch_state, param, state_precision)
-    assert lean["step"] is torch_state["step"]
+    low_bit = convert_state(torch_state, param, state_precision)
+    assert low_bit["step"] is torch_state["step"]
     stored = torch.uint8 if state_precision == "8bit" else torch.bfloat16
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        assert lean[key].dtype == stored
-    back = full_precision_state(lean, param)
+        assert low_bit[key].dtype == stored
+    back = full_precision_state(low_bit, param)
     assert set(back) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         original = torch_state[key]
@@ -416,12 +418,12 @@ def test_mismatched_checkpoints_fail_clearly() -> None:
     other = torch.randn(80, 64)
     with pytest.raises(ValueError, match="another model"):
         convert_state(torch_state, other, "8bit")
-    lean = convert_state(torch_state, param, "8bit")
-    broken = {k: v for k, v in lean.items() if k != "exp_avg_absmax"}
+    low_bit = convert_state(torch_state, param, "8bit")
+    broken = {k: v for k, v in low_bit.items() if k != "exp_avg_absmax"}
     with pytest.raises(ValueError, match="incomplete"):
         convert_state(broken, param, "param")
-    short = copy.copy(lean)
-    short["exp_avg_sq_absmax"] = lean["exp_avg_sq_absmax"][:-1]
+    short = copy.copy(low_bit)
+    short["exp_avg_sq_absmax"] = low_bit["exp_avg_sq_absmax"][:-1]
     with pytest.raises(ValueError, match="blocks"):
         convert_state(short, param, "param")
 
@@ -429,9 +431,9 @@ def test_mismatched_checkpoints_fail_clearly() -> None:
 def test_kahan_state_converts_and_drops_for_torch() -> None:
     p = torch.randn(64, 80).to(torch.bfloat16)
     options = dict(amsgrad=False, state_precision="8bit", param_update="kahan")
-    state = init_lean_state(p, **options)
+    state = init_low_bit_state(p, **options)
     for t in range(1, 4):
-        lean_step(p, torch.randn(64, 80).to(torch.bfloat16), state, **HYPER, **options, maximize=False, step=t)
+        low_bit_step(p, torch.randn(64, 80).to(torch.bfloat16), state, **HYPER, **options, maximize=False, step=t)
     state["step"] = torch.tensor(3.0)
     assert KAHAN_KEY in convert_state(state, p, "bf16")
     exported = full_precision_state(state, p)

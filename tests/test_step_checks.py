@@ -1,5 +1,5 @@
 """What a step needs is checked for every group before any group is stepped or any state created:
-the kernels (the lean ones for lean groups), Triton, the grads' dtypes. A step that cannot run raises
+the kernels (the low-bit ones for low-bit groups), Triton, the grads' dtypes. A step that cannot run raises
 and leaves params and state as they were; once the cause is fixed, the next step steps once.
 """
 
@@ -57,8 +57,8 @@ def _check_fails_then_steps_once(group1: dict[str, Any], match: str, monkeypatch
     ("group1", "kernel"),
     [
         ({"fused": True}, r"adamw's fused CPU kernel \(fused=True on CPU tensors\)"),
-        ({"fused": True, "state_precision": "8bit"}, "adamw's lean CPU kernel"),
-        ({"backend": "cpu", "param_update": "kahan"}, "adamw's lean CPU kernel"),
+        ({"fused": True, "state_precision": "8bit"}, "adamw's low-bit CPU kernel"),
+        ({"backend": "cpu", "param_update": "kahan"}, "adamw's low-bit CPU kernel"),
     ],
     ids=["full precision", "8bit", "kahan"],
 )
@@ -81,7 +81,7 @@ def test_without_a_compiler_no_group_is_stepped(
 @pytest.mark.parametrize("_", backend_params(["triton"]))  # where Triton is missing, there is nothing to undo
 def test_without_triton_no_group_is_stepped(group1: dict[str, Any], _: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ModuleNotFoundError
-    for name in ("_triton_kernels", "_triton_lean_kernels"):  # imported earlier: forget them
+    for name in ("_triton_kernels", "_triton_low_bit_kernels"):  # imported earlier: forget them
         monkeypatch.delitem(sys.modules, f"adamw.backends.{name}", raising=False)
         monkeypatch.delattr(adamw.backends, name, raising=False)
     _check_fails_then_steps_once(group1, "Triton is not installed", monkeypatch)
@@ -90,7 +90,7 @@ def test_without_triton_no_group_is_stepped(group1: dict[str, Any], _: str, monk
 # --------------------------------------------------------------------------------------------------
 # grads of another dtype than their param's
 
-LEAN_GROUPS = {
+LOW_BIT_GROUPS = {
     "bf16 moments": {"state_precision": "bf16"},
     "8bit moments": {"state_precision": "8bit"},
     "kahan": {"param_update": "kahan"},  # applies to bfloat16 params; float32 ones are rounded as usual
@@ -122,14 +122,14 @@ def _mismatched_grad_error(
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS.values(), ids=DTYPE_PAIRS.keys())
-@pytest.mark.parametrize("lean", LEAN_GROUPS.values(), ids=LEAN_GROUPS.keys())
+@pytest.mark.parametrize("low_bit", LOW_BIT_GROUPS.values(), ids=LOW_BIT_GROUPS.keys())
 @pytest.mark.parametrize("backend", backend_params())
-def test_lean_group_refuses_a_grad_of_another_dtype(
-    backend: str, lean: dict[str, Any], dtypes: tuple[torch.dtype, torch.dtype]
+def test_low_bit_group_refuses_a_grad_of_another_dtype(
+    backend: str, low_bit: dict[str, Any], dtypes: tuple[torch.dtype, torch.dtype]
 ) -> None:
     """As torch.optim.AdamW (every implementation raises a RuntimeError), before any change."""
     theirs, *_ = _mismatched_grad_error(torch.optim.AdamW, {"foreach": False}, dtypes)
-    error, opt, params, before = _mismatched_grad_error(adamw.AdamW, {"backend": backend, **lean}, dtypes)
+    error, opt, params, before = _mismatched_grad_error(adamw.AdamW, {"backend": backend, **low_bit}, dtypes)
     assert type(error) is type(theirs), f"ours raised {error!r}, torch {theirs!r}"
     param_dtype, grad_dtype = dtypes
     assert f"{param_dtype} param with a {grad_dtype} grad" in str(error)

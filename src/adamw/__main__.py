@@ -18,7 +18,7 @@ from . import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("time a step of every implementation on named workloads", "adamw.cli.bench.command"),
     "demo": (
-        "train a small model with torch.optim.AdamW and with each lean mode, and compare",
+        "train a small model with torch.optim.AdamW and with each low-bit mode, and compare",
         "adamw.cli.demo.command",
     ),
 }

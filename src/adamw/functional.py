@@ -11,7 +11,7 @@ backend    device type  full precision                       low-bit formats
 =========  ===========  ===================================  =======================================
 forloop    any          :mod:`~adamw.backends.forloop`       :mod:`~adamw.backends.low_bit` (torch ops)
 foreach    any          :mod:`~adamw.backends.foreach`       :mod:`~adamw.backends.low_bit` (torch ops)
-cpu        cpu          :mod:`~adamw.backends.cpu` (C)       :mod:`~adamw.backends.cpu_lean` (C)
+cpu        cpu          :mod:`~adamw.backends.cpu` (C)       :mod:`~adamw.backends.cpu_low_bit` (C)
 triton     cuda, cpu    :mod:`~adamw.backends.triton`        ``triton.step_low_bit``
 =========  ===========  ===================================  =======================================
 
@@ -109,15 +109,15 @@ def _c_step(*args: Any) -> None:
 
 
 def _c_low_bit_step(*args: Any) -> None:
-    from .backends import cpu_lean
+    from .backends import cpu_low_bit
 
-    cpu_lean.step_low_bit(*args)
+    cpu_low_bit.step_low_bit(*args)
 
 
 def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
-    from .backends import cpu, cpu_lean
+    from .backends import cpu, cpu_low_bit
 
-    (cpu_lean if low_bit else cpu).library()  # built, or found in the cache, and loaded once
+    (cpu_low_bit if low_bit else cpu).library()  # built, or found in the cache, and loaded once
 
 
 def _triton_step(*args: Any) -> None:

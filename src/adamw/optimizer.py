@@ -25,7 +25,7 @@ from .options import (
     check_group_options,
     check_group_step,
     check_storage_options,
-    is_lean,
+    is_low_bit,
     stepped_params,
 )
 from .states.checkpoint import (
@@ -267,7 +267,7 @@ class AdamW(Optimizer):
         Named and shaped as torch's, so torch.compile runs it once at trace time instead of tracing it.
         Returns whether any param is complex.
         """
-        lean = is_lean(group)
+        low_bit = is_low_bit(group)
         amsgrad = group["amsgrad"]
         state_of = self.state
         for p in group["params"]:
@@ -283,7 +283,7 @@ class AdamW(Optimizer):
                 state = state_of[p] = adopt_for_group(from_checkpoint(state, p), p, group)
             if len(state) == 0:
                 state = state_of[p] = new_state(p, group)
-            if lean:
+            if low_bit:
                 continue
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
@@ -348,7 +348,7 @@ class AdamW(Optimizer):
             max_exp_avg_sqs: list[Tensor] = []
             state_steps: list[Tensor] = []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-            if is_lean(group):
+            if is_low_bit(group):
                 self._low_bit_step(group, params, grads)
                 continue
             beta1, beta2 = group["betas"]
@@ -436,7 +436,7 @@ class AdamW(Optimizer):
                 capturable=group["capturable"],
                 lr=group["lr"],
             )
-            if is_lean(group):
+            if is_low_bit(group):
                 check_kernel(backend, params, low_bit=True)
                 continue
             check_group_step(params, group, backend, self.state)

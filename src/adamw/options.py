@@ -42,7 +42,7 @@ class AdamWOptions(TypedDict, total=False):
     reshardable_state_dict: bool
 
 
-def is_lean(group: Mapping[str, Any]) -> bool:
+def is_low_bit(group: Mapping[str, Any]) -> bool:
     """Whether the group stores state or writes params other than torch's way."""
     return group["state_precision"] != "param" or group["param_update"] != "round"
 
@@ -158,14 +158,14 @@ def check_storage_options(options: Mapping[str, Any]) -> None:
     if param_update not in PARAM_UPDATES:
         raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
     if state_precision != "param" or param_update != "round":
-        lean = f"state_precision={state_precision!r}, param_update={param_update!r}"
+        chosen = f"state_precision={state_precision!r}, param_update={param_update!r}"
         if options.get("differentiable"):
             raise ValueError(
-                f"{lean} does not support differentiable=True (use state_precision='param', param_update='round')"
+                f"{chosen} does not support differentiable=True (use state_precision='param', param_update='round')"
             )
         if options.get("capturable"):
             raise ValueError(
-                f"{lean} does not support capturable=True (use state_precision='param', param_update='round')"
+                f"{chosen} does not support capturable=True (use state_precision='param', param_update='round')"
             )
 
 
@@ -193,7 +193,7 @@ def stepped_params(group: Mapping[str, Any], index: int) -> list[Tensor]:
 
 def _check_grad_dtypes(params: list[Tensor], index: int) -> None:
     """Every backend computes a param's update from a grad of its own dtype. torch raises for any
-    other grad only mid-step (state created, earlier groups stepped); the lean kernels would take it."""
+    other grad only mid-step (state created, earlier groups stepped); the low-bit kernels would take it."""
     grads = list(map(_grad_of, params))
     if list(map(_dtype_of, grads)) == list(map(_dtype_of, params)):
         return

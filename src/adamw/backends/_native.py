@@ -1,6 +1,6 @@
 """Our C kernels as loaded libraries: compiled on first use, cached, checked, loaded and bound.
 
-Every C source of the package (``adamw_cpu.c``, ``adamw_cpu_lean.c``, the benchmark's floor) is
+Every C source of the package (``adamw_cpu.c``, ``adamw_cpu_low_bit.c``, the benchmark's floor) is
 declared as a :class:`Kernel` and loaded by :func:`load`, once per process, on its first use; importing
 a module builds nothing. Each includes the one shared header, :data:`HEADER`.
 

@@ -14,7 +14,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* As the hosts number them (_DTYPE_CODES in backends/cpu.py and backends/cpu_lean.py). */
+/* As the hosts number them (_DTYPE_CODES in backends/cpu.py and backends/cpu_low_bit.py). */
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
 
 /* ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The low-bit storage formats in torch ops (bf16 or 8-bit moments, bf16 params without a master
 copy), and what the low-bit kernels share: the layout of a param's state, the tables they keep.
 
-:func:`step` runs :func:`adamw.states.lean_step` (the reference the low-bit kernels are tested
+:func:`step` runs :func:`adamw.states.low_bit_step` (the reference the low-bit kernels are tested
 against) one param at a time: for every group whose ``state_precision``/``param_update`` is not
 torch's (``"param"``/``"round"``) on the for-loop and foreach backends, and for DTensor params on any
 (:mod:`adamw.functional` routes them).
@@ -16,7 +16,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from ..states import KAHAN_KEY, lean_step
+from ..states import KAHAN_KEY, low_bit_step
 from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat
 from ..states.quantize import num_blocks
 from ..states.rounding import effective_param_update
@@ -76,7 +76,7 @@ def reference_step(
 ) -> None:
     """One param's low-bit step in torch ops (also the low-bit kernels' fallback for params they do
     not take)."""
-    lean_step(
+    low_bit_step(
         param,
         grad,
         state,

@@ -40,7 +40,7 @@ together stay under 16 MiB of device memory, so a step in backward (a group, and
 finds every param's plan again on the next step.
 
 Groups in a low-bit format (``state_precision``/``param_update`` other than torch's) run
-:func:`step_low_bit`: the kernel of :mod:`adamw.backends._triton_lean_kernels`, one launch per
+:func:`step_low_bit`: the kernel of :mod:`adamw.backends._triton_low_bit_kernels`, one launch per
 (device, param dtype, grad dtype, moment storage, param_update), bit for bit the low-bit reference.
 Its table is filled every step (the step numbers, bias corrections and rounding keys in it change)
 from a static table kept while the group's memory stays where it was, after reading the counters on
@@ -472,7 +472,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     low-bit one for a low-bit format) does not run: :class:`adamw.AdamW` calls it before it changes
     anything. A low-bit step leaves to the torch-ops reference the params its kernel does not take
     (DTensors, float64 and complex128), on any device; one param per kind is checked."""
-    kernel = _lean_kernels().lean_kernel if low_bit else _kernels().adamw_kernel
+    kernel = _low_bit_kernels().low_bit_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
     kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
     for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
@@ -566,17 +566,17 @@ def _kernels() -> ModuleType:
 # Blocks of 256 values per program (a power of two). On GPUs a program streams 1024 values (tune
 # on a GPU). Under the interpreter two blocks per program: fewer (slow) programs, and a test tensor
 # still ends in a program with a short block, or with a block wholly past its end.
-LEAN_CUDA_BLOCKS = 4
-LEAN_CUDA_NUM_WARPS = 4
-LEAN_INTERPRETER_BLOCKS = 2
+LOW_BIT_CUDA_BLOCKS = 4
+LOW_BIT_CUDA_NUM_WARPS = 4
+LOW_BIT_INTERPRETER_BLOCKS = 2
 # No FMA but the two the reference has (tl.fma): contracting any other multiply-add would round
 # differently from torch's kernels.
-LEAN_FP_FUSION = False
+LOW_BIT_FP_FUSION = False
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPDATES = {"round": 0, "stochastic": 1, "kahan": 2}  # the kernel's UPDATE_* switches
 _KEY_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # table column order
-_lean_codes: dict[torch.device, Tensor] = {}
+_low_bit_codes: dict[torch.device, Tensor] = {}
 _MASK32 = 0xFFFFFFFF
 
 
@@ -586,8 +586,8 @@ def _signed32(word: int) -> int:
 
 
 @dataclass(eq=False)
-class _LeanLaunch:
-    """One lean launch of a group: a static table and chunk map, and where its params sit in the group.
+class _LowBitLaunch:
+    """One low-bit launch of a group: a static table and chunk map, and where its params sit in the group.
 
     The table's per-step columns (the grads' addresses, the rounding keys, the step scalars) are
     filled in a copy of ``table`` at each step, in vectorized torch ops on the host.
@@ -603,14 +603,14 @@ class _LeanLaunch:
 
 
 @dataclass(eq=False)
-class _LeanGroup:
+class _LowBitGroup:
     """A group's launches kept from one step to the next, while ``kept`` says its memory is unchanged."""
 
-    launches: list[_LeanLaunch]
+    launches: list[_LowBitLaunch]
     kept: KeptLayout
 
 
-_lean_groups: KeptTables[_LeanGroup] = KeptTables(limit=4096)  # a step in backward keeps one per param
+_low_bit_groups: KeptTables[_LowBitGroup] = KeptTables(limit=4096)  # a step in backward keeps one per param
 
 
 def step_low_bit(
@@ -625,7 +625,7 @@ def step_low_bit(
     """The low-bit step of :mod:`adamw.backends.low_bit` in one Triton launch per (device, dtypes,
     storage).
 
-    Mirrors :func:`adamw.states.lean_step` bit for bit (see :mod:`adamw.backends._triton_lean_kernels`
+    Mirrors :func:`adamw.states.low_bit_step` bit for bit (see :mod:`adamw.backends._triton_low_bit_kernels`
     for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
     per step): the low-bit step is not capturable. Params the kernel does not take (float64 or
     complex128, or state laid out other than their format says) run the reference itself.
@@ -639,17 +639,17 @@ def step_low_bit(
     if scalars is None:
         return
     lr, beta1, beta2 = scalars
-    kernels = _lean_kernels()
-    config = _lean_groups.config(storage, hyper)
-    group = _lean_groups.find(params, grads, states, state_steps, streams, config)
+    kernels = _low_bit_kernels()
+    config = _low_bit_groups.config(storage, hyper)
+    group = _low_bit_groups.find(params, grads, states, state_steps, streams, config)
     if group is not None:
         step_numbers = _bump_steps(state_steps)
         for launch in group.launches:
             grads_of_launch = [_real(grads[i]) for i in launch.positions]
-            _launch_lean(launch, grads_of_launch, step_numbers, hyper, lr, beta1, beta2, kernels)
+            _launch_low_bit(launch, grads_of_launch, step_numbers, hyper, lr, beta1, beta2, kernels)
         return
 
-    interpreted = _is_interpreted_kernel(kernels.lean_kernel)
+    interpreted = _is_interpreted_kernel(kernels.low_bit_kernel)
     # Sort every param to the kernel or the reference before anything changes: a device error
     # leaves params, state and counters as they were.
     by_launch: dict[tuple[Any, ...], list[tuple[int, list[Tensor | None]]]] = {}
@@ -658,10 +658,10 @@ def step_low_bit(
     host_divided = False
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         param_update = effective_param_update(param, storage.param_update)
-        kernel_grad, unscale = _lean_grad(grad, hyper.grad_scale)
+        kernel_grad, unscale = _low_bit_grad(grad, hyper.grad_scale)
         host_divided |= hyper.grad_scale is not None and not unscale
         fmt = format_for(param, storage.state_precision)
-        columns = _lean_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
+        columns = _low_bit_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
         if columns is None:
             by_reference.append(i)
             continue
@@ -674,7 +674,7 @@ def step_low_bit(
     for i in by_reference:
         grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
         reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, storage, lr, beta1, beta2)
-    launches: list[_LeanLaunch] = []
+    launches: list[_LowBitLaunch] = []
     staged_any = False
     for key, entries in by_launch.items():
         staged_columns, written_back = [], []
@@ -683,20 +683,20 @@ def step_low_bit(
             staged_any |= any(new is not old for new, old in zip(staged, columns, strict=True))
             staged_columns.append(staged)
             written_back += back
-        launch = _lean_launch(key, [i for i, _ in entries], staged_columns, streams, storage.seed, kernels)
+        launch = _low_bit_launch(key, [i for i, _ in entries], staged_columns, streams, storage.seed, kernels)
         launches.append(launch)
         launch_grads = [columns[1] for columns in staged_columns]
         assert all(g is not None for g in launch_grads)
-        _launch_lean(launch, launch_grads, step_numbers, hyper, lr, beta1, beta2, kernels)  # type: ignore[arg-type]
+        _launch_low_bit(launch, launch_grads, step_numbers, hyper, lr, beta1, beta2, kernels)  # type: ignore[arg-type]
         for copy, original in written_back:
             original.copy_(copy)
     if not by_reference and not staged_any and not host_divided:
         kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
-        _lean_groups.keep(params, config, _LeanGroup(launches, kept))
+        _low_bit_groups.keep(params, config, _LowBitGroup(launches, kept))
 
 
-def _launch_lean(
-    launch: _LeanLaunch,
+def _launch_low_bit(
+    launch: _LowBitLaunch,
     grads: list[Tensor],
     step_numbers: list[int],
     hyper: Hyper,
@@ -708,17 +708,17 @@ def _launch_lean(
     if launch.n_chunks == 0:
         return  # empty params only
     device, dtype, grad_dtype, moment_dtype, param_update, unscale = launch.key
-    table = _lean_step_table(launch, grads, [step_numbers[i] for i in launch.positions], lr, beta1, beta2, kernels)
+    table = _low_bit_step_table(launch, grads, [step_numbers[i] for i in launch.positions], lr, beta1, beta2, kernels)
     table, _ = _to_device(table.reshape(-1), device, capturing=False)
     grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
     tl = kernels.tl
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        kernels.lean_kernel[(launch.n_chunks,)](
+        kernels.low_bit_kernel[(launch.n_chunks,)](
             table,
             launch.chunks,
             _codes_on(device),
             grad_scale,
-            *_lean_scalars(lr, beta1, beta2, hyper),
+            *_low_bit_scalars(lr, beta1, beta2, hyper),
             BLOCKS=launch.blocks,
             PARAM_DTYPE=_triton_dtype(dtype, kernels),
             GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
@@ -728,8 +728,8 @@ def _launch_lean(
             MAXIMIZE=hyper.maximize,
             HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
             HAS_GRAD_SCALE=grad_scale is not None,
-            num_warps=LEAN_CUDA_NUM_WARPS,
-            enable_fp_fusion=LEAN_FP_FUSION,
+            num_warps=LOW_BIT_CUDA_NUM_WARPS,
+            enable_fp_fusion=LOW_BIT_FP_FUSION,
         )
 
 
@@ -748,7 +748,7 @@ def _bump_steps(state_steps: list[Tensor]) -> list[int]:
     return numbers
 
 
-def _lean_grad(grad: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, bool]:
+def _low_bit_grad(grad: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, bool]:
     """The grad as the kernel reads it, and whether the kernel divides it by ``grad_scale``.
 
     Float32 grads are unscaled in the kernel (a correctly rounded division, as torch's). Others are
@@ -761,7 +761,7 @@ def _lean_grad(grad: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, bool]:
     return _real(grad), unscale
 
 
-def _lean_columns(
+def _low_bit_columns(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
 ) -> list[Tensor | None] | None:
     """A param's tensors in table-column order, or None where the kernel does not take them (the
@@ -777,7 +777,7 @@ def _lean_columns(
     return None if columns is None else [real, grad, *columns]
 
 
-def _lean_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:
+def _low_bit_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:
     """The group's scalars, each the float32 that torch makes of the reference's Python number."""
     decay = _float32(1 - lr * hyper.weight_decay)
     weight = _float32(1 - beta1)
@@ -790,18 +790,18 @@ def _float32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
 
 
-def _lean_launch(
+def _low_bit_launch(
     key: tuple[Any, ...],
     positions: list[int],
     columns: list[list[Tensor | None]],
     streams: list[int],
     seed: int,
     kernels: ModuleType,
-) -> _LeanLaunch:
+) -> _LowBitLaunch:
     """A launch's static table (a row per tensor; see the kernel module), its stream keys and its chunk
     map on the device."""
     device = key[0]
-    blocks = LEAN_INTERPRETER_BLOCKS if device.type == "cpu" else LEAN_CUDA_BLOCKS
+    blocks = LOW_BIT_INTERPRETER_BLOCKS if device.type == "cpu" else LOW_BIT_CUDA_BLOCKS
     chunk = blocks * BLOCK_SIZE
     rows: list[list[int]] = []
     stream_keys: list[list[int]] = []
@@ -817,7 +817,7 @@ def _lean_launch(
         chunks_per_tensor.append(chunks)
         n_chunks += chunks
     if n_chunks > _MAX_GRID:
-        raise RuntimeError(f"the lean Triton kernel takes at most {_MAX_GRID} programs per launch")
+        raise RuntimeError(f"the low-bit Triton kernel takes at most {_MAX_GRID} programs per launch")
     width = int(kernels.ROW)
     table = torch.zeros((len(rows), width), dtype=torch.int64)
     if rows:
@@ -830,7 +830,7 @@ def _lean_launch(
         chunks_on_device = (
             chunk_tensor if device.type == "cpu" else chunk_tensor.pin_memory().to(device, non_blocking=True)
         )
-    return _LeanLaunch(
+    return _LowBitLaunch(
         key=key,
         positions=positions,
         table=table,
@@ -841,8 +841,8 @@ def _lean_launch(
     )
 
 
-def _lean_step_table(
-    launch: _LeanLaunch,
+def _low_bit_step_table(
+    launch: _LowBitLaunch,
     grads: list[Tensor],
     steps: list[int],
     lr: float,
@@ -869,15 +869,15 @@ def _lean_step_table(
 
 def _codes_on(device: torch.device) -> Tensor:
     """Both code tables, values then midpoints, as one float32 tensor (the kernel's CODE_* offsets)."""
-    if device not in _lean_codes:
+    if device not in _low_bit_codes:
         parts = [*SIGNED_CODE.tables(device), *UNSIGNED_CODE.tables(device)]
-        _lean_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
-    return _lean_codes[device]
+        _low_bit_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
+    return _low_bit_codes[device]
 
 
-def _lean_kernels() -> ModuleType:
+def _low_bit_kernels() -> ModuleType:
     _kernels()  # the same error when Triton is missing
-    from . import _triton_lean_kernels
+    from . import _triton_low_bit_kernels
 
-    assert int(_triton_lean_kernels.QBLOCK) == BLOCK_SIZE
-    return _triton_lean_kernels
+    assert int(_triton_low_bit_kernels.QBLOCK) == BLOCK_SIZE
+    return _triton_low_bit_kernels

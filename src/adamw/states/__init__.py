@@ -1,6 +1,6 @@
-"""Lean optimizer state: how the moments are stored (full precision, bfloat16, 8-bit blockwise), how
+"""Low-bit optimizer state: how the moments are stored (full precision, bfloat16, 8-bit blockwise), how
 a float32 result is written into a bfloat16 param (stochastic rounding, Kahan compensation), and the
-lean step in torch ops that the kernels are compared against.
+low-bit step in torch ops that the kernels are compared against.
 
 =============  ==========================================================================
 module         what lives there
@@ -8,7 +8,7 @@ module         what lives there
 quantize       the 8-bit code tables and blockwise ``quantize``/``dequantize``
 formats        ``StateFormat``: "param", "bf16", "8bit" (the 4096-value rule), conversions
 rounding       stochastic rounding to bfloat16 (counter-based, seedable), Kahan compensation
-reference      ``lean_step``: the update in float32 torch ops over any format
+reference      ``low_bit_step``: the update in float32 torch ops over any format
 checkpoint     a param's first state, the state dict's layout (8-bit codes as ``exp_avg_codes``),
                reading it back, and the conversion of a loaded or re-formatted state to its
                group's format
@@ -26,7 +26,7 @@ from .formats import (
     state_nbytes,
 )
 from .quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, Code, dequantize, quantize
-from .reference import KAHAN_KEY, init_lean_state, lean_step
+from .reference import KAHAN_KEY, init_low_bit_state, low_bit_step
 from .rounding import PARAM_UPDATES, ParamUpdate, rounding_key, stochastic_round_to_bf16
 
 __all__ = [
@@ -45,8 +45,8 @@ __all__ = [
     "dequantize",
     "format_for",
     "full_precision_state",
-    "init_lean_state",
-    "lean_step",
+    "init_low_bit_state",
+    "low_bit_step",
     "quantize",
     "rounding_key",
     "state_nbytes",

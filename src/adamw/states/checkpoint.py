@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..options import FUSED_BACKENDS, is_lean
+from ..options import FUSED_BACKENDS, is_low_bit
 from .formats import (
     ABSMAX_SUFFIX,
     INT8,
@@ -37,7 +37,7 @@ from .formats import (
     full_precision_state,
     stored_format,
 )
-from .reference import KAHAN_KEY, init_lean_state, is_dtensor, like_param
+from .reference import KAHAN_KEY, init_low_bit_state, is_dtensor, like_param
 from .rounding import effective_param_update
 
 if TYPE_CHECKING:
@@ -216,12 +216,12 @@ def new_state(param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
     else:
         step = torch.tensor(0.0, dtype=step_dtype(None), device="cpu")
     state: dict[str, Any] = {"step": step}
-    if is_lean(group):
+    if is_low_bit(group):
         param_update = effective_param_update(param, group["param_update"])
-        lean = init_lean_state(
+        low_bit = init_low_bit_state(
             param, amsgrad=group["amsgrad"], state_precision=group["state_precision"], param_update=param_update
         )
-        return {**state, **lean}
+        return {**state, **low_bit}
     for key in MOMENTS if group["amsgrad"] else MOMENTS[:2]:
         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
     return state

@@ -8,7 +8,7 @@ written down once:
   ``torch.optim.AdamW`` keeps it (complex params keep complex moments).
 * ``"bf16"``: each moment is a bfloat16 tensor.
 * Whatever the format, a moment stored in bfloat16 (``"bf16"``, or ``"param"`` for a bfloat16
-  param on the lean path) is written with stochastic rounding, because with ``beta2 = 0.999`` the
+  param on the low-bit path) is written with stochastic rounding, because with ``beta2 = 0.999`` the
   change of ``v`` in one step (at most 0.1%) is below half a bfloat16 step (0.2% to 0.4%): rounded
   to nearest, ``v`` could never decrease and would only ratchet upwards. Stochastic rounding keeps
   it unbiased (the key is ``rounding_key(seed, step, stream, purpose)``).

@@ -1,11 +1,11 @@
-"""The lean step in torch ops: the reference that the C and Triton lean kernels are compared against.
+"""The low-bit step in torch ops: the reference that the C and Triton low-bit kernels are compared against.
 
 Mirrors :mod:`adamw.backends.forloop` (itself :mod:`adamw._math` in torch's order) with the storage
 taken out of the math: decode the moments to float32, update them and the param in float32, write
 the param back with ``param_update`` and re-encode the moments (8-bit: absmax after the update).
 Order, as torch: weight decay first (``p * (1 - lr*wd)``); ``m`` by ``lerp``; ``v*b2 + (1-b2)*g*g``;
 ``denom = sqrt(v) / sqrt(1 - b2^t) + eps``; ``p += -(lr / (1 - b1^t)) * m / denom``. The square root
-is correctly rounded (:func:`sqrt_rn`), as the lean kernels' is, so that a seeded lean run is the same
+is correctly rounded (:func:`sqrt_rn`), as the low-bit kernels' is, so that a seeded low-bit run is the same
 bits on every backend. With ``state_precision="param"``, ``param_update="round"`` and float32 (or
 float64) params every other operation is the for-loop backend's, on the same tensors: the two agree bit
 for bit in float64, and in float32 wherever torch's ``sqrt`` rounds correctly (tests/test_states.py).
@@ -35,7 +35,7 @@ KAHAN_KEY = "kahan_comp"
 _PURPOSES = {"exp_avg": PURPOSE_EXP_AVG, "exp_avg_sq": PURPOSE_EXP_AVG_SQ, "max_exp_avg_sq": PURPOSE_MAX_EXP_AVG_SQ}
 
 
-def init_lean_state(
+def init_low_bit_state(
     param: Tensor, *, amsgrad: bool, state_precision: str, param_update: str, fmt: StateFormat | None = None
 ) -> dict[str, Tensor]:
     """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does).
@@ -45,7 +45,7 @@ def init_lean_state(
     """
     check_param_update(param_update, param.dtype)
     if is_dtensor(param):
-        local = init_lean_state(
+        local = init_low_bit_state(
             param.to_local(),  # type: ignore[attr-defined]
             amsgrad=amsgrad,
             state_precision=state_precision,
@@ -62,7 +62,7 @@ def init_lean_state(
     return state
 
 
-def lean_step(
+def low_bit_step(
     param: Tensor,
     grad: Tensor,
     state: dict[str, Tensor],
@@ -94,7 +94,7 @@ def lean_step(
     if is_dtensor(param):
         # to_local() returns views: the in-place updates below land in the DTensors' shards.
         local_state = {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}  # type: ignore[attr-defined]
-        lean_step(
+        low_bit_step(
             param.to_local(),  # type: ignore[attr-defined]
             grad.to_local() if is_dtensor(grad) else grad,  # type: ignore[attr-defined]
             local_state,
@@ -159,7 +159,7 @@ def lean_step(
 
 
 def sqrt_rn(x: Tensor) -> Tensor:
-    """``sqrt(x)`` correctly rounded, as the lean kernels take it (C ``sqrtf``, Triton ``sqrt_rn``).
+    """``sqrt(x)`` correctly rounded, as the low-bit kernels take it (C ``sqrtf``, Triton ``sqrt_rn``).
 
     torch's CPU float32 ``sqrt`` (MKL's vector math) is within 1 ulp but not always correctly
     rounded, which would move a param by an ulp of its update against the kernels. Taken in float64
@@ -172,7 +172,7 @@ def sqrt_rn(x: Tensor) -> Tensor:
     return x.double().sqrt_().to(torch.float32)
 
 
-# Sharded params (FSDP2 DTensors, sharded on dim 0). The lean step is elementwise except for the
+# Sharded params (FSDP2 DTensors, sharded on dim 0). The low-bit step is elementwise except for the
 # 8-bit blocks, so each rank steps its local shard, and the rules that must not depend on the world
 # size are judged on the whole param: whether it is quantized at all (4096 values) is decided on the
 # global numel. What does depend on the sharding, by design:
@@ -180,7 +180,7 @@ def sqrt_rn(x: Tensor) -> Tensor:
 #   ranks and a step needs no communication; a sharded 8-bit run therefore quantizes slightly
 #   differently from a single-process one (within the format's rounding), and the absmax of a
 #   shard cannot be resharded: a checkpoint of it is written in float32 (AdamW.state_dict).
-# * stochastic rounding counts elements from the start of the local shard, so a lean run's bits
+# * stochastic rounding counts elements from the start of the local shard, so a low-bit run's bits
 #   depend on the sharding (each rounding is still unbiased; results agree within tolerance).
 # State entries shaped like the param (bf16 moments, 8-bit codes, float32 moments, the Kahan
 # buffer) are DTensors with the param's mesh and placements, so DCP saves and reshards them; an

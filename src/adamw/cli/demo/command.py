@@ -42,7 +42,7 @@ def _threads(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Train a small character-level transformer with torch.optim.AdamW and with each lean mode."
+    parser.description = "Train a small character-level transformer with torch.optim.AdamW and with each low-bit mode."
     parser.epilog = "Exit status: 0 when every check passes, 1 when one fails, 2 for a usage error."
     parser.add_argument(
         "--steps", type=positive, default=None, help="training steps per mode (default 400; 30 with --quick)"

@@ -4,7 +4,7 @@ A character-level transformer (2 layers, d_model 128, context 64: ~420k paramete
 :mod:`.model`) learns the shipped text for a fixed number of steps, from the same initial weights and
 on the same batches for every mode. Each run reports its final training loss (mean of the last
 steps), the bytes of optimizer state and params, and the time per step; :func:`check_acceptance`
-holds each lean mode to torch's loss and state size.
+holds each low-bit mode to torch's loss and state size.
 
 Modes (all but the first are ``adamw.AdamW`` with the keywords shown by their names):
 
@@ -47,7 +47,7 @@ class Mode:
     """One optimizer configuration of the demo."""
 
     name: str
-    optimizer: str  # "torch", "adamw" or "lean"
+    optimizer: str  # "torch", "adamw" or "low-bit"
     param_dtype: torch.dtype = torch.float32
     state_precision: str = "param"
     param_update: str = "round"
@@ -56,12 +56,12 @@ class Mode:
 MODES: tuple[Mode, ...] = (
     Mode("torch", "torch"),
     Mode("adamw", "adamw"),
-    Mode("bf16 moments", "lean", state_precision="bf16"),
-    Mode("8-bit moments", "lean", state_precision="8bit"),
-    Mode("bf16 params, round", "lean", torch.bfloat16, param_update="round"),
-    Mode("bf16 params, stochastic", "lean", torch.bfloat16, param_update="stochastic"),
-    Mode("bf16 params, Kahan", "lean", torch.bfloat16, param_update="kahan"),
-    Mode("leanest", "lean", torch.bfloat16, state_precision="8bit", param_update="stochastic"),
+    Mode("bf16 moments", "low-bit", state_precision="bf16"),
+    Mode("8-bit moments", "low-bit", state_precision="8bit"),
+    Mode("bf16 params, round", "low-bit", torch.bfloat16, param_update="round"),
+    Mode("bf16 params, stochastic", "low-bit", torch.bfloat16, param_update="stochastic"),
+    Mode("bf16 params, Kahan", "low-bit", torch.bfloat16, param_update="kahan"),
+    Mode("leanest", "low-bit", torch.bfloat16, state_precision="8bit", param_update="stochastic"),
 )
 MODE_KEYS = {
     "torch": "torch",
@@ -74,7 +74,7 @@ MODE_KEYS = {
     "leanest": "leanest",
 }
 
-# What a lean mode must reach, as fractions of torch's final loss (and of its state bytes).
+# What a low-bit mode must reach, as fractions of torch's final loss (and of its state bytes).
 MOMENTS_TOLERANCE = 0.02  # bf16 and 8-bit moments
 BF16_PARAMS_TOLERANCE = 0.03  # bf16 params with stochastic rounding or Kahan
 INT8_STATE_RATIO = 0.30  # 8-bit state bytes / torch's
@@ -102,14 +102,14 @@ class RunResult:
 def make_optimizer(
     mode: Mode, params: list[Tensor], *, lr: float, weight_decay: float, seed: int
 ) -> torch.optim.Optimizer:
-    """torch's AdamW or ours with the mode's options; lean modes run our fused kernel where it is
-    available on the params' device (see :func:`lean_implementation`)."""
+    """torch's AdamW or ours with the mode's options; low-bit modes run our fused kernel where it is
+    available on the params' device (see :func:`low_bit_implementation`)."""
     betas = (0.9, 0.999)
     if mode.optimizer == "torch":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
     from adamw import AdamW
 
-    fused = mode.optimizer == "lean" and lean_implementation(params[0].device) != REFERENCE
+    fused = mode.optimizer == "low-bit" and low_bit_implementation(params[0].device) != REFERENCE
     return AdamW(
         params,
         lr=lr,
@@ -123,22 +123,22 @@ def make_optimizer(
     )
 
 
-REFERENCE = "torch ops (the lean reference)"
+REFERENCE = "torch ops (the low-bit reference)"
 
 
-def lean_implementation(device: torch.device) -> str:
-    """What runs the lean modes on ``device``: our fused kernel (the C one on CPU, Triton on CUDA) where
+def low_bit_implementation(device: torch.device) -> str:
+    """What runs the low-bit modes on ``device``: our fused kernel (the C one on CPU, Triton on CUDA) where
     it builds or imports here, else the torch-ops reference it is tested against bit for bit."""
     try:
         if device.type == "cpu":
-            from adamw.backends import cpu_lean
+            from adamw.backends import cpu_low_bit
 
-            cpu_lean.library()
+            cpu_low_bit.library()
             return "the C kernel (fused=True)"
         if device.type == "cuda":
             from adamw.backends import triton
 
-            triton._lean_kernels()
+            triton._low_bit_kernels()
             return "the Triton kernel (fused=True)"
     except (ImportError, RuntimeError):
         pass
@@ -150,7 +150,7 @@ def implementation_of(mode: Mode, device: torch.device) -> str:
         return "torch.optim.AdamW, default flags"
     if mode.optimizer == "adamw":
         return "adamw.AdamW, default flags"
-    return lean_implementation(device)
+    return low_bit_implementation(device)
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -222,7 +222,7 @@ def train(
 
 
 def check_acceptance(results: list[RunResult]) -> dict[str, bool]:
-    """Each lean mode that ran against torch's run: loss and state bytes (keyed by a readable description)."""
+    """Each low-bit mode that ran against torch's run: loss and state bytes (keyed by a readable description)."""
     by_name = {r.mode: r for r in results}
     torch_result = by_name.get("torch")
     checks: dict[str, bool] = {}

@@ -1,7 +1,7 @@
 """The low-bit CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
-copy): ``adamw_cpu_lean.c``, one call per group and step.
+copy): ``adamw_cpu_low_bit.c``, one call per group and step.
 
-Mirrors :func:`adamw.states.lean_step` bit for bit (see the comment at the top of the C source for
+Mirrors :func:`adamw.states.low_bit_step` bit for bit (see the comment at the top of the C source for
 the operation order and the storage rules). Built, cached, checked and loaded on first use by
 :mod:`adamw.backends._native`, as the CPU kernel is; a missing compiler fails as that kernel's does.
 
@@ -55,7 +55,7 @@ from .low_bit import (
 )
 from .low_bit import real_view as _real
 
-SOURCE = Path(__file__).with_name("adamw_cpu_lean.c")
+SOURCE = Path(__file__).with_name("adamw_cpu_low_bit.c")
 ABI_VERSION = 2
 QBLOCK = 256  # the C source's QBLOCK
 
@@ -63,11 +63,11 @@ QBLOCK = 256  # the C source's QBLOCK
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4}
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}  # the step counters the kernel increments
 _UPDATE_CODES = {"round": 0, "stochastic": 1, "kahan": 2}
-_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # LeanTensor.key order
+_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # LowBitTensor.key order
 
 
 class _Tensor(ctypes.Structure):
-    """The C source's ``LeanTensor``, field for field."""
+    """The C source's ``LowBitTensor``, field for field."""
 
     _fields_ = [
         ("param", ctypes.c_void_p),
@@ -101,9 +101,11 @@ def library() -> _native.Library:
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
-    if lib.adamw_lean_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"adamw's lean CPU kernel has ABI {lib.adamw_lean_abi_version()}, expected {ABI_VERSION}")
-    fn = lib.adamw_lean_step
+    if lib.adamw_low_bit_abi_version() != ABI_VERSION:
+        raise RuntimeError(
+            f"adamw's low-bit CPU kernel has ABI {lib.adamw_low_bit_abi_version()}, expected {ABI_VERSION}"
+        )
+    fn = lib.adamw_low_bit_step
     ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     # tensors, n, total_blocks, grads, codes, lr, beta1, beta2, decay, eps, grad_scale,
     # amsgrad, maximize, weight_decay, num_threads
@@ -115,7 +117,7 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
 KERNEL = _native.Kernel(
     SOURCE,
     _bind,
-    "lean CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
+    "low-bit CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
     "fused=None",
 )
 
@@ -180,7 +182,7 @@ def step_low_bit(
             torch.get_num_threads(),
         )
         if rc != 0:
-            raise RuntimeError(f"adamw's lean CPU kernel failed with code {rc}")
+            raise RuntimeError(f"adamw's low-bit CPU kernel failed with code {rc}")
     if built is not None:
         for copy, original in built.written_back:
             original.copy_(copy)

@@ -1,8 +1,8 @@
-/* The lean CPU kernel of adamw: one AdamW step with bf16 or 8-bit moments (and bf16 params written
+/* The low-bit CPU kernel of adamw: one AdamW step with bf16 or 8-bit moments (and bf16 params written
  * by stochastic rounding or Kahan compensation) over a whole group of tensors in one call.
  *
- * Mirrors adamw/states/reference.py (lean_step) operation for operation, in float32, as torch's CPU
- * ops evaluate it, so the two agree bit for bit (as _triton_lean_kernels.py does on GPUs):
+ * Mirrors adamw/states/reference.py (low_bit_step) operation for operation, in float32, as torch's CPU
+ * ops evaluate it, so the two agree bit for bit (as _triton_low_bit_kernels.py does on GPUs):
  *   g      <- grad (/ grad_scale, correctly rounded)   (-g with maximize)
  *   p      <- param                      (Kahan: param + comp, in float32)
  *   p      <- p * (1 - lr*wd)            (torch's p.mul_)
@@ -46,9 +46,9 @@ enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_M
 #define GUESS_BITS 6        /* mantissa bits that index the log guess table */
 #define MIN_PARALLEL_BLOCKS 128
 
-/* One tensor of a call (adamw/backends/cpu_lean.py, class _Tensor). The host fills what stays the
+/* One tensor of a call (adamw/backends/cpu_low_bit.py, class _Tensor). The host fills what stays the
  * same from step to step, so that it can keep a group's table and pass only the new grads; the
- * fields marked "set here" are filled by adamw_lean_step. */
+ * fields marked "set here" are filled by adamw_low_bit_step. */
 typedef struct {
     void *param;
     const void *grad;      /* set here, from the call's grads */
@@ -63,7 +63,7 @@ typedef struct {
     double neg_step_size;  /* set here: -(lr / bc1) */
     double bc2_sqrt;       /* set here: sqrt(bc2) */
     int32_t param_dtype, grad_dtype, moment_dtype, param_update, unscale, step_dtype;
-} LeanTensor;
+} LowBitTensor;
 
 /* Both tables in arithmetic form (checked against the host's tables by ladder_init: ok = 0 if not):
  *   decode: bits(values[j]) = dec[j & 7] + ((j & 0xF8) << 20), j the magnitude index (signed: 0 is 0)
@@ -126,7 +126,7 @@ INLINE void load_values(float *out, const void *src, int dtype, int64_t start, i
     }
 }
 
-INLINE void load_moment(float *out, const LeanTensor *t, int which, const float *values, int64_t start,
+INLINE void load_moment(float *out, const LowBitTensor *t, int which, const float *values, int64_t start,
                         int len) {
     if (t->moment_dtype == DTYPE_UINT8) {
         const uint8_t *codes = (const uint8_t *)t->moment[which] + start;
@@ -170,7 +170,7 @@ INLINE float block_absmax(const float *x, int len) {
     return float_of(m);
 }
 
-INLINE void store_moment(const LeanTensor *t, int which, const Group *gr, const float *x, int64_t start,
+INLINE void store_moment(const LowBitTensor *t, int which, const Group *gr, const float *x, int64_t start,
                          int len, uint32_t key) {
     void *dst = t->moment[which];
     if (t->moment_dtype == DTYPE_UINT8) {
@@ -192,7 +192,7 @@ INLINE void store_moment(const LeanTensor *t, int which, const Group *gr, const 
     }
 }
 
-INLINE void store_param(const LeanTensor *t, const float *p, int64_t start, int len) {
+INLINE void store_param(const LowBitTensor *t, const float *p, int64_t start, int len) {
     if (t->param_dtype == DTYPE_FLOAT32) {
         float *d = (float *)t->param + start;
         for (int i = 0; i < len; i++) d[i] = p[i];
@@ -217,7 +217,7 @@ INLINE void store_param(const LeanTensor *t, const float *p, int64_t start, int 
     }
 }
 
-static void step_block(const LeanTensor *t, const Group *gr, int64_t start, int len) {
+static void step_block(const LowBitTensor *t, const Group *gr, int64_t start, int len) {
     float p[QBLOCK], g[QBLOCK], m[QBLOCK], v[QBLOCK], vmax[QBLOCK];
     load_values(p, t->param, t->param_dtype, start, len);
     if (t->param_update == UPDATE_KAHAN) {
@@ -425,7 +425,7 @@ INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const L
 
 INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }
 
-INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int amsgrad) {
+INLINE void fast_block(const LowBitTensor *t, const Group *gr, int64_t start, int amsgrad) {
     /* float32 params (other than Kahan's) and grads in place; others through buffers, as step_block */
     float p_buf[QBLOCK] __attribute__((aligned(64))), g_buf[QBLOCK] __attribute__((aligned(64)));
     const int direct = t->param_dtype == DTYPE_FLOAT32 && t->param_update != UPDATE_KAHAN;
@@ -493,8 +493,8 @@ INLINE void fast_block(const LeanTensor *t, const Group *gr, int64_t start, int 
     }
 }
 
-static void fast_block_plain(const LeanTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 0); }
-static void fast_block_amsgrad(const LeanTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 1); }
+static void fast_block_plain(const LowBitTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 0); }
+static void fast_block_amsgrad(const LowBitTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 1); }
 #define HAVE_FAST_BLOCK 1
 #else
 #define HAVE_FAST_BLOCK 0
@@ -503,7 +503,7 @@ static void fast_block_amsgrad(const LeanTensor *t, const Group *gr, int64_t sta
 /* ---------------------------------------------------------------------------------------------
  * the call */
 
-static int64_t tensor_at(const LeanTensor *tensors, int64_t n, int64_t block) {
+static int64_t tensor_at(const LowBitTensor *tensors, int64_t n, int64_t block) {
     int64_t lo = 0, hi = n - 1;  /* the last tensor whose first block is <= block */
     while (lo < hi) {
         const int64_t mid = (lo + hi + 1) / 2;
@@ -521,11 +521,11 @@ static void fill_table(float *bounds, const float *mids, int top) {
 /* codes: the signed code's 256 values and 127 midpoints, then the unsigned code's 256 values and
  * 255 midpoints (adamw.states.quantize's tables, as the host passes them); grads: each tensor's
  * grad. Returns 0, or -1 for a tensor of an unknown dtype (before anything changed). */
-int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const void *const *grads,
+int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, const void *const *grads,
                     const float *codes, double lr, double beta1, double beta2, double decay, double eps,
                     double grad_scale, int amsgrad, int maximize, int weight_decay, int num_threads) {
     for (int64_t k = 0; k < n; k++) {
-        const LeanTensor *t = &tensors[k];
+        const LowBitTensor *t = &tensors[k];
         if (t->param_dtype != DTYPE_FLOAT32 && t->param_dtype != DTYPE_BFLOAT16 && t->param_dtype != DTYPE_FLOAT16)
             return -1;
         if (t->grad_dtype != DTYPE_FLOAT32 && t->grad_dtype != DTYPE_BFLOAT16 && t->grad_dtype != DTYPE_FLOAT16)
@@ -535,7 +535,7 @@ int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const 
         if (t->step_dtype != DTYPE_FLOAT32 && t->step_dtype != DTYPE_FLOAT64) return -1;
     }
     for (int64_t k = 0; k < n; k++) {
-        LeanTensor *t = &tensors[k];
+        LowBitTensor *t = &tensors[k];
         t->grad = grads[k];
         double step;
         if (t->step_dtype == DTYPE_FLOAT64) {
@@ -576,7 +576,7 @@ int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const 
         const Range mine = thread_share(total_blocks, 1);
         if (mine.begin < mine.end) {
             for (int64_t i = tensor_at(tensors, n, mine.begin); i < n && tensors[i].first_block < mine.end; i++) {
-                const LeanTensor *t = &tensors[i];
+                const LowBitTensor *t = &tensors[i];
                 const Range part = clip(mine, t->first_block, (t->numel + QBLOCK - 1) / QBLOCK);
                 int64_t b = part.begin;
 #if HAVE_FAST_BLOCK
@@ -599,5 +599,5 @@ int adamw_lean_step(LeanTensor *tensors, int64_t n, int64_t total_blocks, const 
     return 0;
 }
 
-/* The ABI version the Python loader checks, bumped with any change to LeanTensor or adamw_lean_step. */
-int adamw_lean_abi_version(void) { return 2; }
+/* The ABI version the Python loader checks, bumped with any change to LowBitTensor or adamw_low_bit_step. */
+int adamw_low_bit_abi_version(void) { return 2; }

@@ -1,10 +1,10 @@
-"""A seeded lean run is the same run, bit for bit, on every backend.
+"""A seeded low-bit run is the same run, bit for bit, on every backend.
 
-The same params, grads, options and ``seed`` stepped by the for-loop backend (the lean reference,
-:func:`adamw.states.lean_step`), the foreach backend, the lean CPU kernel (``fused=True``) and, where
-Triton imports, the lean Triton kernel (under Triton's interpreter without a GPU): after every step
+The same params, grads, options and ``seed`` stepped by the for-loop backend (the low-bit reference,
+:func:`adamw.states.low_bit_step`), the foreach backend, the low-bit CPU kernel (``fused=True``) and, where
+Triton imports, the low-bit Triton kernel (under Triton's interpreter without a GPU): after every step
 the params and every state entry (moments, 8-bit codes and absmaxes, Kahan buffers, step counters)
-must be equal bit for bit, with no tolerance. Over every lean format, the flags, GradScaler's
+must be equal bit for bit, with no tolerance. Over every low-bit format, the flags, GradScaler's
 ``grad_scale`` and every param dtype, on random data and a group of odd shapes: one past 4096 values
 (8-bit codes, a short last block), a non-contiguous one large enough to be 8-bit, a small transposed
 one, a 0-d one and an empty one.
@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 
 f32, f16, bf16, f64, c64 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64
 
-# Every lean (state_precision, param_update): all but ("param", "round"), which is torch's own path.
+# Every low-bit (state_precision, param_update): all but ("param", "round"), which is torch's own path.
 # param_update applies to bfloat16 params; params of other dtypes are written back to nearest.
 FORMATS = [
     (precision, update)
@@ -140,7 +140,7 @@ def run_against_forloop(
 def count_fallbacks(backends: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Per kernel backend, the number of param steps it hands to the torch-ops reference."""
     counts: dict[str, int] = {}
-    for backend, module_name in (("cpu", "adamw.backends.cpu_lean"), ("triton", "adamw.backends.triton")):
+    for backend, module_name in (("cpu", "adamw.backends.cpu_low_bit"), ("triton", "adamw.backends.triton")):
         if backend not in backends:
             continue
         module = importlib.import_module(module_name)

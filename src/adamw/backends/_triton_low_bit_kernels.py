@@ -1,6 +1,6 @@
-r"""The lean Triton kernel: decode the moments, update, write the param and re-encode, in one pass.
+r"""The low-bit Triton kernel: decode the moments, update, write the param and re-encode, in one pass.
 
-Mirrors :func:`adamw.states.lean_step` operation for operation, in float32, as torch's CPU kernels
+Mirrors :func:`adamw.states.low_bit_step` operation for operation, in float32, as torch's CPU kernels
 evaluate it (so the two agree bit for bit)::
 
     g      <- grad (/ grad_scale, correctly rounded)    (-g with maximize)
@@ -19,7 +19,7 @@ Every scalar is computed on the host exactly as the reference computes it and ro
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
 ``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.states.reference.sqrt_rn`, not torch's
 float32 one, which is not always correctly rounded). Under Triton's interpreter ``sqrt_rn`` is
-numpy's, also correctly rounded. tests/test_low_bit_kernels.py and tests/test_lean_reproducible.py check
+numpy's, also correctly rounded. tests/test_low_bit_kernels.py and tests/test_low_bit_reproducible.py check
 the two agree bit for bit.
 
 Storage, per constexpr switch:
@@ -235,7 +235,7 @@ def _store_moment(
 
 
 @triton.jit
-def _lean_tile(
+def _low_bit_tile(
     row_ptr,
     codes_ptr,
     grad_scale,
@@ -381,7 +381,7 @@ def _lean_tile(
 
 
 @triton.jit
-def lean_kernel(
+def low_bit_kernel(
     table_ptr,
     chunk_tensor_ptr,
     codes_ptr,
@@ -402,7 +402,7 @@ def lean_kernel(
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One lean AdamW step on the ``BLOCKS`` blocks of 256 values of program ``program_id``."""
+    """One low-bit AdamW step on the ``BLOCKS`` blocks of 256 values of program ``program_id``."""
     pid = tl.program_id(0)
     tensor = tl.load(chunk_tensor_ptr + pid).to(tl.int64)
     row_ptr = table_ptr + tensor * ROW
@@ -431,7 +431,7 @@ def lean_kernel(
         tl.full([], eps, tl.float32),
     )
     if (first_block + BLOCKS) * QBLOCK <= numel:  # unmasked: vector loads on full chunks
-        _lean_tile(
+        _low_bit_tile(
             *tile_args,
             MASKED=False,
             PARAM_DTYPE=PARAM_DTYPE,
@@ -444,7 +444,7 @@ def lean_kernel(
             HAS_GRAD_SCALE=HAS_GRAD_SCALE,
         )
     else:
-        _lean_tile(
+        _low_bit_tile(
             *tile_args,
             MASKED=True,
             PARAM_DTYPE=PARAM_DTYPE,

@@ -5,11 +5,13 @@
 #     bash benchmarks/gpu_check.sh         # results under $OUT (default: gpu_check_out/), 7 files
 #
 # Stages, most important first, each under its own time limit (seconds, overridable):
-#   1. tests/test_triton.py on CUDA tensors (compiled kernel; graph capture; parity with torch fused)
+#   1. the Triton tests on CUDA tensors: tests/test_triton.py (compiled kernel; graph capture; parity
+#      with torch fused), test_low_bit_kernels.py and test_low_bit_reproducible.py (the low-bit kernel
+#      bit for bit against the for-loop reference)
 #   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep
 #   3. the whole test suite
 #   4. python -m adamw bench --device cuda
-# Worst case 9 minutes (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
+# Worst case 9 min 50 s (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
 # subset. Exit status: nonzero if any stage failed; every chosen stage runs regardless.
 set -u
 cd "$(dirname "$0")/.."
@@ -40,10 +42,11 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/environment.txt"
 
-stage test_triton "${LIMIT_TEST_TRITON:-120}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_triton.py
+stage test_triton "${LIMIT_TEST_TRITON:-200}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_triton.py tests/test_low_bit_kernels.py tests/test_low_bit_reproducible.py
 stage gpu_check "${LIMIT_GPU_CHECK:-150}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
 stage test_suite "${LIMIT_TEST_SUITE:-150}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/
-stage bench "${LIMIT_BENCH:-120}" "$PYTHON" -m adamw bench --device cuda
+stage bench "${LIMIT_BENCH:-90}" "$PYTHON" -m adamw bench --device cuda
 
 cat "$OUT/summary.txt"
 exit "$status"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ import adamw
 from adamw.__main__ import main
 from adamw.cli.bench import timing, workloads
 from adamw.cli.bench.floor import MemoryFloor
+from adamw.states import init_low_bit_state
 
 TORCH_IMPLS = ("torch-forloop", "torch-foreach", "torch-fused")
 OUR_TORCH_OP_IMPLS = ("adamw-forloop", "adamw-foreach")  # no kernel to build: must always run
@@ -88,10 +90,22 @@ def test_bytes_per_step_is_seven_accesses_per_element(
         assert r["bytes_per_step"] == bytes_per_element * n_params, r["impl"]
 
 
-@pytest.mark.parametrize(("workload", "bytes_per_element"), [("big", 28), ("bf16", 14)])
-def test_floor_row_moves_a_plain_steps_bytes(tmp_path: Path, workload: str, bytes_per_element: int) -> None:
-    """The floor touches param, grad and two moments (no max_exp_avg_sq, even with --amsgrad)."""
-    results = _bench_json(tmp_path, "--workloads", workload, "--impls", "floor", "--amsgrad")["results"]
+@pytest.mark.parametrize(
+    ("workload", "floor", "bytes_per_element"),
+    [
+        ("big", "floor", 28),
+        ("bf16", "floor", 14),
+        ("bf16", "floor-kahan", 18),  # plus a bf16 Kahan buffer, read and written
+        ("big", "floor-kahan", 28),  # float32 params have none
+        ("big", "floor-8bit", 16 + 2 * 2 * 4 / 256),  # 1-byte codes and a float32 absmax per 256 values
+        ("bf16", "floor-8bit", 10 + 2 * 2 * 4 / 256),
+    ],
+)
+def test_floor_rows_move_their_formats_bytes(
+    tmp_path: Path, workload: str, floor: str, bytes_per_element: float
+) -> None:
+    """A floor touches param, grad and its format's state (no max_exp_avg_sq, even with --amsgrad)."""
+    results = _bench_json(tmp_path, "--workloads", workload, "--impls", floor, "--amsgrad")["results"]
     n_params = sum(_numel(shape) for shape in workloads.WORKLOADS[workload].quick_shapes)
     assert [r["status"] for r in results] == ["ok"]
     assert results[0]["bytes_per_step"] == bytes_per_element * n_params
@@ -159,52 +173,82 @@ def test_python_m_adamw_help() -> None:
     assert "7*s" in done.stdout and "--json" in done.stdout and "gpt2" in done.stdout
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_memory_floor_moves_a_steps_bytes_and_changes_nothing(dtype: torch.dtype) -> None:
-    """The floor row reads and writes every element of param, grad and moments, and leaves them as they were."""
-    generator = torch.Generator().manual_seed(0)
-    shapes = [(), (0,), (3,), (1000,), (257, 131)]  # 0-d, empty, sizes off every vector width, > one thread's share
-    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
+# Every storage format's floor: (dtype, state_precision, param_update). 8-bit codes and absmaxes, a
+# Kahan buffer, bf16 moments; float64 and float16 params in the param's dtype.
+FLOOR_FORMATS = [
+    (torch.float32, "param", "round"),
+    (torch.float64, "param", "round"),
+    (torch.float16, "param", "round"),
+    (torch.bfloat16, "param", "round"),
+    (torch.bfloat16, "param", "kahan"),
+    (torch.float32, "bf16", "round"),
+    (torch.float32, "8bit", "round"),
+    (torch.bfloat16, "8bit", "stochastic"),
+]
+# 0-d, empty, sizes off every vector width, several 8-bit blocks, over one thread's share, a partial block.
+FLOOR_SHAPES = [(), (0,), (3,), (1000,), (257, 131), (70001,), (4096,)]
+
+
+def _floor_params(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in FLOOR_SHAPES]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(dtype)
-    floor = MemoryFloor(params)
+    return params
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _tensors(floor: MemoryFloor, p: torch.Tensor) -> list[torch.Tensor]:
+    return [p, p.grad, *floor.state[p].values()]
+
+
+@pytest.mark.parametrize(("dtype", "state_precision", "param_update"), FLOOR_FORMATS)
+def test_memory_floor_changes_nothing(dtype: torch.dtype, state_precision: str, param_update: str) -> None:
+    """The floor's state is the format's (as adamw.AdamW makes it), and a step leaves every byte as it was."""
+    params = _floor_params(dtype, seed=0)
+    options = {"state_precision": state_precision, "param_update": param_update}
+    floor = MemoryFloor(params, **options)
     floor.step()
-    for p in params:  # moments of random values, not the zeros it starts with
-        for key in ("exp_avg", "exp_avg_sq"):
-            floor.state[p][key].copy_(torch.randn(p.shape, generator=generator).to(dtype))
-    before = [[t.clone() for t in (p, p.grad, floor.state[p]["exp_avg"], floor.state[p]["exp_avg_sq"])] for p in params]
+    generator = torch.Generator().manual_seed(2)
+    for p in params:
+        made = init_low_bit_state(p, amsgrad=False, state_precision=state_precision, param_update=param_update)
+        assert {k: (v.dtype, v.shape) for k, v in floor.state[p].items()} == {
+            k: (v.dtype, v.shape) for k, v in made.items()
+        }
+        for t in floor.state[p].values():  # random bytes, not the zeros it starts with
+            _bits(t).copy_(
+                torch.randint(0, 256, (t.numel() * t.element_size(),), generator=generator, dtype=torch.uint8)
+            )
+    before = [[t.detach().clone() for t in _tensors(floor, p)] for p in params]
     for _ in range(3):
         floor.step()
     for p, saved in zip(params, before, strict=True):
-        now = (p, p.grad, floor.state[p]["exp_avg"], floor.state[p]["exp_avg_sq"])
-        for old, new in zip(saved, now, strict=True):
-            assert torch.equal(old.reshape(-1).view(torch.uint8), new.detach().reshape(-1).view(torch.uint8))
+        for old, new in zip(saved, _tensors(floor, p), strict=True):
+            assert torch.equal(_bits(old), _bits(new))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_memory_floor_reads_and_writes_every_element(dtype: torch.dtype) -> None:
-    """With an all-ones mask the pass XORs each grad into param and moments: every element is visited."""
-    generator = torch.Generator().manual_seed(1)
-    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in [(), (3,), (70001,), (64,)]]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
-    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
-
-    def as_bits(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().reshape(-1).view(bits)
-
-    floor = MemoryFloor(params, mask=-1)
-    before = [p.detach().clone() for p in params]
-    floor.step()  # creates zero moments, then XORs the grad into all three
-    for p, old in zip(params, before, strict=True):
-        assert torch.equal(as_bits(p), as_bits(old) ^ as_bits(p.grad))
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(as_bits(floor.state[p][key]), as_bits(p.grad))
-    floor.step()  # and back
-    for p, old in zip(params, before, strict=True):
-        assert torch.equal(as_bits(p), as_bits(old))
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert not as_bits(floor.state[p][key]).any()
+@pytest.mark.parametrize(("dtype", "state_precision", "param_update"), FLOOR_FORMATS)
+def test_memory_floor_reads_and_writes_every_element(
+    dtype: torch.dtype, state_precision: str, param_update: str
+) -> None:
+    """With an all-ones mask every written byte (param and state) is flipped, and the XOR of every grad
+    element comes back: each element is visited once."""
+    params = _floor_params(dtype, seed=1)
+    floor = MemoryFloor(params, state_precision=state_precision, param_update=param_update, mask=-1)
+    floor.step()  # creates the state, then flips param and state
+    before = [[t.detach().clone() for t in _tensors(floor, p)] for p in params]
+    floor.step()
+    for p, saved in zip(params, before, strict=True):
+        grad_and_others = zip(saved, _tensors(floor, p), strict=True)
+        for k, (old, new) in enumerate(grad_and_others):
+            expected = _bits(old) if k == 1 else _bits(old) ^ 0xFF  # the grad (k = 1) is only read
+            assert torch.equal(_bits(new), expected), k
+    words = torch.cat([_bits(p.grad) for p in params]).numpy().view(f"<u{params[0].element_size()}")
+    expected_xor = int(np.bitwise_xor.reduce(words)) if words.size else 0
+    assert floor.read_xor == expected_xor
 
 
 def test_memory_floor_refuses_what_it_cannot_stream() -> None:

@@ -32,11 +32,13 @@ columns:
                kernel can exceed 100%.
   vs torch-fused
                torch-fused's ms/step / this row's: above 1 is faster than torch's fused step
-  floor (row)  param, grad, exp_avg, exp_avg_sq read and the three written back unchanged, once,
-               on the same buffers, with no arithmetic (without amsgrad's max_exp_avg_sq): the
-               least a step that keeps its state in the param's dtype can take (8-bit states move
-               fewer bytes). A row's ms/step over the floor's is its distance from the memory
-               limit, and bounds what any faster such step could gain on it.
+  x floor      this row's ms/step / that of its storage format's floor row (1.00: at the memory limit)
+  floor rows   a storage format's memory traffic with no arithmetic: param, grad and every state
+               tensor of the format read, param and state written back unchanged, once, on the same
+               buffers (without amsgrad's max_exp_avg_sq). floor: moments in the param's dtype;
+               floor-kahan: plus a bf16 Kahan buffer; floor-8bit: 8-bit codes and absmaxes. No step
+               in that format can take less time; a row's ms/step over its format's floor is its
+               distance from the memory limit.
 
 {FORMULA}
 

@@ -1,58 +1,82 @@
-/* The memory floor of an AdamW step, for `adamw bench`: what any step must cost at the least.
+/* The memory floor of an AdamW step, for `adamw bench`: what any step in a given storage format must
+ * cost at the least.
  *
- * Reads every element of param, grad, exp_avg and exp_avg_sq and writes param, exp_avg and
- * exp_avg_sq back, the pattern of a fused AdamW step (28 bytes per float32 element, 14 per
- * bfloat16), with no arithmetic beyond an AND and an XOR: `x ^= grad & mask` with mask 0 at run
- * time, so the values stay as they were while the compiler must still load the grad and store x.
- * The work split of adamw_cpu.c (adamw_common.h): one parallel region, the tensors as one range, one
- * chunk per thread; but the cuts are rounded to 64 elements of the whole range, not of each tensor,
- * and no call is too small to split.
+ * Reads every element of a step's tensors and writes back those a step writes, with no arithmetic
+ * beyond an XOR: each param is a list of pieces (the param, its grad, each state tensor of its
+ * format: full-precision moments, bf16 moments, 8-bit codes and their absmaxes, a Kahan buffer), each
+ * with its element size and whether the step writes it. A written element becomes `x ^ mask`, with
+ * mask 0 at run time, so the values stay as they were while the compiler must still load and store
+ * each one; a read-only one (the grad) is XORed into a running value that is returned, so that no
+ * load can be dropped. A piece may hold one element per `per` values of the param (an 8-bit absmax:
+ * one per 256-value block).
+ *
+ * The work split of adamw_cpu.c (adamw_common.h): one parallel region, the params as one range, one
+ * share per thread, cut at multiples of 256 values of the whole range; a piece with one element per
+ * `per` values has element j visited by the thread whose share holds value j * per, so no element is
+ * visited twice. Within a share, the pieces are streamed a tile at a time, as a fused kernel streams
+ * its columns side by side.
  */
 #include <stdint.h>
 
 #include "adamw_common.h"
 
-#define CUT_ALIGN 64
+#define CUT_ALIGN 256
+#define TILE 2048
 
-#define DEFINE_TOUCH(NAME, T)                                                                       \
-    static void NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, int64_t lo,  \
-                     int64_t hi, T mask) {                                                          \
-        for (int64_t i = lo; i < hi; i++) {                                                         \
-            const T x = g[i] & mask;                                                                \
-            p[i] ^= x;                                                                              \
-            m[i] ^= x;                                                                              \
-            v[i] ^= x;                                                                              \
-        }                                                                                           \
+#define DEFINE_TOUCH(NAME, T)                                                                      \
+    static uint64_t NAME(T *restrict x, int64_t lo, int64_t hi, int written, T mask) {             \
+        T read = 0;                                                                                \
+        if (written)                                                                               \
+            for (int64_t i = lo; i < hi; i++) x[i] ^= mask;                                        \
+        else                                                                                       \
+            for (int64_t i = lo; i < hi; i++) read ^= x[i];                                        \
+        return read;                                                                               \
     }
 
+DEFINE_TOUCH(touch_1, uint8_t)
 DEFINE_TOUCH(touch_2, uint16_t)
 DEFINE_TOUCH(touch_4, uint32_t)
 DEFINE_TOUCH(touch_8, uint64_t)
 
-/* One pass over `n` tensors of `item` bytes per element (2, 4 or 8; returns -1 for another). The
- * bench passes mask 0; the tests pass all ones, which XORs the grad's bits into the other three and
- * so shows that every element was read and written. */
-int adamw_floor_pass(int item, int64_t n, void *const *params, void *const *grads, void *const *exp_avgs,
-                     void *const *exp_avg_sqs, const int64_t *numels, int num_threads, int64_t mask) {
-    if (item != 2 && item != 4 && item != 8) return -1;
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static uint64_t touch(void *x, int item, int64_t lo, int64_t hi, int written, int64_t mask) {
+    switch (item) {
+        case 1: return touch_1(x, lo, hi, written, (uint8_t)mask);
+        case 2: return touch_2(x, lo, hi, written, (uint16_t)mask);
+        case 4: return touch_4(x, lo, hi, written, (uint32_t)mask);
+        default: return touch_8(x, lo, hi, written, (uint64_t)mask);
+    }
+}
+
+/* One pass over `n` params of `numels[t]` values each; param t's pieces are
+ * [first_piece[t], first_piece[t + 1]) of `pieces`, `items` (bytes per element: 1, 2, 4 or 8),
+ * `per` (values of the param per element: 1, or the block size) and `written`. Returns -1 for a bad
+ * item or per, else 0, with the XOR of every read-only element's bits (zero-extended) in *read_xor. */
+int adamw_floor_pass(int64_t n, const int64_t *numels, const int64_t *first_piece, void *const *pieces,
+                     const int *items, const int64_t *per, const int *written, int num_threads, int64_t mask,
+                     uint64_t *read_xor) {
     int64_t total = 0;
     for (int64_t t = 0; t < n; t++) total += numels[t];
+    for (int64_t k = 0; k < first_piece[n]; k++) {
+        if (items[k] != 1 && items[k] != 2 && items[k] != 4 && items[k] != 8) return -1;
+        if (per[k] < 1) return -1;
+    }
+    uint64_t read = 0;
     const int threads = team_size(num_threads, total, 0);
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(^ : read)
     {
         const Range mine = thread_share(total, CUT_ALIGN);
         int64_t offset = 0;
         for (int64_t t = 0; t < n && offset < mine.end; offset += numels[t], t++) {
             const Range part = clip(mine, offset, numels[t]);
-            const int64_t lo = part.begin, hi = part.end;
-            if (lo >= hi) continue;
-            if (item == 2)
-                touch_2(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lo, hi, (uint16_t)mask);
-            else if (item == 4)
-                touch_4(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lo, hi, (uint32_t)mask);
-            else
-                touch_8(params[t], grads[t], exp_avgs[t], exp_avg_sqs[t], lo, hi, (uint64_t)mask);
+            for (int64_t lo = part.begin; lo < part.end; lo += TILE) {
+                const int64_t hi = lo + TILE < part.end ? lo + TILE : part.end;
+                for (int64_t k = first_piece[t]; k < first_piece[t + 1]; k++)
+                    read ^= touch(pieces[k], items[k], ceil_div(lo, per[k]), ceil_div(hi, per[k]), written[k], mask);
+            }
         }
     }
+    *read_xor = read;
     return 0;
 }

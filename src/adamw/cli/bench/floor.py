@@ -1,11 +1,12 @@
-"""The memory floor of a step, as a row of ``adamw bench``: AdamW's memory traffic with no math.
+"""The memory floor of a step, as rows of ``adamw bench``: a storage format's memory traffic, no math.
 
 :class:`MemoryFloor` has an optimizer's interface so that the bench times it like the others, but its
-"step" changes nothing: one pass of ``floor.c`` reads param, grad, exp_avg and exp_avg_sq and
-writes param, exp_avg and exp_avg_sq back unchanged, on all threads, as a fused step does. No step
-that keeps its state in the param's dtype can take less time on the same buffers, so the ratio of
-another row's time to this one bounds what any faster kernel could gain (e.g. over the foreach path).
-CPU tensors only; the library is built on first use by :mod:`adamw.backends._native`, as our kernels are.
+"step" changes nothing: one pass of ``floor.c``, on all threads as a fused step, reads each param, its
+grad and every state tensor of the format (made as :class:`adamw.AdamW` makes them: full-precision or
+bf16 moments, 8-bit codes and absmaxes, a Kahan buffer) and writes back the param and the state
+unchanged. No step in that format can take less time on the same buffers, so the ratio of another
+row's time to its format's floor is its distance from the memory limit. CPU tensors only; the library
+is built on first use by :mod:`adamw.backends._native`, as our kernels are.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from torch import Tensor
 
 from adamw.backends import _native
+from adamw.states import init_low_bit_state
+from adamw.states.rounding import effective_param_update
 
 SOURCE = Path(__file__).with_name("floor.c")
 
@@ -27,13 +30,13 @@ SOURCE = Path(__file__).with_name("floor.c")
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     fn = lib.adamw_floor_pass
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    # item, n, params, grads, exp_avgs, exp_avg_sqs, numels, num_threads, mask
-    fn.argtypes = [i32, i64, ptr, ptr, ptr, ptr, ptr, i32, i64]
+    # n, numels, first_piece, pieces, items, per, written, num_threads, mask, read_xor
+    fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, ptr]
     fn.restype = i32
     return fn
 
 
-KERNEL = _native.Kernel(SOURCE, _bind, "memory-floor probe", "leave out the floor row")
+KERNEL = _native.Kernel(SOURCE, _bind, "memory-floor probe", "leave out the floor rows")
 
 
 def floor_pass() -> Callable[..., int]:
@@ -42,11 +45,17 @@ def floor_pass() -> Callable[..., int]:
 
 
 class MemoryFloor(torch.optim.Optimizer):
-    """Not an optimizer: each ``step`` moves a fused AdamW step's bytes and leaves every value as it was."""
+    """Not an optimizer: each ``step`` moves the bytes of a fused AdamW step in the given storage format
+    (:class:`adamw.AdamW`'s ``state_precision`` and ``param_update``; no amsgrad) and leaves every value
+    as it was."""
 
-    def __init__(self, params: Iterable[Tensor], *, mask: int = 0) -> None:
+    def __init__(
+        self, params: Iterable[Tensor], *, state_precision: str = "param", param_update: str = "round", mask: int = 0
+    ) -> None:
         super().__init__(params, {})
-        self._mask = mask  # all ones (-1) in the tests: then every value is XORed with its grad's bits
+        self._format = {"state_precision": state_precision, "param_update": param_update}
+        self._mask = mask  # all ones (-1) in the tests: then every written value has its bits flipped
+        self.read_xor = 0  # the last step's XOR of every grad word it read (the tests check it)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
@@ -57,30 +66,40 @@ class MemoryFloor(torch.optim.Optimizer):
             if any(not p.is_cpu or not p.is_contiguous() or not p.grad.is_contiguous() for p in params):
                 raise RuntimeError("the memory floor runs on contiguous CPU tensors only")
             for p in params:
-                state = self.state[p]
-                if not state:  # the moments a fused step keeps, in the param's dtype
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-            items = {p.element_size() for p in params}
-            if len(items) != 1:
-                raise RuntimeError("the memory floor needs params of one element size per group")
-            columns = [
-                array.array("Q", [t.data_ptr() for t in column])
-                for column in (
-                    params,
-                    [p.grad for p in params],
-                    [self.state[p]["exp_avg"] for p in params],
-                    [self.state[p]["exp_avg_sq"] for p in params],
-                )
+                if not self.state[p]:
+                    self.state[p] = init_low_bit_state(
+                        p,
+                        amsgrad=False,
+                        state_precision=self._format["state_precision"],
+                        param_update=effective_param_update(p, self._format["param_update"]),
+                    )
+            first_piece, pieces, items, per, written = [0], [], [], [], []
+            for p in params:
+                tensors = [(p, True), (p.grad, False), *((t, True) for t in self.state[p].values())]
+                for t, writes in tensors:
+                    if not t.is_contiguous():
+                        raise RuntimeError("the memory floor runs on contiguous CPU tensors only")
+                    pieces.append(t.data_ptr())
+                    items.append(t.element_size())
+                    per.append(1 if t.numel() == p.numel() else -(-p.numel() // max(t.numel(), 1)))
+                    written.append(int(writes))
+                first_piece.append(len(pieces))
+            arrays = [
+                array.array("q", [p.numel() for p in params]),
+                array.array("q", first_piece),
+                array.array("Q", pieces),
+                array.array("i", items),
+                array.array("q", per),
+                array.array("i", written),
             ]
-            numels = array.array("q", [p.numel() for p in params])
+            read_xor = ctypes.c_uint64(0)
             rc = floor_pass()(
-                items.pop(),
                 len(params),
-                *(column.buffer_info()[0] for column in columns),
-                numels.buffer_info()[0],
+                *(a.buffer_info()[0] for a in arrays),
                 torch.get_num_threads(),
                 self._mask,
+                ctypes.byref(read_xor),
             )
             if rc != 0:
                 raise RuntimeError(f"the memory floor pass failed with code {rc}")
+            self.read_xor = read_xor.value

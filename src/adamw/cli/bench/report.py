@@ -29,13 +29,24 @@ def format_report(results: list[Result], copy: Copy, meta: dict[str, Any]) -> st
             "multi-threaded CPU steps slow down far more than that share, so expect noisy numbers"
         )
     lines.append("")
-    header = ("workload", "implementation", "ms/step", "min-max", "Mparams/s", "GB/s", "% copy", "vs torch-fused")
+    header = (
+        "workload",
+        "implementation",
+        "ms/step",
+        "min-max",
+        "Mparams/s",
+        "GB/s",
+        "% copy",
+        "vs torch-fused",
+        "x floor",
+    )
     rows: list[Sequence[str]] = []
     for r in results:
         if r.status != "ok":
             rows.append((r.workload, r.impl, f"unavailable: {r.reason}"))
             continue
         ratio = f"{r.vs_torch_fused:.2f}x" if r.vs_torch_fused is not None else "-"
+        over_floor = f"{r.over_floor:.2f}" if r.over_floor is not None else "-"
         rows.append(
             (
                 r.workload,
@@ -46,6 +57,7 @@ def format_report(results: list[Result], copy: Copy, meta: dict[str, Any]) -> st
                 f"{r.gb_per_s:.1f}",
                 f"{100 * r.fraction_of_copy:.0f}%",
                 ratio,
+                over_floor,
             )
         )
     # A note row ("unavailable: ...") runs on past the numeric columns and does not set their width.

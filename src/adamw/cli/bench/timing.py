@@ -93,6 +93,7 @@ class Result:
     gb_per_s: float = 0.0
     fraction_of_copy: float = 0.0
     vs_torch_fused: float | None = None
+    over_floor: float | None = None  # ms/step over that of its storage format's floor row
     window_ms: list[float] = field(default_factory=list)
 
 
@@ -335,9 +336,13 @@ def _summarize(entries: list[_Entry]) -> list[Result]:
         result.params_per_s = result.n_params / result.ms_median * 1e3
         result.gb_per_s = result.bytes_per_step / result.ms_median / 1e6
     reference = next((r for r in results if r.impl == REFERENCE_IMPL and r.status == "ok"), None)
+    floors = {r.impl: r for r in results if r.impl.startswith("floor") and r.status == "ok"}
     for r in results:
         if reference is not None and r.status == "ok":
             r.vs_torch_fused = reference.ms_median / r.ms_median
+        floor = floors.get(IMPLEMENTATIONS[r.impl].floor)
+        if floor is not None and r.status == "ok":
+            r.over_floor = r.ms_median / floor.ms_median
     return results
 
 

@@ -116,10 +116,13 @@ def _torch(**flags: Any) -> Factory:
     return make
 
 
-def _floor(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-    from .floor import MemoryFloor
+def _floor(**storage: str) -> Factory:
+    def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
+        from .floor import MemoryFloor
 
-    return MemoryFloor(params)
+        return MemoryFloor(params, **storage)
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Implementation:
     name: str
     description: str
     make: Factory
+    floor: str = "floor"  # the floor row of the storage format it steps (the "x floor" column)
 
 
 # A new implementation (e.g. an 8-bit state mode) is one more line here. Its bytes per step follow
@@ -145,14 +149,44 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "adamw-fused", "adamw.AdamW(fused=True): our C kernel on CPU, Triton on CUDA", _adamw(fused=True)
         ),
         Implementation(
+            "adamw-fused-stochastic",
+            'adamw.AdamW(fused=True, param_update="stochastic") (bf16 params; others are rounded)',
+            _adamw(fused=True, param_update="stochastic"),
+        ),
+        Implementation(
+            "adamw-fused-kahan",
+            'adamw.AdamW(fused=True, param_update="kahan") (bf16 params; others are rounded)',
+            _adamw(fused=True, param_update="kahan"),
+            floor="floor-kahan",
+        ),
+        Implementation(
             "adamw-fused-8bit",
             'adamw.AdamW(fused=True, state_precision="8bit")',
             _adamw(fused=True, state_precision="8bit"),
+            floor="floor-8bit",
+        ),
+        Implementation(
+            "adamw-fused-8bit-stochastic",
+            'adamw.AdamW(fused=True, state_precision="8bit", param_update="stochastic")',
+            _adamw(fused=True, state_precision="8bit", param_update="stochastic"),
+            floor="floor-8bit",
         ),
         Implementation(
             "floor",
-            "no optimizer: a fused step's reads and writes, no math (CPU; see columns)",
-            _floor,
+            "no optimizer: a fused step's reads and writes, moments in the param's dtype, no math (CPU)",
+            _floor(),
+        ),
+        Implementation(
+            "floor-kahan",
+            "the floor with a Kahan buffer beside bf16 params (as floor for others)",
+            _floor(param_update="kahan"),
+            floor="floor-kahan",
+        ),
+        Implementation(
+            "floor-8bit",
+            "the floor with 8-bit moments (codes and absmaxes)",
+            _floor(state_precision="8bit"),
+            floor="floor-8bit",
         ),
     )
 }

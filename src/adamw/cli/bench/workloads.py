@@ -116,11 +116,11 @@ def _torch(**flags: Any) -> Factory:
     return make
 
 
-def _floor(**storage: str) -> Factory:
+def _floor(state_precision: str = "param", param_update: str = "round") -> Factory:
     def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
         from .floor import MemoryFloor
 
-        return MemoryFloor(params, **storage)
+        return MemoryFloor(params, state_precision=state_precision, param_update=param_update)
 
     return make
 

@@ -336,6 +336,19 @@ def test_a_copy_of_model_and_optimizer_trains_as_the_original(copy_of: Callable[
 
 
 @pytest.mark.parametrize("copy_of", COPIES)
+def test_a_copy_in_a_low_bit_format_steps_and_takes_new_groups(copy_of: Callable[[Any], Any]) -> None:
+    # A low-bit step numbers each param's rounding stream, which a copy holds from its first step on,
+    # whichever param a step in backward reaches first.
+    model, opt = in_backward_run("forloop", range(2), state_format="8bit")
+    copied_model, copied_opt = copy_of((model, opt))
+    for m, o in ((model, opt), (copied_model, copied_opt)):
+        in_backward_run("forloop", range(2, STEPS), m, o)
+    assert_same_run(copied_opt, opt, params(copied_model), params(model))
+    copied_opt.add_param_group({"params": [nn.Parameter(torch.ones(3))]})
+    assert copied_opt._streams[copied_opt.param_groups[-1]["params"][0]] == len(params(copied_model))
+
+
+@pytest.mark.parametrize("copy_of", COPIES)
 def test_a_copy_of_the_optimizer_alone_keeps_the_state_it_had(copy_of: Callable[[Any], Any]) -> None:
     # It holds copies of the params, as a copy of any torch optimizer does: later steps of the
     # original leave it as it was, and its state_dict() can restore the original.

@@ -1,5 +1,6 @@
 """The fused kernels keep what they built for a group (the CPU kernel's pointer arrays, the Triton
-kernel's launch tables, the low-bit kernels' tables) from one step to the next. Memory that stays where
+kernel's launch tables, the low-bit kernels' tables) from one step to the next, in one kind of cache
+(:class:`adamw.backends._plans.PlanCache`, whose rules are tested here first). Memory that stays where
 it was but is read differently (``t.data = t.data.view(dtype)`` keeps the pointer and the byte count,
 and changes the dtype and the number of values) must not reuse it: the next step gives what a fresh
 optimizer gives on the same tensors, or raises what that one raises, having changed nothing.
@@ -15,6 +16,80 @@ from torch import Tensor
 
 import adamw
 from _helpers import assert_bitwise, assert_unchanged, backend_params, catch, snapshot
+from adamw.backends._plans import PlanCache, fingerprint
+
+# --------------------------------------------------------------------------------------------------
+# the cache
+
+
+def _found(cache: PlanCache[int], keys: range) -> list[int]:
+    return [key for key in keys if cache.get(key, "memory") is not None]
+
+
+def test_a_plan_is_found_while_its_memory_is_as_it_was() -> None:
+    t, grad = torch.zeros(4, 4), torch.zeros(4, 4)
+    cache: PlanCache[str] = PlanCache()
+    cache.put("group", fingerprint([t], [grad]), "plan")
+    assert cache.get("group", fingerprint([t], [torch.ones(4, 4)])) == "plan"  # a grad's address may change
+    for changed in (
+        fingerprint([t.view(torch.float16)], [grad]),  # same address and bytes, another dtype
+        fingerprint([t.t()], [grad]),  # same address, bytes and dtype, another order
+        fingerprint([t.clone()], [grad]),  # moved
+        fingerprint([t], [grad.double()]),  # a grad of another dtype
+        None,  # never matches
+    ):
+        assert cache.get("group", changed) is None
+    assert cache.get("another group", fingerprint([t], [grad])) is None
+    assert cache.cache_info()[:3] == (1, 6, 1)
+    cache.clear()
+    assert cache.cache_info() == (0, 0, 0, 0, 0, 0)
+
+
+def test_plans_beyond_the_count_are_dropped_oldest_first_but_not_pinned_ones() -> None:
+    cache: PlanCache[int] = PlanCache(max_plans=5, recent=2)
+    for key in range(8):
+        cache.put(key, "memory", key, nbytes=10)
+    assert _found(cache, range(8)) == [3, 4, 5, 6, 7]
+    cache.get(3, "memory", pin=True)  # now the newest
+    for key in range(8, 13):
+        cache.put(key, "memory", key, nbytes=10)
+    assert _found(cache, range(13)) == [3, 9, 10, 11, 12]
+    assert cache.cache_info()[2:] == (5, 50, 1, 0)
+
+
+def test_plans_beyond_the_byte_budget_are_dropped_but_not_the_newest() -> None:
+    cache: PlanCache[int] = PlanCache(max_bytes=50, recent=2)
+    for key in range(8):
+        cache.put(key, "memory", key, nbytes=10)
+    assert _found(cache, range(8)) == [3, 4, 5, 6, 7]
+    cache.put(8, "memory", 8, nbytes=100)
+    assert _found(cache, range(9)) == [7, 8]
+    assert cache.cache_info().nbytes == 110
+
+
+def test_plans_holding_staged_copies_are_kept_among_the_newest_only() -> None:
+    cache: PlanCache[int] = PlanCache(recent=2)
+    for key in range(5):
+        cache.put(key, "memory", key, staged=True)
+    for key in range(5, 7):
+        cache.put(key, "memory", key)
+    assert _found(cache, range(7)) == [3, 4, 5, 6]
+    assert cache.cache_info().staged == 2
+
+
+def test_a_pinned_plan_stays_when_a_new_plan_of_its_key_replaces_it() -> None:
+    """Found no more, it still counts against the limits (its graph may replay)."""
+    cache: PlanCache[str] = PlanCache(max_plans=2, recent=0)
+    cache.put("group", "captured", "captured plan", nbytes=10, pin=True)
+    cache.put("group", "eager", "eager plan", nbytes=10)
+    assert cache.get("group", "captured") is None and cache.get("group", "eager") == "eager plan"
+    cache.put("other", "memory", "other plan", nbytes=10)
+    assert cache.get("group", "eager") is None and cache.get("other", "memory") == "other plan"
+    assert cache.cache_info()[2:] == (2, 20, 1, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory read differently under a kept plan
 
 # (param dtype while stepping, dtype it is then read as, which tensors are read as that dtype)
 REINTERPRETATIONS = {

@@ -2,7 +2,7 @@
 against the low-bit reference, bit for bit.
 
 Two AdamW optimizers on copies of the same params, one running a kernel and one with
-``backend="forloop"`` (the reference, :func:`adamw.states.low_bit_step`), same ``state_precision``,
+``backend="forloop"`` (the reference, :func:`adamw.backends.forloop.reference_step`), same ``state_precision``,
 ``param_update`` and ``seed``; after every step the params and every state entry must be equal bit for
 bit, with no tolerance (tests/test_low_bit_reproducible.py holds every backend to the same). Both kernels
 round every operation as the reference does.

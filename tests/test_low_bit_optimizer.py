@@ -20,9 +20,9 @@ from torch import Tensor
 
 import adamw
 from _helpers import DRIFT, FORMATS, ROUND_TRIP, assert_same_run
+from adamw.backends.forloop import sqrt_rn
 from adamw.states import KAHAN_KEY, UNSIGNED_CODE, Code
 from adamw.states import formats as formats_module
-from adamw.states.reference import sqrt_rn
 
 # Small tensors: one thread is faster by far.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
 """A seeded low-bit run is the same run, bit for bit, on every backend.
 
 The same params, grads, options and ``seed`` stepped by the for-loop backend (the low-bit reference,
-:func:`adamw.states.low_bit_step`), the foreach backend, the low-bit CPU kernel (``fused=True``) and, where
+:func:`adamw.backends.forloop.reference_step`), the foreach backend, the low-bit CPU kernel (``fused=True``) and, where
 Triton imports, the low-bit Triton kernel (under Triton's interpreter without a GPU): after every step
 the params and every state entry (moments, 8-bit codes and absmaxes, Kahan buffers, step counters)
 must be equal bit for bit, with no tolerance. Over every low-bit format, the flags, GradScaler's

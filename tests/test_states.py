@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from _helpers import CLOSE
+from adamw.backends._common import Hyper
+from adamw.backends.forloop import sqrt_rn, step_low_bit
+from adamw.backends.low_bit import StorageFormat
 from adamw.cli.bench.workloads import gpt2_shapes
 from adamw.states import (
     BLOCK_SIZE,
@@ -26,14 +29,12 @@ from adamw.states import (
     format_for,
     full_precision_state,
     init_low_bit_state,
-    low_bit_step,
     quantize,
     rounding_key,
     state_nbytes,
     stochastic_round_to_bf16,
 )
 from adamw.states.quantize import LADDER_STEPS_PER_OCTAVE, quantization_error_bound
-from adamw.states.reference import sqrt_rn
 from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
 
 # These tensors are small: one thread is faster, and immune to a busy machine's other jobs.
@@ -343,7 +344,7 @@ def test_options_are_checked() -> None:
 
 
 def test_sqrt_rn_is_correctly_rounded() -> None:
-    """low_bit_step's float32 sqrt is the C kernel's sqrtf and Triton's sqrt_rn (numpy's sqrt, the
+    """The low-bit step's float32 sqrt is the C kernel's sqrtf and Triton's sqrt_rn (numpy's sqrt, the
     interpreter's, is the hardware's, correctly rounded): on every float32 of [1, 4) (two octaves:
     every significand, at either parity of the exponent), subnormals, random values of every
     exponent, zeros, infinity and NaN (sign kept)."""
@@ -430,11 +431,13 @@ def test_mismatched_checkpoints_fail_clearly() -> None:
 
 def test_kahan_state_converts_and_drops_for_torch() -> None:
     p = torch.randn(64, 80).to(torch.bfloat16)
-    options = dict(amsgrad=False, state_precision="8bit", param_update="kahan")
-    state = init_low_bit_state(p, **options)
-    for t in range(1, 4):
-        low_bit_step(p, torch.randn(64, 80).to(torch.bfloat16), state, **HYPER, **options, maximize=False, step=t)
-    state["step"] = torch.tensor(3.0)
+    state = init_low_bit_state(p, amsgrad=False, state_precision="8bit", param_update="kahan")
+    state["step"] = torch.tensor(0.0)
+    hyper = Hyper(**HYPER, amsgrad=False, maximize=False, capturable=False, differentiable=False)
+    storage = StorageFormat(state_precision="8bit", param_update="kahan", seed=0)
+    for _ in range(3):
+        grad = torch.randn(64, 80).to(torch.bfloat16)
+        step_low_bit([p], [grad], [state], [state["step"]], [0], hyper, storage)
     assert KAHAN_KEY in convert_state(state, p, "bf16")
     exported = full_precision_state(state, p)
     assert set(exported) == {"step", "exp_avg", "exp_avg_sq"} and exported["exp_avg"].dtype == torch.bfloat16

@@ -179,66 +179,52 @@ def test_plan_is_reused_while_tensors_stay_and_rebuilt_when_they_change() -> Non
         for p, r in zip(params, ref, strict=True):
             CLOSE["triton vs float64 reference, float32"].assert_close(p.detach().cpu().double(), r.param)
 
+    def built_and_found(k: int, grad_tensors: list[Tensor]) -> tuple[int, int]:
+        before = triton_backend._plans.cache_info()
+        step(k, grad_tensors)
+        after = triton_backend._plans.cache_info()
+        return after.misses - before.misses, after.hits - before.hits
+
     kept = [g.clone() for g in grads[0]]
-    step(0, kept)
-    plan = triton_backend._plans[next(reversed(triton_backend._plans))]
+    assert built_and_found(0, kept) == (1, 0)
     for g, new in zip(kept, grads[1], strict=True):
         g.copy_(new)  # same grad tensors, new values: the plan is reused
-    step(1, kept)
-    assert triton_backend._plans[next(reversed(triton_backend._plans))] is plan
-    step(2, [g.clone() for g in grads[2]])  # new grad tensors (the old ones are alive: new addresses)
-    assert triton_backend._plans[next(reversed(triton_backend._plans))] is not plan
+    assert built_and_found(1, kept) == (0, 1)
+    # new grad tensors (the old ones are alive: new addresses)
+    assert built_and_found(2, [g.clone() for g in grads[2]]) == (1, 0)
     params[0].data = params[0].data.clone()  # a param moved in memory
-    step(3, [g.clone() for g in grads[3]])
+    assert built_and_found(3, [g.clone() for g in grads[3]]) == (1, 0)
 
 
-@pytest.fixture
-def fresh_plans(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """An empty plan cache (with its byte and staged counts) for one test, small limits set by it."""
-    monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
-    monkeypatch.setattr(triton_backend, "_plan_bytes", 0)
-    monkeypatch.setattr(triton_backend, "_staged_plans", 0)
-    return triton_backend
+def test_small_plans_are_kept_for_a_whole_model() -> None:
+    """A step in backward makes a group, so a plan, of every param: under the default limits every
+    param's plan is found again on the next step."""
+    params = [torch.zeros(3, device=DEVICE, requires_grad=True) for _ in range(3 * triton_backend._plans.recent)]
+    optimizer = adamw.AdamW([{"params": [p]} for p in params], backend="triton")
+    for p in params:
+        p.grad = torch.ones(3, device=DEVICE)
+    optimizer.step()
+    before = triton_backend._plans.cache_info()
+    optimizer.step()
+    after = triton_backend._plans.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (len(params), 0)
 
 
-def _new_plan_each_step(param: Tensor, steps: int) -> list[Tensor]:
-    """Steps ``param`` with a new grad each time, all kept alive: a new grad address, so a new plan."""
-    optimizer = adamw.AdamW([param], backend="triton")
-    alive = []
-    for _ in range(steps):
-        param.grad = torch.ones(param.shape, device=DEVICE)
-        alive.append(param.grad)
-        optimizer.step()
-    return alive
-
-
-def test_plans_are_evicted_but_not_those_a_graph_uses(fresh_plans: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fresh_plans, "_MAX_PLANS", fresh_plans._RECENT_PLANS + 3)
+def test_plans_a_graph_capture_uses_are_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan found or built while a CUDA graph is captured stays, found or not (the graph's replays
+    read its table). Capture is faked: its CUDA calls cannot run here."""
     p = torch.zeros(3, device=DEVICE, requires_grad=True)
-    alive = _new_plan_each_step(p, fresh_plans._MAX_PLANS + 5)
-    assert len(fresh_plans._plans) == fresh_plans._MAX_PLANS
-    first = next(iter(fresh_plans._plans.values()))
-    first.in_graph = True
-    alive += _new_plan_each_step(p, 5)
-    assert first in fresh_plans._plans.values() and len(fresh_plans._plans) == fresh_plans._MAX_PLANS
-    assert fresh_plans._plan_bytes == sum(plan.nbytes for plan in fresh_plans._plans.values())
-
-
-def test_small_plans_are_kept_for_a_whole_model(fresh_plans: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Beyond the newest few, plans without staged copies are kept while their tables fit the budget
-    (a step in backward has a plan per param); plans with staged copies only among the newest."""
-    p = torch.zeros(3, device=DEVICE, requires_grad=True)
-    alive = _new_plan_each_step(p, 3 * fresh_plans._RECENT_PLANS)
-    assert len(fresh_plans._plans) == 3 * fresh_plans._RECENT_PLANS  # all kept under the default limits
-    size = next(iter(fresh_plans._plans.values())).nbytes
-    monkeypatch.setattr(fresh_plans, "_MAX_KEPT_BYTES", size * (fresh_plans._RECENT_PLANS + 2))
-    alive += _new_plan_each_step(p, 1)
-    assert len(fresh_plans._plans) == fresh_plans._RECENT_PLANS + 2  # the byte budget
-    strided = torch.nn.Parameter(torch.zeros(40, device=DEVICE)[::4])  # not dense: stepped through copies
-    alive += _new_plan_each_step(strided, 2 * fresh_plans._RECENT_PLANS)
-    staged = [plan for plan in fresh_plans._plans.values() if plan.staged]
-    assert len(staged) == fresh_plans._staged_plans == fresh_plans._RECENT_PLANS
-    assert fresh_plans._plan_bytes == sum(plan.nbytes for plan in fresh_plans._plans.values())
+    p.grad = torch.ones(3, device=DEVICE)
+    optimizer = adamw.AdamW([p], backend="triton")
+    optimizer.step()
+    before = triton_backend._plans.cache_info()
+    monkeypatch.setattr(triton_backend, "_is_capturing", lambda device: True)
+    optimizer.step()  # found
+    _old_grad, p.grad = p.grad, torch.ones(3, device=DEVICE)  # alive: the new grad has a new address
+    optimizer.step()  # built in its place
+    after = triton_backend._plans.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+    assert (after.pinned - before.pinned, after.plans - before.plans) == (2, 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,37 +4,47 @@ torch's ``foreach``/``fused`` flags are kept for compatibility and mapped here t
 (:func:`select_backend`). That name and the device type of the group's first param pick, from one
 table (:data:`STEPS`), a step for each kind of storage format: the full-precision one (torch's: the
 moments in the param's dtype, the param rounded to nearest) and the low-bit ones (bf16 or 8-bit
-moments, bf16 params written by stochastic rounding or with a Kahan buffer):
+moments, bf16 params written by stochastic rounding or with a Kahan buffer), in :mod:`adamw.backends`:
 
 =========  ===========  ===================================  =======================================
 backend    device type  full precision                       low-bit formats
 =========  ===========  ===================================  =======================================
-forloop    any          :mod:`~adamw.backends.forloop`       :mod:`~adamw.backends.low_bit` (torch ops)
-foreach    any          :mod:`~adamw.backends.foreach`       :mod:`~adamw.backends.low_bit` (torch ops)
-cpu        cpu          :mod:`~adamw.backends.cpu` (C)       :mod:`~adamw.backends.cpu_low_bit` (C)
-triton     cuda, cpu    :mod:`~adamw.backends.triton`        ``triton.step_low_bit``
+forloop    any          ``forloop.step`` (torch ops)         ``forloop.step_low_bit`` (torch ops)
+foreach    any          ``foreach.step`` (torch ops)         ``forloop.step_low_bit`` (torch ops)
+cpu        cpu          ``cpu.step`` (C)                     ``cpu_low_bit.step_low_bit`` (C)
+triton     cuda, cpu    ``triton.step`` (Triton)             ``triton.step_low_bit`` (Triton)
 =========  ===========  ===================================  =======================================
 
 ``fused=True`` is ``cpu`` on CPU tensors and ``triton`` on CUDA ones; ``triton`` runs CPU tensors
 under Triton's interpreter. DTensor params (FSDP2) in a low-bit format step their local shards
-through :mod:`~adamw.backends.low_bit` whatever the backend: the kernels take plain tensors, and the
+through ``forloop.step_low_bit`` whatever the backend: the kernels take plain tensors, and the
 rule that keeps a param under 4096 values in float32 needs the whole param.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
 from .backends import low_bit as _low_bit_backend
+from .backends import ops as _ops
 from .backends._common import PLAIN_TYPES, Hyper, run_eagerly
-from .options import BACKEND_DEVICES, FUSED_BACKENDS, check_backend_name, fused_backend_for
-from .states.reference import is_dtensor
+from .options import (
+    BACKEND_DEVICES,
+    FUSED_BACKENDS,
+    check_backend_name,
+    check_group_step,
+    fused_backend_for,
+    is_low_bit,
+    stepped_params,
+)
+from .states.entries import is_dtensor
 
 BackendName = Literal["forloop", "foreach", "cpu", "triton"]
 
@@ -142,8 +152,8 @@ _TRITON = Steps(_triton_step, _triton_low_bit_step, _check_triton)
 
 # (backend, device type of the group's first param) -> what runs; ANY_DEVICE: whatever torch runs.
 STEPS: dict[tuple[str, str], Steps] = {
-    ("forloop", ANY_DEVICE): Steps(_forloop_backend.step, _low_bit_backend.step),
-    ("foreach", ANY_DEVICE): Steps(_foreach_backend.step, _low_bit_backend.step),
+    ("forloop", ANY_DEVICE): Steps(_forloop_backend.step, _forloop_backend.step_low_bit),
+    ("foreach", ANY_DEVICE): Steps(_foreach_backend.step, _forloop_backend.step_low_bit),
     ("cpu", "cpu"): Steps(_c_step, _c_low_bit_step, _load_c_kernel),
     ("triton", "cuda"): _TRITON,
     ("triton", "cpu"): _TRITON,  # under Triton's interpreter
@@ -246,18 +256,62 @@ def _run(name: str, params: list[Tensor], *args: object) -> None:
     steps_for(name, params[0].device.type).full_precision(params, *args)
 
 
-# torch.compile runs our fused kernels eagerly, as it does torch's own fused optimizers: a kernel launched
-# through ctypes or Triton's launcher (and its loading and host work) cannot be traced, and a graph break
-# inside it would leave the whole step to eager mode, where every function it calls is compiled on its
-# own with guards on this optimizer's objects, so a few compiled optimizers in one process would exhaust
-# Dynamo's recompile limit.
-_run_fused = run_eagerly(_run)
+def _traceable(params: list[Tensor], hyper: Hyper) -> bool:
+    """Whether a fused step goes into a torch.compile graph as its kernel's op (:mod:`adamw.backends.ops`).
+
+    Only while compiling: eager, the op's dispatch would cost a step more than the call it wraps. Not
+    for DTensor params (FSDP2), which have no sharding rule for our ops and step their local shards,
+    nor for ``differentiable`` (the fused kernels refuse it, which the eager call says)."""
+    return torch.compiler.is_compiling() and set(map(type, params)) <= PLAIN_TYPES and not hyper.differentiable
 
 
-# Eager, as _run_fused: the low-bit kernels' host work cannot be traced, and every backend's low-bit
-# step reads the step counters on the host.
-@run_eagerly
+def _run_fused(
+    name: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    hyper: Hyper,
+) -> None:
+    if _traceable(params, hyper):
+        _ops.step(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+        return
+    _run_fused_eagerly(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+
+
+# Where the op cannot stand in (see _traceable), torch.compile runs the kernel's call as it is, as it
+# does torch's own fused optimizers: a kernel launched through ctypes or Triton's launcher (and its
+# loading and host work) cannot be traced, and a graph break inside it would leave the whole step to
+# eager mode, where every function it calls is compiled on its own with guards on this optimizer's
+# objects, so a few compiled optimizers in one process would exhaust Dynamo's recompile limit.
+_run_fused_eagerly = run_eagerly(_run)
+
+
 def _run_low_bit(
+    name: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    state_steps: list[Tensor],
+    streams: list[int],
+    hyper: Hyper,
+    state_precision: str,
+    param_update: str,
+    seed: int,
+) -> None:
+    if name in _ops.LOW_BIT_OPS and _traceable(params, hyper):
+        storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
+        _ops.step_low_bit(name, params, grads, states, state_steps, streams, hyper, storage)
+        return
+    _run_low_bit_eagerly(name, params, grads, states, state_steps, streams, hyper, state_precision, param_update, seed)
+
+
+# Eager, as _run_fused_eagerly: the low-bit kernels' host work cannot be traced, and every backend's
+# low-bit step reads the step counters on the host.
+@run_eagerly
+def _run_low_bit_eagerly(
     name: str,
     params: list[Tensor],
     grads: list[Tensor],
@@ -286,7 +340,7 @@ def _run_low_bit(
     plain = [i for i, s in enumerate(sharded) if not s]
     if plain:
         run(steps_for(name, params[plain[0]].device.type).low_bit, plain)
-    run(_low_bit_backend.step, [i for i, s in enumerate(sharded) if s])
+    run(_forloop_backend.step_low_bit, [i for i, s in enumerate(sharded) if s])
 
 
 def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
@@ -299,3 +353,31 @@ def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
         params = [p for p in params if not is_dtensor(p)]
     if params:
         steps_for(name, params[0].device.type).check(params, low_bit)
+
+
+# Eager, as torch's _init_group: traced, its lookups would guard the compiled step on one optimizer's
+# groups and state, and compile it once per optimizer.
+@run_eagerly
+def check_step(groups: list[dict[str, Any]], state: Mapping[Tensor, Mapping[str, Any]]) -> None:
+    """Raise, before any change, for whatever would make some group's step fail: the rules of
+    :mod:`adamw.options`, then each group's kernel (:func:`check_kernel`, after the checks torch also
+    makes), so that a missing compiler or Triton fails here, not after earlier groups were stepped or
+    state was created. ``groups`` and ``state`` are an optimizer's."""
+    for index, group in enumerate(groups):
+        params = stepped_params(group, index)
+        if not params:
+            continue
+        backend = select_backend(
+            params,
+            backend=group["backend"],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            differentiable=group["differentiable"],
+            capturable=group["capturable"],
+            lr=group["lr"],
+        )
+        if is_low_bit(group):
+            check_kernel(backend, params, low_bit=True)
+            continue
+        check_group_step(params, group, backend, state)
+        check_kernel(backend, params, low_bit=False)

@@ -18,28 +18,9 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from .backends._common import run_eagerly
-from .functional import adamw, check_kernel, select_backend
-from .options import (
-    FUSED_BACKENDS,
-    AdamWOptions,
-    check_group_options,
-    check_group_step,
-    check_storage_options,
-    is_low_bit,
-    stepped_params,
-)
-from .states.checkpoint import (
-    adopt_for_group,
-    adopt_groups,
-    complete_group,
-    from_checkpoint,
-    full_precision_state_dict,
-    new_state,
-    prepare_load,
-    shield_from_cast,
-    upgrade_number_step,
-    write_checkpoint_layout,
-)
+from .functional import adamw, check_step
+from .options import FUSED_BACKENDS, AdamWOptions, check_group_options, is_low_bit
+from .states import checkpoint
 
 
 class AdamW(Optimizer):
@@ -142,13 +123,11 @@ class AdamW(Optimizer):
         # Each param's number in the order it was added: the stream of its stochastic rounding. Kept
         # apart from param_groups, which step_in_backward narrows to one param while it steps.
         self._streams: dict[Tensor, int] = {}
-        # Each group's (group, state_precision, param_update) as its state was last stored, by id:
-        # step() compares them with the group's options to convert a state whose format was changed.
-        self._formats: dict[int, tuple[dict[str, Any], str, str]] = {}
+        # What step() compares with each group's options to convert a state whose format was changed.
+        self._formats = checkpoint.StoredFormats()
         super().__init__(params, defaults)
         self.reshardable_state_dict = reshardable_state_dict
-        uses_fused_kernel = bool(fused) or backend in FUSED_BACKENDS
-        if uses_fused_kernel:
+        if bool(fused) or backend in FUSED_BACKENDS:
             # GradScaler hands grad_scale/found_inf to step() instead of unscaling the grads itself.
             self._step_supports_amp_scaling = True
 
@@ -161,96 +140,66 @@ class AdamW(Optimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._streams.setdefault(p, len(self._streams))
-        self._remember_format(self.param_groups[-1])
+        self._formats.remember(self.param_groups[-1])
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch's optimizer state (defaults, state, groups), plus our public options: what a copy or
-        pickle needs to act as this optimizer does."""
+        """torch's optimizer state plus our public options: what a copy or pickle needs."""
         return {**super().__getstate__(), "reshardable_state_dict": self.reshardable_state_dict}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Called by ``load_state_dict`` with the groups and state to install, and by unpickling.
-
-        On a load, everything that can fail runs before anything is installed: a rejected checkpoint
-        leaves the optimizer as it was. This is done here rather than in ``load_state_dict`` because
-        here the groups are the ones left after torch's checks and any load_state_dict pre-hook
-        (which may rewrite the checkpoint, e.g. merge its groups). A checkpoint without our own group
-        keys (``backend``, ``seed``: torch's, or ours at their defaults) keeps the live group's values;
-        ``state_precision``/``param_update`` always keep the live group's, and each param's state is
-        converted to them.
-        """
+        """Called by unpickling, and by ``load_state_dict`` after every pre-hook: everything that can
+        fail then runs before anything is installed (``prepare_load``)."""
         live_groups = self.__dict__.get("param_groups")  # absent when unpickling
         if live_groups is not None:
-            state = prepare_load(state, live_groups)
+            state = checkpoint.prepare_load(state, live_groups)
         super().__setstate__(state)
         self.__dict__.setdefault("reshardable_state_dict", False)
         for group in self.param_groups:
-            complete_group(group)
+            checkpoint.complete_group(group)
             for p in group["params"]:
                 p_state = self.state.get(p)
                 if p_state:
-                    upgrade_number_step(p_state, p, group)
-        self._formats = {}
-        for group in self.param_groups:
-            self._remember_format(group)
-
-    def _remember_format(self, group: dict[str, Any]) -> None:
-        self._formats[id(group)] = (group, group["state_precision"], group["param_update"])
+                    checkpoint.upgrade_number_step(p_state, p, group)
+        if "_streams" not in self.__dict__:  # unpickled: __getstate__ holds torch's state only
+            self._streams = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._formats = checkpoint.StoredFormats(self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict. Options of ours are written only where they differ from their defaults,
-        so that with default options it is key for key what ``torch.optim.AdamW`` writes.
+        """torch's state dict; with default options, key for key what ``torch.optim.AdamW`` writes.
 
-        8-bit codes are written under ``exp_avg_codes`` (and so on) beside their absmaxes, so that
-        ``torch.optim.AdamW`` fails on such a checkpoint instead of reading the codes as moments
-        (:mod:`adamw.states.checkpoint`); ``full_precision_state_dict()`` writes one torch can load.
-        The 8-bit moments of DTensor params (and of every param with ``reshardable_state_dict``) are
-        written as float32 tensors shaped and sharded like their params: a sharded param's 8-bit
-        blocks are cut from its local shard (see adamw.states.reference), so its absmaxes cannot be
-        resharded; decoded, every saved tensor is shaped like its param and DCP reshards it. The cost:
-        those moments take 4 bytes per value in the checkpoint (against about 1.02 as codes), not in
-        memory. State-dict post-hooks see the state dict as written.
+        8-bit codes are written under ``exp_avg_codes`` (and so on), which ``torch.optim.AdamW``
+        refuses; ``full_precision_state_dict()`` writes a checkpoint torch loads. The 8-bit moments of
+        DTensor params (of every param with ``reshardable_state_dict``) are written decoded, in
+        float32, so that DCP can reshard them. Post-hooks see the state dict as written.
         """
-        handle = self.register_state_dict_post_hook(write_checkpoint_layout, prepend=True)
-        try:
+        with self.register_state_dict_post_hook(checkpoint.write_checkpoint_layout, prepend=True):
             return super().state_dict()
-        finally:
-            handle.remove()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint written by this class (any state format) or by ``torch.optim.AdamW``.
 
-        Each param's state is converted to its live group's ``state_precision`` (and ``param_update``:
-        a Kahan buffer is created, or dropped): a torch checkpoint loads into an 8-bit optimizer, and
-        an 8-bit checkpoint into a full-precision one. Other options come from the checkpoint, as in torch.
-        A checkpoint that cannot be loaded raises before anything changes. Load-state-dict pre-hooks
-        see the checkpoint as given, post-hooks the state as installed.
+        Each param's state is converted to its live group's ``state_precision`` and ``param_update``;
+        other options come from the checkpoint, as in torch. A checkpoint that cannot be loaded raises
+        before anything changes. Pre-hooks see the checkpoint as given, post-hooks the state as installed.
         """
-        # torch's loader casts every state tensor to its param's dtype: right for full-precision
-        # moments, wrong for 8-bit codes, absmaxes and moments kept in float32 for a bf16 param. So,
-        # after every pre-hook, all but the step travel wrapped through it (see shield_from_cast) and
-        # are unwrapped and converted to the group's format in __setstate__.
-        handle = self.register_load_state_dict_pre_hook(shield_from_cast)
-        try:
+        # torch's loader casts every state tensor to its param's dtype, which 8-bit codes and float32
+        # moments of a bf16 param must escape: see shield_from_cast, run after every pre-hook.
+        with self.register_load_state_dict_pre_hook(checkpoint.shield_from_cast):
             super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
 
     def full_precision_state_dict(self) -> dict[str, Any]:
-        """``state_dict()`` with every moment in its param's dtype and only torch's state keys.
-
-        The documented way to write a checkpoint from a bf16 or 8-bit optimizer that
-        ``torch.optim.AdamW`` (or a full-precision ``adamw.AdamW``) loads.
-        """
-        return full_precision_state_dict(self.state_dict(), [p for g in self.param_groups for p in g["params"]])
+        """``state_dict()`` with every moment in its param's dtype and only torch's state keys: the
+        checkpoint of a bf16 or 8-bit optimizer that ``torch.optim.AdamW`` loads."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return checkpoint.full_precision_state_dict(self.state_dict(), params)
 
     # ----------------------------------------------------------------------------------------------
     # the step
 
-    # As torch does for its own optimizers: called from eager code (a step that torch.compile left to
-    # eager mode around a fused kernel), _init_group runs as it is, instead of being compiled once per
-    # optimizer (its guards name this optimizer's objects) up to Dynamo's recompile limit. A traced
-    # step still runs it once at trace time (Dynamo's optimizer support calls it by name).
+    # Eager, as torch's own optimizers have it: called from eager code (a step that torch.compile left
+    # to eager mode around a fused kernel), it runs as it is instead of being compiled once per optimizer
+    # (its guards name this optimizer's objects) up to Dynamo's recompile limit. A traced step runs it
+    # once at trace time: Dynamo's optimizer support calls it by torch's name, with torch's signature.
     @run_eagerly
     def _init_group(
         self,
@@ -262,11 +211,8 @@ class AdamW(Optimizer):
         max_exp_avg_sqs: list[Tensor],
         state_steps: list[Tensor],
     ) -> bool:
-        """Collect the group's params that have a grad and their state (created on first use).
-
-        Named and shaped as torch's, so torch.compile runs it once at trace time instead of tracing it.
-        Returns whether any param is complex.
-        """
+        """Collect the group's params that have a grad and their state (created on first use); return
+        whether any param is complex."""
         low_bit = is_low_bit(group)
         amsgrad = group["amsgrad"]
         state_of = self.state
@@ -280,9 +226,9 @@ class AdamW(Optimizer):
             if state and "exp_avg" not in state:
                 # A checkpoint's entry put in as it is, by a loader that is not ours
                 # (ZeroRedundancyOptimizer.load_state_dict copies each entry into ``state``).
-                state = state_of[p] = adopt_for_group(from_checkpoint(state, p), p, group)
+                state = state_of[p] = checkpoint.adopt_for_group(checkpoint.from_checkpoint(state, p), p, group)
             if len(state) == 0:
-                state = state_of[p] = new_state(p, group)
+                state = state_of[p] = checkpoint.new_state(p, group)
             if low_bit:
                 continue
             exp_avgs.append(state["exp_avg"])
@@ -291,40 +237,7 @@ class AdamW(Optimizer):
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
-        has_complex = any(dtype.is_complex for dtype in {p.dtype for p in params})
-        return has_complex
-
-    def _convert_changed_formats(self) -> None:
-        """Convert the state of each group whose ``state_precision``/``param_update`` was set since its
-        state was stored (``opt.param_groups[0]["state_precision"] = "8bit"``), as loading a checkpoint
-        does; an invalid value raises before any change. A group is one comparison with the format
-        remembered for it; a group the optimizer does not know (step_in_backward's one-param view of
-        a group) has its params' states checked instead, and is not remembered."""
-        # One plain loop, no helper or comprehension: torch.compile compiles this method per optimizer,
-        # and each of those would be one more compiled frame (tests/test_integrations.py counts them).
-        formats = self._formats
-        changed = []
-        for index, group in enumerate(self.param_groups):
-            known = formats.get(id(group))
-            if (
-                known is None
-                or known[0] is not group
-                or known[1] != group["state_precision"]
-                or known[2] != group["param_update"]
-            ):
-                changed.append((index, group))
-        if not changed:
-            return
-        for index, group in changed:
-            try:
-                check_storage_options(group)
-            except ValueError as exc:
-                raise ValueError(f"param group {index}: {exc}") from exc
-        self.state.update(adopt_groups(changed, self.state))
-        for _, group in changed:
-            known = formats.get(id(group))
-            if known is not None and known[0] is group:
-                self._remember_format(group)
+        return any(dtype.is_complex for dtype in {p.dtype for p in params})
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -337,8 +250,8 @@ class AdamW(Optimizer):
         if not torch.compiler.is_compiling():
             # Every check runs before anything changes: a rejected step leaves params and state as they
             # were. A group's state converted to its changed format is replaced whole or not at all.
-            self._check_step_inputs()
-            self._convert_changed_formats()
+            check_step(self.param_groups, self.state)
+            self._formats.convert_changed(self.param_groups, self.state)
 
         for group in self.param_groups:
             params: list[Tensor] = []
@@ -351,7 +264,6 @@ class AdamW(Optimizer):
             if is_low_bit(group):
                 self._low_bit_step(group, params, grads)
                 continue
-            beta1, beta2 = group["betas"]
             adamw(
                 params,
                 grads,
@@ -359,85 +271,41 @@ class AdamW(Optimizer):
                 exp_avg_sqs,
                 max_exp_avg_sqs,
                 state_steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
                 has_complex=has_complex,
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-                backend=group["backend"],
+                **self._adamw_options(group),
             )
         return loss
 
-    # Eager, as functional._run_low_bit is (the low-bit steps' host work cannot be traced): a traced
-    # lookup of the params' state dicts and streams would guard the compiled step on this optimizer's
-    # objects, and compile it once per optimizer.
+    # Eager, as functional._run_low_bit: traced, the lookups of the params' state dicts and streams
+    # would guard the compiled step on this optimizer's objects, and compile it once per optimizer.
     @run_eagerly
     def _low_bit_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """The step of a group in a low-bit format, whose moments live in the params' state dicts."""
-        # The param's number in the optimizer keys its stochastic rounding: stable across steps and
-        # checkpoints, and distinct for every param.
-        if not hasattr(self, "_streams"):  # unpickled from a pickle that predates it
-            self._streams = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         states = [self.state[p] for p in params]
-        beta1, beta2 = group["betas"]
-        adamw(
-            params,
-            grads,
-            [],
-            [],
-            [],
-            [state["step"] for state in states],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            fused=group["fused"],
-            capturable=group["capturable"],
-            differentiable=group["differentiable"],
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
-            backend=group["backend"],
-            state_precision=group["state_precision"],
-            param_update=group["param_update"],
-            seed=group["seed"],
-            states=states,
-            streams=[self._streams[p] for p in params],
-        )
+        # A param's number keys its stochastic rounding: stable across steps and checkpoints, and distinct.
+        streams = [self._streams[p] for p in params]
+        steps = [state["step"] for state in states]
+        adamw(params, grads, [], [], [], steps, states=states, streams=streams, **self._adamw_options(group))
 
-    @run_eagerly
-    def _check_step_inputs(self) -> None:
-        """Raise, before any change, for whatever would make some group's step fail: the rules of
-        :mod:`adamw.options`, then each group's backend is imported and its kernel loaded (after the
-        checks torch also makes), so that a missing compiler or Triton fails here, not after earlier
-        groups were stepped or state was created."""
-        for index, group in enumerate(self.param_groups):
-            params = stepped_params(group, index)
-            if not params:
-                continue
-            backend = select_backend(
-                params,
-                backend=group["backend"],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                lr=group["lr"],
-            )
-            if is_low_bit(group):
-                check_kernel(backend, params, low_bit=True)
-                continue
-            check_group_step(params, group, backend, self.state)
-            check_kernel(backend, params, low_bit=False)
+    def _adamw_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``functional.adamw``'s keyword arguments from ``group``'s options and GradScaler's tensors."""
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "amsgrad": group["amsgrad"],
+            "maximize": group["maximize"],
+            "foreach": group["foreach"],
+            "fused": group["fused"],
+            "capturable": group["capturable"],
+            "differentiable": group["differentiable"],
+            "grad_scale": getattr(self, "grad_scale", None),
+            "found_inf": getattr(self, "found_inf", None),
+            "backend": group["backend"],
+            "state_precision": group["state_precision"],
+            "param_update": group["param_update"],
+            "seed": group["seed"],
+        }

@@ -1,6 +1,6 @@
 r"""The low-bit Triton kernel: decode the moments, update, write the param and re-encode, in one pass.
 
-Mirrors :func:`adamw.states.low_bit_step` operation for operation, in float32, as torch's CPU kernels
+Mirrors :func:`adamw.backends.forloop.reference_step` operation for operation, in float32, as torch's CPU kernels
 evaluate it (so the two agree bit for bit)::
 
     g      <- grad (/ grad_scale, correctly rounded)    (-g with maximize)
@@ -17,7 +17,7 @@ AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel cal
 and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
 Every scalar is computed on the host exactly as the reference computes it and rounded to float32
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
-``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.states.reference.sqrt_rn`, not torch's
+``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.backends.forloop.sqrt_rn`, not torch's
 float32 one, which is not always correctly rounded). Under Triton's interpreter ``sqrt_rn`` is
 numpy's, also correctly rounded. tests/test_low_bit_kernels.py and tests/test_low_bit_reproducible.py check
 the two agree bit for bit.

@@ -1,7 +1,7 @@
 /* The low-bit CPU kernel of adamw: one AdamW step with bf16 or 8-bit moments (and bf16 params written
  * by stochastic rounding or Kahan compensation) over a whole group of tensors in one call.
  *
- * Mirrors adamw/states/reference.py (low_bit_step) operation for operation, in float32, as torch's CPU
+ * Mirrors adamw/backends/forloop.py (reference_step) operation for operation, in float32, as torch's CPU
  * ops evaluate it, so the two agree bit for bit (as _triton_low_bit_kernels.py does on GPUs):
  *   g      <- grad (/ grad_scale, correctly rounded)   (-g with maximize)
  *   p      <- param                      (Kahan: param + comp, in float32)

@@ -28,6 +28,7 @@ import array
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from . import _native
 from ._common import PLAIN_TYPES, Hyper, host_value
+from ._plans import Fingerprint, PlanCache, fingerprint
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 ABI_VERSION = 1
@@ -73,7 +75,6 @@ KERNEL = _native.Kernel(SOURCE, _bind, "fused CPU kernel (fused=True on CPU tens
 
 _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
-_nbytes = attrgetter("nbytes")
 _numel = Tensor.numel
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -114,22 +115,36 @@ def step(
     tensors = [params, grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if hyper.amsgrad else [])]
     if not set(map(type, params)) <= PLAIN_TYPES:
         tensors, state_steps = _to_local(tensors), _to_local([state_steps])[0]
-    dtypes = set(map(_dtype, tensors[0]))
+    memory = _fingerprint(tensors, state_steps)
+    dtypes = set(memory[2][: len(params)])
     if len(dtypes) == 1:
-        _step_one_dtype(fn, tensors, state_steps, scalars)
+        _step_one_dtype(fn, tensors, state_steps, scalars, memory)
         return
     for dtype in sorted(dtypes, key=str):  # torch's fused path too makes one call per dtype
         index = [i for i, p in enumerate(tensors[0]) if p.dtype == dtype]
-        _step_one_dtype(fn, [[lst[i] for i in index] for lst in tensors], [state_steps[i] for i in index], scalars)
+        some, steps = [[lst[i] for i in index] for lst in tensors], [state_steps[i] for i in index]
+        _step_one_dtype(fn, some, steps, scalars, _fingerprint(some, steps))
+
+
+def _fingerprint(tensors: list[list[Tensor]], steps: list[Tensor]) -> Fingerprint:
+    """The fingerprint of the tensors of a plan: params, states and steps in its order; grads moving."""
+    return fingerprint([*tensors[0], *chain.from_iterable(tensors[2:]), *steps], tensors[1])
 
 
 def _step_one_dtype(
-    fn: Callable[..., int], tensors: list[list[Tensor]], steps: list[Tensor], scalars: tuple[float, ...]
+    fn: Callable[..., int],
+    tensors: list[list[Tensor]],
+    steps: list[Tensor],
+    scalars: tuple[float, ...],
+    memory: Fingerprint,
 ) -> None:
     copies: list[tuple[int, Tensor, Tensor]] = []
-    if not all(all(map(_is_contiguous, lst)) for lst in tensors):
+    if memory[4] is None:  # every tensor contiguous
+        plan = _plan(tensors, steps, memory)
+    else:  # stepped through contiguous copies, made anew each step: a plan for this step only
         tensors, copies = _contiguous(tensors)
-    plan = _plan(tensors, steps)
+        plan = _build_plan(tensors, steps)
+    plan.pointers[plan.count : 2 * plan.count] = array.array("Q", map(_data_ptr, tensors[1]))
     rc = fn(plan.dtype_code, plan.count, *plan.pointer_args, plan.step_code, *scalars)
     if rc != 0:
         raise RuntimeError(f"adamw's CPU kernel failed with code {rc}")
@@ -141,72 +156,37 @@ def _step_one_dtype(
 
 @dataclass
 class _Plan:
-    """One group's validated layout: what the kernel call needs beyond the grads' pointers."""
+    """One group's checked layout: what the kernel call needs beyond the grads' pointers."""
 
     count: int
-    dtype: torch.dtype  # of every param, grad and state
     dtype_code: int
-    step_dtype: torch.dtype
     step_code: int
-    nbytes: list[int]  # each param's
-    state_ptrs: list[int]  # params, states and steps, in that order
     numels: array.array
     pointers: array.array  # the pointer arrays the kernel reads, one after another
     pointer_args: tuple[int | None, ...] = ()
 
 
-# Plans of the groups stepped lately, keyed by their first param; a hit is checked pointer by pointer.
-_plans: dict[tuple[int, int, int], _Plan] = {}
-# Enough for a step in backward, which steps each param as its own group (a plan holds pointers only).
-_MAX_PLANS = 4096
+_plans: PlanCache[_Plan] = PlanCache()
 
 
-def _plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:
-    """The group's plan: reused while it fits the tensors (see :func:`_fits`), else built after a full check."""
-    params, grads = tensors[0], tensors[1]
-    count = len(params)
-    key = (id(params[0]), count, len(tensors))
-    ptrs = list(map(_data_ptr, params))
-    for lst in tensors[2:]:
-        ptrs += map(_data_ptr, lst)
-    ptrs += map(_data_ptr, steps)
-    grad_ptrs = list(map(_data_ptr, grads))
-    plan = _plans.get(key)
-    if plan is None or not _fits(plan, tensors, steps, ptrs):
-        plan = _build_plan(tensors, steps, ptrs)
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
-    plan.pointers[count : 2 * count] = array.array("Q", grad_ptrs)
+def _plan(tensors: list[list[Tensor]], steps: list[Tensor], memory: Fingerprint) -> _Plan:
+    """The group's kept plan while its memory is as it was, else one built after a full check."""
+    params = tensors[0]
+    key = (id(params[0]), len(params), len(tensors))
+    plan = _plans.get(key, memory)
+    if plan is None:
+        plan = _build_plan(tensors, steps)
+        _plans.put(key, memory, plan, nbytes=8 * (len(plan.pointers) + plan.count))  # pointers and numels
     return plan
 
 
-def _fits(plan: _Plan, tensors: list[list[Tensor]], steps: list[Tensor], ptrs: list[int]) -> bool:
-    """Whether every tensor still has what the plan was checked for and the kernel relies on: its
-    pointer, dtype, size in bytes (with the dtype: its number of values) and device; the caller has
-    checked contiguity and passes params of one dtype. A pointer and a size can stay while the rest
-    changes: ``p.data = p.data.view(torch.float16)`` keeps both, and a checkpoint loaded into another
-    model may reuse freed memory. Each property is read in one C-level pass per list (``map``), each
-    about as costly as reading the pointers."""
-    return (
-        plan.state_ptrs == ptrs
-        and tensors[0][0].dtype == plan.dtype
-        and all(list(map(_nbytes, lst)) == plan.nbytes for lst in tensors)
-        and all(set(map(_dtype, lst)) == {plan.dtype} for lst in tensors[1:])
-        and set(map(_dtype, steps)) == {plan.step_dtype}
-        and all(all(map(_is_cpu, lst)) for lst in tensors)
-        and all(map(_is_cpu, steps))
-    )
-
-
-def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor], ptrs: list[int]) -> _Plan:
+def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:
     """Check every tensor (CPU, contiguous, the param's dtype and size) and lay out the pointers."""
     params = tensors[0]
     dtype = params[0].dtype
     if dtype not in _DTYPE_CODES:
         raise RuntimeError(f"the fused CPU kernel supports {list(_DTYPE_CODES)}, but got params of {dtype}")
     numels = list(map(_numel, params))
-    nbytes = list(map(_nbytes, params))
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
     for name, lst in zip(names, tensors, strict=False):
         if not all(map(_is_cpu, lst)):
@@ -225,7 +205,7 @@ def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor], ptrs: list[int
 
     count = len(params)
     # Laid out as the kernel's arguments: params, grads, the states, then the steps.
-    layout = ptrs[:count] + [0] * count + ptrs[count:]
+    layout = [*map(_data_ptr, params), *[0] * count, *map(_data_ptr, chain(*tensors[2:], steps))]
     pointers = array.array("Q", layout)
     base, item = pointers.buffer_info()[0], pointers.itemsize
     lists = [base + k * count * item for k in range(len(tensors))]
@@ -236,15 +216,10 @@ def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor], ptrs: list[int
         numel_array.buffer_info()[0],
         base + len(tensors) * count * item,
     )
-    step_dtype = next(iter(step_dtypes))
     return _Plan(
         count=count,
-        dtype=dtype,
         dtype_code=_DTYPE_CODES[dtype],
-        step_dtype=step_dtype,
-        step_code=_STEP_CODES[step_dtype],
-        nbytes=nbytes,
-        state_ptrs=ptrs,
+        step_code=_STEP_CODES[step_dtypes.pop()],
         numels=numel_array,
         pointers=pointers,
         pointer_args=pointer_args,

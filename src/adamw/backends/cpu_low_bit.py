@@ -1,7 +1,7 @@
 """The low-bit CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
 copy): ``adamw_cpu_low_bit.c``, one call per group and step.
 
-Mirrors :func:`adamw.states.low_bit_step` bit for bit (see the comment at the top of the C source for
+Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (see the comment at the top of the C source for
 the operation order and the storage rules). Built, cached, checked and loaded on first use by
 :mod:`adamw.backends._native`, as the CPU kernel is; a missing compiler fails as that kernel's does.
 
@@ -11,9 +11,7 @@ or a step counter that is not a float32 or float64 CPU scalar) run the reference
 **Per step** the host passes the grads' pointers and nothing else per param: the kernel increments
 the step counters and derives each tensor's step size and rounding keys from them. The table of
 everything else (pointers, sizes, formats, stream keys) is kept per group and reused while the same
-tensors are stepped, which a check of their identities, pointers, sizes, dtypes and layouts
-confirms each step (a few C-level calls per tensor: ~1.5 ms for 1000 params, against ~30 ms to
-rebuild the table).
+tensors are stepped, as their fingerprint (:mod:`adamw.backends._plans`) confirms each step.
 
 **GradScaler.** As :mod:`adamw.backends.low_bit`: a nonzero ``found_inf`` skips the step, counters
 included; float32 grads are divided by ``grad_scale`` in the kernel (a correctly rounded division,
@@ -31,7 +29,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..states.formats import StateFormat, format_for
 from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
@@ -42,18 +39,17 @@ from ..states.rounding import (
 )
 from . import _native
 from ._common import Hyper
+from ._plans import PlanCache
+from .forloop import reference_step
 from .low_bit import (
-    KeptLayout,
-    KeptTables,
+    KernelParam,
     StorageFormat,
-    effective_param_update,
+    bump_steps,
+    group_fingerprint,
     host_scalars,
-    kernel_state_keys,
-    reference_step,
-    stage_contiguous,
-    state_columns,
+    plan_key,
+    sort_group,
 )
-from .low_bit import real_view as _real
 
 SOURCE = Path(__file__).with_name("adamw_cpu_low_bit.c")
 ABI_VERSION = 2
@@ -145,24 +141,28 @@ def step_low_bit(
     hyper: Hyper,
     storage: StorageFormat,
 ) -> None:
-    """The low-bit step of :mod:`adamw.backends.low_bit` in one kernel call per group."""
+    """The low-bit step of :mod:`adamw.backends.forloop` in one kernel call per group."""
     if not params:
         return
     fn = library().step_fn
     scalars = host_scalars(hyper)
     if scalars is None:
         return
-    lr, beta1, beta2 = scalars
-    config = _tables.config(storage, hyper)
-    table = _tables.find(params, grads, states, state_steps, streams, config)
-    built: _Built | None = None
+    key, memory = plan_key(params, hyper, storage), group_fingerprint(params, grads, states, state_steps, streams)
+    table = _tables.get(key, memory)
+    group = None
     if table is None:
-        built = _build(params, grads, states, state_steps, streams, hyper, storage, config, lr, beta1, beta2)
-        table = built.table
-        if table.kept is not None:
-            _tables.keep(params, config, table)
-    table.grad_ptrs[:] = array.array("Q", map(_data_ptr, grads if built is None else built.grads))
+        group = sort_group(params, grads, states, state_steps, hyper, storage, _takes)
+        reference = [state_steps[i] for i, _ in group.reference]
+        for (i, grad), number in zip(group.reference, bump_steps(reference), strict=True):
+            reference_step(params[i], grad, states[i], number, streams[i], hyper, storage, *scalars)
+        table = _build(group.kernel, state_steps, streams, storage.seed)
+        if group.reusable:
+            _tables.put(key, memory, table, nbytes=ctypes.sizeof(table.rows) + 8 * table.count)
+        grads = [kernel_param.grad for kernel_param in group.kernel]  # unscaled or contiguous copies where needed
+    table.grad_ptrs[:] = array.array("Q", map(_data_ptr, grads))
     if table.count:
+        lr, beta1, beta2 = scalars
         scale = hyper.grad_scale
         rc = fn(
             table.rows_address,
@@ -183,8 +183,8 @@ def step_low_bit(
         )
         if rc != 0:
             raise RuntimeError(f"adamw's low-bit CPU kernel failed with code {rc}")
-    if built is not None:
-        for copy, original in built.written_back:
+    if group is not None:
+        for copy, original in group.written_back:
             original.copy_(copy)
 
 
@@ -193,123 +193,57 @@ _data_ptr = Tensor.data_ptr
 
 @dataclass(eq=False)
 class _Table:
-    """A group's kernel rows (pointers, sizes, formats, stream keys), and the layout they were built
-    from (None: built from staged copies, host-divided grads or with params the reference stepped,
-    so not reusable)."""
+    """A group's kernel rows: pointers, sizes, formats, stream keys."""
 
     rows: ctypes.Array[_Tensor]
     rows_address: int  # taken once: torch.compile cannot trace ctypes.addressof (a graph break and a warning)
     count: int
     total_blocks: int
     grad_ptrs: array.array[int]
-    kept: KeptLayout | None = None
 
 
-_tables: KeptTables[_Table] = KeptTables(limit=4096)  # a step in backward keeps one per param
+_tables: PlanCache[_Table] = PlanCache()
 
 
-@dataclass
-class _Built:
-    """A table just built, with what this one step needs besides it."""
-
-    table: _Table
-    grads: list[Tensor]  # the grad each row reads (unscaled or contiguous copies where needed)
-    written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy, original) to copy back after the step
-    keep_alive: list[Tensor]  # staged copies the rows point into
-
-
-def _build(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    state_steps: list[Tensor],
-    streams: list[int],
-    hyper: Hyper,
-    storage: StorageFormat,
-    config: tuple[object, ...],
-    lr: float,
-    beta1: float,
-    beta2: float,
-) -> _Built:
-    """Check every param and lay out its row. Params the kernel does not take are stepped here by
-    the reference (their grads unscaled first); a table with any of them is not reused."""
-    scale = hyper.grad_scale
+def _build(kernel_params: list[KernelParam], state_steps: list[Tensor], streams: list[int], seed: int) -> _Table:
+    """Lay out the row of every param the kernel takes."""
     rows: list[_Tensor] = []
-    row_grads: list[Tensor] = []
-    written_back: list[tuple[Tensor, Tensor]] = []
-    keep_alive: list[Tensor] = []
-    state_keys: list[tuple[str, ...]] = []
-    reusable = True
     total_blocks = 0
-    for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
-        param_update = effective_param_update(param, storage.param_update)
-        fmt = format_for(param, storage.state_precision)
-        unscale = scale is not None and grad.dtype == torch.float32 and scale.dtype == torch.float32
-        if scale is not None and not unscale:
-            grad = grad / scale.to(grad.device)
-            reusable = False  # a new grad every step
-        columns = _columns(param, grad, state, fmt, hyper.amsgrad, param_update)
-        if columns is None or not _kernel_counts(step_t):
-            if unscale:
-                grad = grad / scale.to(grad.device)  # type: ignore[union-attr]
-            step_t += 1
-            reference_step(param, grad, state, int(step_t.item()), stream, hyper, storage, lr, beta1, beta2)
-            reusable = False
-            continue
-        staged, back = stage_contiguous(columns)
-        written_back += back
-        if any(new is not old for new, old in zip(staged, columns, strict=True)):
-            reusable = False  # contiguous copies, made anew every step
-        keep_alive += [t for t in staged if t is not None]
-        real, real_grad = staged[0], staged[1]
-        assert real is not None and real_grad is not None and staged[2] is not None
+    for kernel_param in kernel_params:
+        real, real_grad, *states = kernel_param.columns
+        moments, absmaxes, comp = states[:3], states[3:6], states[6]
+        assert real is not None and real_grad is not None and moments[0] is not None
+        step_t, stream = state_steps[kernel_param.position], streams[kernel_param.position]
         row = _Tensor()
         row.param = real.data_ptr()
         for j in range(3):
-            moment, absmax = staged[2 + j], staged[5 + j]
-            row.moment[j] = 0 if moment is None else moment.data_ptr()
-            row.absmax[j] = 0 if absmax is None else absmax.data_ptr()
-        comp = staged[8]
-        row.comp = 0 if comp is None else comp.data_ptr()
+            row.moment[j] = _address(moments[j])
+            row.absmax[j] = _address(absmaxes[j])
+        row.comp = _address(comp)
         row.step, row.step_dtype = step_t.data_ptr(), _STEP_CODES[step_t.dtype]
         row.numel, row.first_block = real.numel(), total_blocks
         for j, purpose in enumerate(_PURPOSES):
-            row.stream_key[j] = stream_key(storage.seed, stream, purpose)
+            row.stream_key[j] = stream_key(seed, stream, purpose)
         row.param_dtype, row.grad_dtype = _DTYPE_CODES[real.dtype], _DTYPE_CODES[real_grad.dtype]
-        row.moment_dtype = _DTYPE_CODES[staged[2].dtype]
-        row.param_update, row.unscale = _UPDATE_CODES[param_update], int(unscale)
+        row.moment_dtype = _DTYPE_CODES[moments[0].dtype]
+        row.param_update, row.unscale = _UPDATE_CODES[kernel_param.param_update], int(kernel_param.unscale)
         rows.append(row)
-        row_grads.append(real_grad)
         total_blocks += num_blocks(real.numel())
-        state_keys.append(kernel_state_keys(fmt, hyper.amsgrad, param_update))
     table_rows = (_Tensor * len(rows))(*rows)
-    table = _Table(
+    return _Table(
         rows=table_rows,
         rows_address=ctypes.addressof(table_rows),
         count=len(rows),
         total_blocks=total_blocks,
         grad_ptrs=array.array("Q", [0] * len(rows)),
     )
-    if reusable:
-        table.kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
-    return _Built(table, row_grads, written_back, keep_alive)
 
 
-def _kernel_counts(step: Tensor) -> bool:
-    """Whether the kernel can increment this step counter in place."""
-    return step.is_cpu and step.dtype in _STEP_CODES and step.numel() == 1 and step.is_contiguous()
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
-def _columns(
-    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
-) -> list[Tensor | None] | None:
-    """param, grad, the three moments, their absmaxes and the Kahan buffer (None: unused), or None
-    where the kernel does not take the param (the reference then steps it, and raises if its state
-    does not fit its format)."""
-    real, real_grad = _real(param), _real(grad)
-    if real.dtype not in _DTYPE_CODES or real_grad.dtype not in _DTYPE_CODES or real.dtype == torch.uint8:
-        return None
-    if real_grad.dtype == torch.uint8 or real_grad.shape != real.shape or not real.is_cpu or not real_grad.is_cpu:
-        return None
-    columns = state_columns(real, param, state, fmt, amsgrad, param_update)
-    return None if columns is None else [real, real_grad, *columns]
+def _takes(param: Tensor, step: Tensor) -> bool:
+    """Whether the kernel takes a param of a kind both low-bit kernels take: one on the CPU, whose
+    step counter it can increment in place."""
+    return param.is_cpu and step.is_cpu and step.dtype in _STEP_CODES and step.numel() == 1 and step.is_contiguous()

@@ -1,26 +1,25 @@
-"""The low-bit storage formats in torch ops (bf16 or 8-bit moments, bf16 params without a master
-copy), and what the low-bit kernels share: the layout of a param's state, the tables they keep.
-
-:func:`step` runs :func:`adamw.states.low_bit_step` (the reference the low-bit kernels are tested
-against) one param at a time: for every group whose ``state_precision``/``param_update`` is not
-torch's (``"param"``/``"round"``) on the for-loop and foreach backends, and for DTensor params on any
-(:mod:`adamw.functional` routes them).
+"""What the low-bit kernels share: a group's storage format and host scalars, the layout of a param's
+state, and their hosts' work around the kernel (sorting a group's params between the kernel and the
+reference, the key and fingerprint of the group's plan, the step counters). The low-bit step in torch
+ops, which they mirror and hand the params they do not take: :mod:`adamw.backends.forloop`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import is_
 
 import torch
 from torch import Tensor
 
-from ..states import KAHAN_KEY, low_bit_step
-from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat
+from ..states import KAHAN_KEY
+from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
 from ..states.quantize import num_blocks
 from ..states.rounding import effective_param_update
 from ._common import PLAIN_TYPES, Hyper, host_value
+from ._plans import fingerprint
 
 
 @dataclass(frozen=True)
@@ -40,59 +39,6 @@ def host_scalars(hyper: Hyper) -> tuple[float, float, float] | None:
     if hyper.found_inf is not None and float(hyper.found_inf.item()) != 0.0:
         return None
     return lr, beta1, beta2
-
-
-def step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    state_steps: list[Tensor],
-    streams: list[int],
-    hyper: Hyper,
-    storage: StorageFormat,
-) -> None:
-    scalars = host_scalars(hyper)
-    if scalars is None:
-        return
-    lr, beta1, beta2 = scalars
-    for param, grad, state, step_t, stream in zip(params, grads, states, state_steps, streams, strict=True):
-        if hyper.grad_scale is not None:
-            grad = grad / hyper.grad_scale.to(grad.device)
-        step_t += 1
-        reference_step(param, grad, state, int(step_t.item()), stream, hyper, storage, lr, beta1, beta2)
-
-
-def reference_step(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Tensor],
-    step: int,
-    stream: int,
-    hyper: Hyper,
-    storage: StorageFormat,
-    lr: float,
-    beta1: float,
-    beta2: float,
-) -> None:
-    """One param's low-bit step in torch ops (also the low-bit kernels' fallback for params they do
-    not take)."""
-    low_bit_step(
-        param,
-        grad,
-        state,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=hyper.eps,
-        weight_decay=hyper.weight_decay,
-        amsgrad=hyper.amsgrad,
-        maximize=hyper.maximize,
-        step=step,
-        state_precision=storage.state_precision,
-        param_update=effective_param_update(param, storage.param_update),
-        seed=storage.seed,
-        stream=stream,
-    )
 
 
 def state_columns(
@@ -155,143 +101,125 @@ def real_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# what a low-bit kernel's table of a group depends on, to keep the table from one step to the next
+# what both low-bit kernels' hosts do around their kernel: sort a group's params, key and fingerprint
+# the group's plan, count the steps
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of the params and grads the kernels take
 
 
-def kernel_state_keys(fmt: StateFormat, amsgrad: bool, param_update: str) -> tuple[str, ...]:
-    """The state entries a low-bit kernel reads for a param (those :func:`state_columns` takes)."""
-    keys = list(MOMENTS if amsgrad else MOMENTS[:2])
-    if isinstance(fmt, Int8Format):
-        keys += [key + ABSMAX_SUFFIX for key in keys]
-    if param_update == "kahan":
-        keys.append(KAHAN_KEY)
-    return tuple(keys)
+@dataclass
+class KernelParam:
+    """A param a low-bit kernel steps, with its columns: param, grad, three moments, three absmaxes
+    and the Kahan buffer (real views, contiguous; None where unused)."""
 
+    position: int  # in the group
+    columns: list[Tensor | None]
+    param_update: str
+    unscale: bool  # the kernel divides the grad by grad_scale
 
-_data_ptr = Tensor.data_ptr
-_is_contiguous = Tensor.is_contiguous
-# -1 on the CPU, else the device's index: tells apart the devices the low-bit kernels run (the CPU and
-# CUDA devices) at half the cost of reading .device.
-_get_device = Tensor.get_device
-_dtype = attrgetter("dtype")
-_nbytes = attrgetter("nbytes")
-# data pointers, sizes in bytes, dtypes, devices (with the dtypes, the sizes give the numbers of values)
-Layout = tuple[list[int], list[int], list[torch.dtype], list[int]]
-
-
-def _layout(tensors: list[Tensor]) -> Layout:
-    return (
-        list(map(_data_ptr, tensors)),
-        list(map(_nbytes, tensors)),
-        list(map(_dtype, tensors)),
-        list(map(_get_device, tensors)),
-    )
-
-
-def _grad_layout(grads: list[Tensor]) -> Layout:
-    """A grad is a new tensor each step: all but its pointer (the kernels take it anew)."""
-    return [], list(map(_nbytes, grads)), list(map(_dtype, grads)), list(map(_get_device, grads))
-
-
-@dataclass(eq=False)
-class KeptLayout:
-    """The memory a low-bit kernel's table for a group was built from, to check a later step against.
-
-    It holds no tensors (a kept table must not keep a dropped model's memory alive): a step fits when
-    the params, the state entries the kernel reads and the step counters have the pointers, sizes,
-    dtypes, devices and contiguity they had, the grads the same sizes, dtypes, devices and
-    contiguity, and the group the same streams and ``config`` (the options the table depends on).
-    Everything else a table row says follows from those (its format from the param's dtype and size,
-    its number of values from its dtype and size in bytes). Checking costs a few C-level calls per
-    tensor: about 1.5 ms for 1000 8-bit params, where building a table costs ~30 ms.
-    """
-
-    config: tuple[object, ...]
-    streams: list[int]
-    state_keys: list[tuple[str, ...]]  # per param
-    layout: Layout = field(default_factory=lambda: ([], [], [], []))  # params, then state entries, then steps
-    grad_layout: Layout = field(default_factory=lambda: ([], [], [], []))
-
-    @classmethod
-    def capture(
-        cls,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        steps: list[Tensor],
-        streams: list[int],
-        config: tuple[object, ...],
-        state_keys: list[tuple[str, ...]],
-    ) -> KeptLayout:
-        kept = cls(config, list(streams), state_keys)
-        entries = [state[key] for state, keys in zip(states, state_keys, strict=True) for key in keys]
-        kept.layout = _layout([*params, *entries, *steps])
-        kept.grad_layout = _grad_layout(grads)
-        return kept
-
-    def fits(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        steps: list[Tensor],
-        streams: list[int],
-        config: tuple[object, ...],
-    ) -> bool:
-        if config != self.config or streams != self.streams or len(states) != len(self.state_keys):
-            return False
-        try:
-            entries = [state[key] for state, keys in zip(states, self.state_keys, strict=True) for key in keys]
-        except KeyError:
-            return False
-        current = [*params, *entries, *steps]
-        if not set(map(type, current)) <= PLAIN_TYPES:  # e.g. a DTensor, whose memory is not its own
-            return False
-        if _layout(current) != self.layout or not all(map(_is_contiguous, current)):
-            return False
-        return _grad_layout(grads) == self.grad_layout and all(map(_is_contiguous, grads))
-
-
-class _Kept(Protocol):
     @property
-    def kept(self) -> KeptLayout | None: ...
+    def grad(self) -> Tensor:
+        grad = self.columns[1]
+        assert grad is not None
+        return grad
 
 
-Entry = TypeVar("Entry", bound=_Kept)
+@dataclass
+class SortedGroup:
+    """A low-bit group's params, sorted between the kernel and the reference before anything changes."""
+
+    kernel: list[KernelParam]
+    reference: list[tuple[int, Tensor]]  # position, and the grad (unscaled) the reference steps with
+    written_back: list[tuple[Tensor, Tensor]]  # (contiguous copy, original) to copy back after the step
+    reusable: bool  # nothing copied, divided on the host or left to the reference: its plan can be kept
 
 
-class KeptTables(Generic[Entry]):
-    """What a low-bit kernel keeps per group between steps (a table, launches), found again by the
-    group's first param, size and options while its :class:`KeptLayout` fits.
+def sort_group(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    steps: list[Tensor],
+    hyper: Hyper,
+    storage: StorageFormat,
+    takes: Callable[[Tensor, Tensor], bool],
+) -> SortedGroup:
+    """Sort every param to the kernel or the reference. Both kernels take plain float32, bfloat16 and
+    float16 params with a grad of their shape and device and the state their format says;
+    ``takes(param, step counter)`` says what else the kernel needs (and may raise for a device it
+    does not run)."""
+    scale = hyper.grad_scale
+    sorted_group = SortedGroup([], [], [], reusable=True)
+    for i, (param, grad, state, step) in enumerate(zip(params, grads, states, steps, strict=True)):
+        param_update = effective_param_update(param, storage.param_update)
+        # Float32 grads are unscaled in the kernel (a correctly rounded division, as torch's). Others
+        # are divided here by the reference's own op, whose result dtype and rounding (a reciprocal
+        # for bfloat16 on the CPU, complex division) depend on the operands: a new grad every step.
+        unscale = scale is not None and grad.dtype == torch.float32 and scale.dtype == torch.float32
+        if scale is not None and not unscale:
+            grad = grad / scale.to(grad.device)
+            sorted_group.reusable = False
+        fmt = format_for(param, storage.state_precision)
+        columns = _kernel_columns(param, grad, state, fmt, hyper.amsgrad, param_update)
+        if columns is None or not takes(param, step):
+            unscaled = grad / scale.to(grad.device) if unscale and scale is not None else grad
+            sorted_group.reference.append((i, unscaled))
+            sorted_group.reusable = False
+            continue
+        staged, written_back = stage_contiguous(columns)
+        sorted_group.written_back += written_back
+        if any(new is not old for new, old in zip(staged, columns, strict=True)):
+            sorted_group.reusable = False  # copies, made anew every step
+        sorted_group.kernel.append(KernelParam(i, staged, param_update, unscale))
+    return sorted_group
 
-    Up to ``limit`` entries (a step in backward makes a group of every param); past that all are
-    dropped and rebuilt as used. Entries hold no tensors, only what KeptLayout records.
-    """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.entries: dict[tuple[int, int, tuple[object, ...]], Entry] = {}
+def _kernel_columns(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
+) -> list[Tensor | None] | None:
+    """A param's columns, or None where the kernels do not take it (the reference then steps the
+    param, and raises if its state does not fit its format)."""
+    if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES:
+        return None  # e.g. DTensors: the reference runs their torch ops
+    real, real_grad = real_view(param), real_view(grad)
+    if real.dtype not in KERNEL_DTYPES or real_grad.dtype not in KERNEL_DTYPES:
+        return None
+    if real_grad.shape != real.shape or real_grad.device != real.device:
+        return None
+    columns = state_columns(real, param, state, fmt, amsgrad, param_update)
+    return None if columns is None else [real, real_grad, *columns]
 
-    @staticmethod
-    def config(storage: StorageFormat, hyper: Hyper) -> tuple[object, ...]:
-        """The options a kept table depends on beyond the memory KeptLayout checks."""
-        return (storage, hyper.amsgrad, None if hyper.grad_scale is None else hyper.grad_scale.dtype)
 
-    def find(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        steps: list[Tensor],
-        streams: list[int],
-        config: tuple[object, ...],
-    ) -> Entry | None:
-        entry = self.entries.get((id(params[0]), len(params), config))
-        if entry is None or entry.kept is None or not entry.kept.fits(params, grads, states, steps, streams, config):
-            return None
-        return entry
+def plan_key(params: list[Tensor], hyper: Hyper, storage: StorageFormat) -> Hashable:
+    """A low-bit group's plan key: its first param and size, and the options a plan depends on."""
+    scale_dtype = None if hyper.grad_scale is None else hyper.grad_scale.dtype
+    return id(params[0]), len(params), storage, hyper.amsgrad, scale_dtype
 
-    def keep(self, params: list[Tensor], config: tuple[object, ...], entry: Entry) -> None:
-        if len(self.entries) >= self.limit:
-            self.entries.clear()
-        self.entries[(id(params[0]), len(params), config)] = entry
+
+def group_fingerprint(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], steps: list[Tensor], streams: list[int]
+) -> object:
+    """A low-bit group's :func:`adamw.backends._plans.fingerprint`: of its params, every entry of
+    their states (and the entries' names), its step counters and grads (but for the grads'
+    addresses, passed anew each step), with its streams. None (never kept) where a state entry is not
+    a tensor, or some tensor is not a plain one (a DTensor's memory is not its own)."""
+    fixed = [*params, *chain.from_iterable(map(dict.values, states))]
+    if not all(map(is_, steps, map(dict.get, states, repeat("step")))):
+        fixed += steps  # else each is its state's "step" entry, among those already
+    if not set(map(type, fixed)) <= PLAIN_TYPES or not set(map(type, grads)) <= PLAIN_TYPES:
+        return None
+    return fingerprint(fixed, grads), list(chain.from_iterable(states)), list(streams)
+
+
+def bump_steps(state_steps: list[Tensor]) -> list[int]:
+    """``step += 1`` for every counter (as the reference, before the update), read back as ints."""
+    numbers = [0] * len(state_steps)
+    by_kind: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
+    for i, step in enumerate(state_steps):
+        by_kind.setdefault((step.device, step.dtype, step.shape), []).append(i)
+    for positions in by_kind.values():  # usually one: the counters of a group are alike
+        counters = [state_steps[i] for i in positions]
+        torch._foreach_add_(counters, 1)
+        values = torch.stack(counters).reshape(-1).tolist()  # one read (one sync on a GPU)
+        for i, value in zip(positions, values, strict=True):
+            numbers[i] = int(value)
+    return numbers

@@ -7,11 +7,11 @@ What happens on the host, per step of a group:
 
 1. DTensor params (FSDP2) are replaced by their local shards (``to_local()`` views), complex ones by
    ``view_as_real`` views.
-2. A *plan* is looked up by the data pointers of every tensor (params, grads, states, step
-   counters) and the params' sizes. Building a plan (on a miss) groups the tensors by device and
-   dtype, checks them, and copies to the device one int64 table per group: a row of addresses and
-   sizes per tensor and, per chunk of ``BLOCK`` elements, the tensor it belongs to. The copy comes
-   from pinned memory without a sync.
+2. The group's *plan* is looked up (:mod:`adamw.backends._plans`: by the group, checked against
+   the fingerprint of every tensor: params, grads, states, step counters). Building a plan (on a
+   miss) groups the tensors by device and dtype, checks them, and copies to the device one int64
+   table per group: a row of addresses and sizes per tensor and, per chunk of ``BLOCK`` elements,
+   the tensor it belongs to. The copy comes from pinned memory without a sync.
 3. Per (device, dtype): one launch of the AdamW kernel over all chunks, then one launch that bumps
    the step counters (``step += 1 - found_inf``, as torch does around its fused kernels).
 
@@ -31,13 +31,13 @@ this module is first imported (that is, before the first step with ``backend="tr
     p = torch.zeros(300, requires_grad=True); p.grad = torch.ones(300)
     adamw.AdamW([p], backend='triton').step(); print(p[:3])"
 
-A plan is found again by every tensor's address, number of values, dtype and device (and, where
-some tensor is not contiguous, every shape and stride): memory that stays where it was but is read
-differently (``p.data = p.data.view(torch.float16)``) gets a new plan, checked. Params whose memory is not dense, or whose grad or states are laid out differently, are stepped
-through contiguous copies held by the plan (correct, and slower). Plans are kept least recently
-used first out: the newest eight always, older ones while they hold no such copies and all tables
-together stay under 16 MiB of device memory, so a step in backward (a group, and a plan, per param)
-finds every param's plan again on the next step.
+A plan is used while every tensor keeps its address, number of values, dtype, device and layout:
+memory that stays where it was but is read differently (``p.data = p.data.view(torch.float16)``)
+gets a new plan, checked. Params whose memory is not dense, or whose grad or states are laid out
+differently, are stepped through contiguous copies held by the plan (correct, and slower). Plans are
+kept as :class:`adamw.backends._plans.PlanCache` says: those with such copies among the newest only,
+others while their tables fit a budget of device memory, so a step in backward (a group, and a plan,
+per param) finds every param's plan again on the next step.
 
 Groups in a low-bit format (``state_precision``/``param_update`` other than torch's) run
 :func:`step_low_bit`: the kernel of :mod:`adamw.backends._triton_low_bit_kernels`, one launch per
@@ -50,7 +50,6 @@ the host: the low-bit step syncs once per step and is not capturable.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
@@ -61,7 +60,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..states.formats import StateFormat, format_for
 from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
@@ -72,16 +70,17 @@ from ..states.rounding import (
     stream_key,
 )
 from ._common import PLAIN_TYPES, Hyper
+from ._plans import PlanCache, fingerprint
+from .forloop import reference_step
 from .low_bit import (
-    KeptLayout,
-    KeptTables,
+    KERNEL_DTYPES,
+    KernelParam,
     StorageFormat,
-    effective_param_update,
+    bump_steps,
+    group_fingerprint,
     host_scalars,
-    kernel_state_keys,
-    reference_step,
-    stage_contiguous,
-    state_columns,
+    plan_key,
+    sort_group,
 )
 from .low_bit import real_view as _real
 
@@ -92,19 +91,9 @@ CUDA_BLOCK = 2048
 CUDA_NUM_WARPS = 8
 INTERPRETER_BLOCK = 128
 _BUMP_BLOCK = 1024  # step counters per program of the bump kernel
-# Plans kept (beyond those a CUDA graph uses, never dropped): the _RECENT_PLANS newest always; older
-# ones while they hold no staged copies and all plans together stay within _MAX_PLANS and
-# _MAX_KEPT_BYTES of tables on the device. A step in backward makes a group, so a plan, of every param: a
-# model's worth of small plans must fit.
-_RECENT_PLANS = 8
-_MAX_PLANS = 4096
-_MAX_KEPT_BYTES = 16 * 2**20
 _SPARES_PER_SIZE = 2  # pinned buffers set aside, per table size, for plans built during capture
 _MAX_GRID = 2**31 - 1
 
-_plans: OrderedDict[tuple[Any, ...], _Plan] = OrderedDict()
-_plan_bytes = 0  # the nbytes of the plans in _plans
-_staged_plans = 0  # how many of them hold staged copies
 _spare_pinned: dict[int, list[Tensor]] = {}
 
 
@@ -132,21 +121,8 @@ class _Launch:
     pinned_source: Tensor | None = None  # copied by a captured graph at every replay: kept alive
 
 
-@dataclass
-class _Plan:
-    """What a group's step launches, built once for a set of tensors (see the module docstring)."""
-
-    launches: list[_Launch]
-    in_graph: bool = False  # used during a CUDA graph capture: never evicted
-
-    @property
-    def nbytes(self) -> int:
-        """The device bytes of its tables (staged copies are bounded by their count instead)."""
-        return sum(launch.table.nbytes + launch.chunk_tensor.nbytes for launch in self.launches)
-
-    @property
-    def staged(self) -> bool:
-        return any(launch.staged for launch in self.launches)
+# A group's plan: its launches (see the module docstring).
+_plans: PlanCache[list[_Launch]] = PlanCache()
 
 
 def step(
@@ -166,16 +142,17 @@ def step(
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else [], state_steps]
     lists = _local_views(lists, hyper.has_complex)
     capturing = _is_capturing(lists[0][0].device)
-    key = _plan_key(list(chain(*lists)))
-    plan = _plans.get(key)
+    key = (id(params[0]), len(params), CUDA_BLOCK, INTERPRETER_BLOCK)
+    memory = fingerprint(list(chain.from_iterable(lists)))
+    plan = _plans.get(key, memory, pin=capturing)
     if plan is None:
         plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
-        _keep(key, plan)
-    else:
-        _plans.move_to_end(key)
-    if capturing:
-        plan.in_graph = True
-    for launch in plan.launches:
+        # Its device tables count against the byte budget; staged copies, as large as the tensors,
+        # against the count of plans that may hold them.
+        nbytes = sum(launch.table.nbytes + launch.chunk_tensor.nbytes for launch in plan)
+        staged = any(launch.staged for launch in plan)
+        _plans.put(key, memory, plan, nbytes=nbytes, staged=staged, pin=capturing)
+    for launch in plan:
         if launch.device.type == "cuda":
             with torch.cuda.device(launch.device):  # Triton launches on the current device
                 _run(launch, lists, hyper, kernels)
@@ -292,34 +269,17 @@ def _role_tensors(lists: list[list[Tensor]], position: int) -> list[Tensor]:
 # plans
 
 
-def _plan_key(tensors: list[Tensor]) -> tuple[Any, ...]:
-    """What a plan depends on: the launch sizes and every property of every tensor its table and its
-    choice of staged copies rely on. Shapes and strides decide that choice only where some tensor is
-    not contiguous, and are left out otherwise (reading them costs a tuple per tensor)."""
-    contiguous = all(map(Tensor.is_contiguous, tensors))
-    return (
-        CUDA_BLOCK,
-        INTERPRETER_BLOCK,
-        tuple(map(Tensor.data_ptr, tensors)),
-        tuple(map(Tensor.numel, tensors)),
-        tuple(map(_dtype, tensors)),
-        tuple(map(Tensor.get_device, tensors)),
-        None if contiguous else tuple((t.shape, t.stride()) for t in tensors),
-    )
-
-
-def _build_plan(lists: list[list[Tensor]], amsgrad: bool, capturing: bool, kernels: ModuleType) -> _Plan:
+def _build_plan(lists: list[list[Tensor]], amsgrad: bool, capturing: bool, kernels: ModuleType) -> list[_Launch]:
     params = lists[0]
-    interpreted = _is_interpreted(kernels)
+    interpreted = _is_interpreted_kernel(kernels.adamw_kernel)
     by_device_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, param in enumerate(params):
         _check_tensor(lists, i, interpreted)
         by_device_dtype.setdefault((param.device, param.dtype), []).append(i)
-    launches = [
+    return [
         _build_launch(lists, positions, device, dtype, amsgrad, capturing, kernels)
         for (device, dtype), positions in by_device_dtype.items()
     ]
-    return _Plan(launches)
 
 
 def _build_launch(
@@ -404,38 +364,9 @@ def _to_device(host: Tensor, device: torch.device, capturing: bool) -> tuple[Ten
     return buffer, pinned
 
 
-def _keep(key: tuple[Any, ...], plan: _Plan) -> None:
-    """Add a new plan, then drop the oldest ones beyond what is kept (see _RECENT_PLANS)."""
-    global _plan_bytes, _staged_plans
-    _plans[key] = plan
-    _plan_bytes += plan.nbytes
-    _staged_plans += plan.staged
-    if len(_plans) <= _MAX_PLANS and _plan_bytes <= _MAX_KEPT_BYTES and _staged_plans <= _RECENT_PLANS:
-        return
-    keys = list(_plans)
-    for old in keys[: max(0, len(keys) - _RECENT_PLANS)]:  # oldest first
-        if len(_plans) <= _MAX_PLANS and _plan_bytes <= _MAX_KEPT_BYTES and _staged_plans <= _RECENT_PLANS:
-            break
-        candidate = _plans[old]
-        if candidate.in_graph:
-            continue
-        over = len(_plans) > _MAX_PLANS or _plan_bytes > _MAX_KEPT_BYTES
-        if over or candidate.staged:
-            _drop(old)
-
-
-def _drop(key: tuple[Any, ...]) -> None:
-    global _plan_bytes, _staged_plans
-    plan = _plans.pop(key)
-    _plan_bytes -= plan.nbytes
-    _staged_plans -= plan.staged
-
-
 def clear_plans() -> None:
     """Forget every plan, including those CUDA graphs captured (only safe once those graphs are gone)."""
-    global _plan_bytes, _staged_plans
     _plans.clear()
-    _plan_bytes = _staged_plans = 0
     _spare_pinned.clear()
 
 
@@ -476,7 +407,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     interpreted = _is_interpreted_kernel(kernel)
     kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
     for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
-        if low_bit and (kind not in PLAIN_TYPES or dtype.to_real() not in _STORAGE_DTYPES):
+        if low_bit and (kind not in PLAIN_TYPES or dtype.to_real() not in KERNEL_DTYPES):
             continue
         _check_device(param, interpreted)
 
@@ -539,10 +470,6 @@ def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _is_interpreted(kernels: ModuleType) -> bool:
-    return _is_interpreted_kernel(kernels.adamw_kernel)
-
-
 def _is_interpreted_kernel(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
@@ -573,7 +500,6 @@ LOW_BIT_INTERPRETER_BLOCKS = 2
 # differently from torch's kernels.
 LOW_BIT_FP_FUSION = False
 
-_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UPDATES = {"round": 0, "stochastic": 1, "kahan": 2}  # the kernel's UPDATE_* switches
 _KEY_PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # table column order
 _low_bit_codes: dict[torch.device, Tensor] = {}
@@ -602,15 +528,8 @@ class _LowBitLaunch:
     blocks: int
 
 
-@dataclass(eq=False)
-class _LowBitGroup:
-    """A group's launches kept from one step to the next, while ``kept`` says its memory is unchanged."""
-
-    launches: list[_LowBitLaunch]
-    kept: KeptLayout
-
-
-_low_bit_groups: KeptTables[_LowBitGroup] = KeptTables(limit=4096)  # a step in backward keeps one per param
+# A group's low-bit plan: its launches' static tables (see _LowBitLaunch).
+_low_bit_plans: PlanCache[list[_LowBitLaunch]] = PlanCache()
 
 
 def step_low_bit(
@@ -622,77 +541,63 @@ def step_low_bit(
     hyper: Hyper,
     storage: StorageFormat,
 ) -> None:
-    """The low-bit step of :mod:`adamw.backends.low_bit` in one Triton launch per (device, dtypes,
+    """The low-bit step of :mod:`adamw.backends.forloop` in one Triton launch per (device, dtypes,
     storage).
 
-    Mirrors :func:`adamw.states.low_bit_step` bit for bit (see :mod:`adamw.backends._triton_low_bit_kernels`
+    Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (see :mod:`adamw.backends._triton_low_bit_kernels`
     for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
     per step): the low-bit step is not capturable. Params the kernel does not take (float64 or
     complex128, or state laid out other than their format says) run the reference itself.
 
-    The launches' tables are kept while the group's memory stays where it was (checked each step by
-    :class:`adamw.backends.low_bit.KeptLayout`); a step then only fills their per-step columns.
+    The launches' tables are kept while the group's memory stays where it was (its fingerprint, see
+    :mod:`adamw.backends._plans`, is checked each step); a step then only fills their per-step columns.
     """
     if not params:
         return
     scalars = host_scalars(hyper)
     if scalars is None:
         return
-    lr, beta1, beta2 = scalars
     kernels = _low_bit_kernels()
-    config = _low_bit_groups.config(storage, hyper)
-    group = _low_bit_groups.find(params, grads, states, state_steps, streams, config)
-    if group is not None:
-        step_numbers = _bump_steps(state_steps)
-        for launch in group.launches:
+    key, memory = plan_key(params, hyper, storage), group_fingerprint(params, grads, states, state_steps, streams)
+    plan = _low_bit_plans.get(key, memory)
+    if plan is not None:
+        step_numbers = bump_steps(state_steps)
+        for launch in plan:
             grads_of_launch = [_real(grads[i]) for i in launch.positions]
-            _launch_low_bit(launch, grads_of_launch, step_numbers, hyper, lr, beta1, beta2, kernels)
+            _launch_low_bit(launch, grads_of_launch, step_numbers, hyper, *scalars, kernels)
         return
 
     interpreted = _is_interpreted_kernel(kernels.low_bit_kernel)
-    # Sort every param to the kernel or the reference before anything changes: a device error
-    # leaves params, state and counters as they were.
-    by_launch: dict[tuple[Any, ...], list[tuple[int, list[Tensor | None]]]] = {}
-    by_reference: list[int] = []
-    state_keys: list[tuple[str, ...]] = []
-    host_divided = False
-    for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
-        param_update = effective_param_update(param, storage.param_update)
-        kernel_grad, unscale = _low_bit_grad(grad, hyper.grad_scale)
-        host_divided |= hyper.grad_scale is not None and not unscale
-        fmt = format_for(param, storage.state_precision)
-        columns = _low_bit_columns(param, kernel_grad, state, fmt, hyper.amsgrad, param_update)
-        if columns is None:
-            by_reference.append(i)
-            continue
-        _check_device(param, interpreted)
-        dtypes = tuple(t.dtype for t in columns[:3] if t is not None)  # param, grad, moments
-        by_launch.setdefault((param.device, *dtypes, param_update, unscale), []).append((i, columns))
-        state_keys.append(kernel_state_keys(fmt, hyper.amsgrad, param_update))
 
-    step_numbers = _bump_steps(state_steps)
-    for i in by_reference:
-        grad = grads[i] if hyper.grad_scale is None else grads[i] / hyper.grad_scale.to(grads[i].device)
-        reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, storage, lr, beta1, beta2)
-    launches: list[_LowBitLaunch] = []
-    staged_any = False
-    for key, entries in by_launch.items():
-        staged_columns, written_back = [], []
-        for _, columns in entries:
-            staged, back = stage_contiguous(columns)
-            staged_any |= any(new is not old for new, old in zip(staged, columns, strict=True))
-            staged_columns.append(staged)
-            written_back += back
-        launch = _low_bit_launch(key, [i for i, _ in entries], staged_columns, streams, storage.seed, kernels)
-        launches.append(launch)
-        launch_grads = [columns[1] for columns in staged_columns]
-        assert all(g is not None for g in launch_grads)
-        _launch_low_bit(launch, launch_grads, step_numbers, hyper, lr, beta1, beta2, kernels)  # type: ignore[arg-type]
-        for copy, original in written_back:
-            original.copy_(copy)
-    if not by_reference and not staged_any and not host_divided:
-        kept = KeptLayout.capture(params, grads, states, state_steps, streams, config, state_keys)
-        _low_bit_groups.keep(params, config, _LowBitGroup(launches, kept))
+    def takes(param: Tensor, step: Tensor) -> bool:
+        _check_device(param, interpreted)  # raises before anything changes
+        return True
+
+    group = sort_group(params, grads, states, state_steps, hyper, storage, takes)
+    step_numbers = bump_steps(state_steps)
+    for i, grad in group.reference:
+        reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, storage, *scalars)
+    by_launch: dict[tuple[Any, ...], list[KernelParam]] = {}
+    for kernel_param in group.kernel:
+        real, real_grad, moment = kernel_param.columns[:3]
+        assert real is not None and real_grad is not None and moment is not None
+        dtypes = (real.dtype, real_grad.dtype, moment.dtype)
+        launch_key = (real.device, *dtypes, kernel_param.param_update, kernel_param.unscale)
+        by_launch.setdefault(launch_key, []).append(kernel_param)
+    plan = []
+    for launch_key, entries in by_launch.items():
+        columns = [entry.columns for entry in entries]
+        launch = _low_bit_launch(
+            launch_key, [entry.position for entry in entries], columns, streams, storage.seed, kernels
+        )
+        plan.append(launch)
+        launch_grads = [entry.grad for entry in entries]
+        _launch_low_bit(launch, launch_grads, step_numbers, hyper, *scalars, kernels)
+    for copy, original in group.written_back:
+        original.copy_(copy)
+    if group.reusable:
+        nbytes = sum(launch.table.nbytes + launch.stream_keys.nbytes + 4 * launch.n_chunks for launch in plan)
+        _low_bit_plans.put(key, memory, plan, nbytes=nbytes)
 
 
 def _launch_low_bit(
@@ -731,50 +636,6 @@ def _launch_low_bit(
             num_warps=LOW_BIT_CUDA_NUM_WARPS,
             enable_fp_fusion=LOW_BIT_FP_FUSION,
         )
-
-
-def _bump_steps(state_steps: list[Tensor]) -> list[int]:
-    """``step += 1`` for every counter (as the reference, before the update), read back as ints."""
-    numbers = [0] * len(state_steps)
-    by_kind: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
-    for i, step in enumerate(state_steps):
-        by_kind.setdefault((step.device, step.dtype, step.shape), []).append(i)
-    for positions in by_kind.values():  # usually one: the counters of a group are alike
-        counters = [state_steps[i] for i in positions]
-        torch._foreach_add_(counters, 1)
-        values = torch.stack(counters).reshape(-1).tolist()  # one read (one sync on a GPU)
-        for i, value in zip(positions, values, strict=True):
-            numbers[i] = int(value)
-    return numbers
-
-
-def _low_bit_grad(grad: Tensor, grad_scale: Tensor | None) -> tuple[Tensor, bool]:
-    """The grad as the kernel reads it, and whether the kernel divides it by ``grad_scale``.
-
-    Float32 grads are unscaled in the kernel (a correctly rounded division, as torch's). Others are
-    divided here by the reference's own op, whose result dtype and rounding (a reciprocal for
-    bfloat16 on the CPU, complex division) depend on the operands.
-    """
-    unscale = grad_scale is not None and grad.dtype == torch.float32 and grad_scale.dtype == torch.float32
-    if grad_scale is not None and not unscale:
-        grad = grad / grad_scale.to(grad.device)
-    return _real(grad), unscale
-
-
-def _low_bit_columns(
-    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
-) -> list[Tensor | None] | None:
-    """A param's tensors in table-column order, or None where the kernel does not take them (the
-    reference then steps the param, and raises if its state does not fit its format)."""
-    if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES:
-        return None  # e.g. DTensors: the reference runs their torch ops
-    real = torch.view_as_real(param) if param.is_complex() else param
-    if real.dtype not in _STORAGE_DTYPES or grad.dtype not in _STORAGE_DTYPES:
-        return None
-    if grad.shape != real.shape or grad.device != real.device:
-        return None
-    columns = state_columns(real, param, state, fmt, amsgrad, param_update)
-    return None if columns is None else [real, grad, *columns]
 
 
 def _low_bit_scalars(lr: float, beta1: float, beta2: float, hyper: Hyper) -> list[float | int]:

@@ -19,13 +19,15 @@ layouts, so checkpoints written with codes under ``exp_avg`` (and its absmax) st
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..options import FUSED_BACKENDS, is_low_bit
+from ..backends._common import run_eagerly
+from ..options import FUSED_BACKENDS, check_storage_options, is_low_bit
+from .entries import KAHAN_KEY, init_low_bit_state, is_dtensor, like_param
 from .formats import (
     ABSMAX_SUFFIX,
     INT8,
@@ -37,7 +39,6 @@ from .formats import (
     full_precision_state,
     stored_format,
 )
-from .reference import KAHAN_KEY, init_low_bit_state, is_dtensor, like_param
 from .rounding import effective_param_update
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def adopt_state(
     if not any(k in out for k in MOMENTS):
         return out
     if is_dtensor(param):
-        # Convert the local shards, in the format the whole param takes (see adamw.states.reference).
+        # Convert the local shards, in the format the whole param takes (see adamw.states.entries).
         fmt = format_for(param, state_precision)
         local_param = param.to_local()  # type: ignore[attr-defined]
         local = {k: v.to_local() if is_dtensor(v) else v for k, v in out.items()}
@@ -257,6 +258,53 @@ def adopt_groups(
                 if new is not p_state:
                     converted[p] = new
     return converted
+
+
+class StoredFormats:
+    """Each param group's ``state_precision`` and ``param_update`` as its params' state was last
+    stored, so that a step converts the state of a group whose options were set since
+    (``opt.param_groups[0]["state_precision"] = "8bit"``), as loading a checkpoint does."""
+
+    def __init__(self, groups: Iterable[dict[str, Any]] = ()) -> None:
+        # By id, with the group itself: a dict is not hashable, and its id may be reused once it is gone.
+        self._by_id: dict[int, tuple[dict[str, Any], str, str]] = {}
+        for group in groups:
+            self.remember(group)
+
+    def remember(self, group: dict[str, Any]) -> None:
+        self._by_id[id(group)] = (group, group["state_precision"], group["param_update"])
+
+    # Eager, as torch's _init_group: traced, this would be compiled once per optimizer (its guards
+    # name that optimizer's groups), one more frame each towards Dynamo's recompile limit.
+    @run_eagerly
+    def convert_changed(self, groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]]) -> None:
+        """Convert in ``state`` the params' states of each group of ``groups`` whose format changed;
+        an invalid option or a state that cannot be converted raises before any change. A group not
+        remembered (step_in_backward's one-param view of a group) has its params' states checked
+        instead, and is not remembered."""
+        known = self._by_id
+        changed = []
+        for index, group in enumerate(groups):
+            stored = known.get(id(group))
+            if (
+                stored is None
+                or stored[0] is not group
+                or stored[1] != group["state_precision"]
+                or stored[2] != group["param_update"]
+            ):
+                changed.append((index, group))
+        if not changed:
+            return
+        for index, group in changed:
+            try:
+                check_storage_options(group)
+            except ValueError as exc:
+                raise ValueError(f"param group {index}: {exc}") from exc
+        state.update(adopt_groups(changed, state))
+        for _, group in changed:
+            stored = known.get(id(group))
+            if stored is not None and stored[0] is group:
+                self.remember(group)
 
 
 def complete_group(group: dict[str, Any]) -> None:

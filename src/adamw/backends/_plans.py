@@ -1,0 +1,156 @@
+"""The one plan cache of the kernel hosts: what a host builds for a param group (the C kernels'
+pointer tables, the Triton kernels' launch tables), kept from one step to the next while the group's
+memory is as it was.
+
+A plan is found by its group's key (the group's first param, its size and the options the plan
+depends on) and used only while the group's :func:`fingerprint` is the one it was built for. Memory
+that stays where it was but is read differently (``p.data = p.data.view(torch.float16)`` keeps the
+address and the byte count) and a new param that reuses a dropped one's ``id`` both get a new plan,
+checked as it is built. Plans hold no tensors of the group: a dropped model's memory is freed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Generic, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor
+
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+# -1 on the CPU, else the device's index: tells apart the devices the kernels run (the CPU and CUDA
+# devices) at half the cost of reading .device.
+_get_device = Tensor.get_device
+_dtype = attrgetter("dtype")
+_nbytes = attrgetter("nbytes")
+
+# addresses, sizes in bytes, dtypes, devices, and shapes and strides (None: all contiguous)
+Fingerprint = tuple[list[int], list[int], list[torch.dtype], list[int], list[tuple[torch.Size, tuple[int, ...]]] | None]
+
+
+def fingerprint(fixed: Sequence[Tensor], moving: Sequence[Tensor] = ()) -> Fingerprint:
+    """What a plan built over these tensors relies on: the addresses of ``fixed`` (which the plan
+    holds) and, of every tensor, its dtype, size in bytes (with the dtype, its number of values) and
+    device, and where some tensor is not contiguous every shape and stride. ``moving`` are tensors
+    whose addresses the host passes anew each step (grads).
+
+    Each property is read in one C-level pass (``map``), each about as costly as reading the
+    addresses; shapes and strides (a tuple per tensor) only where some tensor is not contiguous, as
+    the kernels read contiguous tensors as flat arrays whatever their shapes.
+    """
+    tensors = [*fixed, *moving]
+    contiguous = all(map(_is_contiguous, tensors))
+    return (
+        list(map(_data_ptr, fixed)),
+        list(map(_nbytes, tensors)),
+        list(map(_dtype, tensors)),
+        list(map(_get_device, tensors)),
+        None if contiguous else [(t.shape, t.stride()) for t in tensors],
+    )
+
+
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    plans: int  # kept, pinned ones included
+    nbytes: int  # of their tables
+    pinned: int  # used by a CUDA graph: never dropped
+    staged: int  # holding copies of tensors
+
+
+Plan = TypeVar("Plan")
+
+
+@dataclass(eq=False)
+class _Entry(Generic[Plan]):
+    plan: Plan
+    fingerprint: object
+    nbytes: int
+    staged: bool
+    pinned: bool
+
+
+class PlanCache(Generic[Plan]):
+    """Plans by key, least recently used first out.
+
+    Kept: every pinned plan (a captured CUDA graph reads its tables at every replay, so it is kept,
+    found or not, until :meth:`clear`), the ``recent`` newest, and older ones while all plans
+    together number at most ``max_plans`` and hold at most ``max_bytes`` of tables, and at most
+    ``recent`` of them hold staged copies (copies of tensors, as large as those). The defaults fit a
+    step in backward, which makes a group, so a plan, of every param.
+    """
+
+    def __init__(self, *, max_plans: int = 4096, max_bytes: int = 16 * 2**20, recent: int = 8) -> None:
+        self.max_plans, self.max_bytes, self.recent = max_plans, max_bytes, recent
+        self._entries: OrderedDict[Hashable, _Entry[Plan]] = OrderedDict()
+        self._replaced: list[_Entry[Plan]] = []  # pinned plans a newer one of their key replaced
+        self.clear()
+
+    def get(self, key: Hashable, fingerprint: object, *, pin: bool = False) -> Plan | None:
+        """The plan kept for ``key`` if it was built for ``fingerprint`` (a :func:`fingerprint`, or
+        a tuple with one; None never matches); ``pin``: it is now used by a CUDA graph."""
+        entry = self._entries.get(key)
+        if entry is None or fingerprint is None or entry.fingerprint != fingerprint:
+            self._misses += 1
+            return None
+        self._hits += 1
+        self._entries.move_to_end(key)
+        if pin and not entry.pinned:
+            entry.pinned = True
+            self._pinned += 1
+        return entry.plan
+
+    def put(
+        self,
+        key: Hashable,
+        fingerprint: object,
+        plan: Plan,
+        *,
+        nbytes: int = 0,
+        staged: bool = False,
+        pin: bool = False,
+    ) -> None:
+        """Keep ``plan`` for ``key`` (in place of the one there), then drop what is beyond the limits."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            if old.pinned:
+                self._replaced.append(old)
+            else:
+                self._forget(old)
+        self._entries[key] = _Entry(plan, fingerprint, nbytes, staged, pin)
+        self._nbytes += nbytes
+        self._staged += staged
+        self._pinned += pin
+        if self._within():
+            return
+        for old_key in list(self._entries)[: max(0, len(self._entries) - self.recent)]:  # oldest first
+            if self._within():
+                break
+            candidate = self._entries[old_key]
+            if not candidate.pinned and (candidate.staged or self._over()):
+                self._forget(self._entries.pop(old_key))
+
+    def cache_info(self) -> CacheInfo:
+        plans = len(self._entries) + len(self._replaced)
+        return CacheInfo(self._hits, self._misses, plans, self._nbytes, self._pinned, self._staged)
+
+    def clear(self) -> None:
+        """Forget every plan and count, pinned ones included (only safe once their graphs are gone)."""
+        self._entries.clear()
+        self._replaced.clear()
+        self._hits = self._misses = self._nbytes = self._pinned = self._staged = 0
+
+    def _forget(self, entry: _Entry[Plan]) -> None:
+        self._nbytes -= entry.nbytes
+        self._staged -= entry.staged
+        self._pinned -= entry.pinned
+
+    def _over(self) -> bool:
+        return len(self._entries) + len(self._replaced) > self.max_plans or self._nbytes > self.max_bytes
+
+    def _within(self) -> bool:
+        return not self._over() and self._staged <= self.recent

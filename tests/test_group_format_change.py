@@ -111,13 +111,13 @@ def test_only_a_changed_group_is_converted(monkeypatch: pytest.MonkeyPatch) -> N
     opt = adamw.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=LR)
     _step(opt, params, 1)
     converted: list[Tensor] = []
-    adopt = adamw.states.checkpoint.adopt_state
+    adopt = adamw.states.checkpoint.adopt_for_group
 
     def counting(state: dict[str, Any], p: Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         converted.append(p)
         return adopt(state, p, *args, **kwargs)
 
-    monkeypatch.setattr(adamw.states.checkpoint, "adopt_state", counting)
+    monkeypatch.setattr(adamw.states.checkpoint, "adopt_for_group", counting)
     _step(opt, params, 2, start=1)
     assert converted == []  # unchanged groups: one comparison each, no look at their params
     opt.param_groups[1]["state_precision"] = "8bit"

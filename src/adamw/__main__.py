@@ -17,10 +17,7 @@ from . import __version__
 # add_arguments(parser) and main(args, parser) -> exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("time a step of every implementation on named workloads", "adamw.cli.bench.command"),
-    "demo": (
-        "train a small model with torch.optim.AdamW and with each low-bit mode, and compare",
-        "adamw.cli.demo.command",
-    ),
+    "demo": ("train a small model with torch.optim.AdamW and each low-bit mode; compare", "adamw.cli.demo.command"),
 }
 
 

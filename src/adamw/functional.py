@@ -2,39 +2,30 @@
 
 torch's ``foreach``/``fused`` flags are kept for compatibility and mapped here to one backend name
 (:func:`select_backend`). That name and the device type of the group's first param pick, from one
-table (:data:`STEPS`), a step for each kind of storage format: the full-precision one (torch's: the
-moments in the param's dtype, the param rounded to nearest) and the low-bit ones (bf16 or 8-bit
-moments, bf16 params written by stochastic rounding or with a Kahan buffer), in :mod:`adamw.backends`:
-
-=========  ===========  ===================================  =======================================
-backend    device type  full precision                       low-bit formats
-=========  ===========  ===================================  =======================================
-forloop    any          ``forloop.step`` (torch ops)         ``forloop.step_low_bit`` (torch ops)
-foreach    any          ``foreach.step`` (torch ops)         ``forloop.step_low_bit`` (torch ops)
-cpu        cpu          ``cpu.step`` (C)                     ``cpu_low_bit.step_low_bit`` (C)
-triton     cuda, cpu    ``triton.step`` (Triton)             ``triton.step_low_bit`` (Triton)
-=========  ===========  ===================================  =======================================
-
-``fused=True`` is ``cpu`` on CPU tensors and ``triton`` on CUDA ones; ``triton`` runs CPU tensors
-under Triton's interpreter. DTensor params (FSDP2) in a low-bit format step their local shards
-through ``forloop.step_low_bit`` whatever the backend: the kernels take plain tensors, and the
-rule that keeps a param under 4096 values in float32 needs the whole param.
+table (:data:`STEPS`), what runs: a step for the full-precision storage format (torch's), one for
+the low-bit formats, and a check that the backend's kernel can run. ``fused=True`` is ``cpu`` (the C
+kernels) on CPU tensors and ``triton`` on CUDA ones; ``triton`` runs CPU tensors under Triton's
+interpreter; ``forloop`` and ``foreach`` run torch ops wherever torch runs. DTensor params (FSDP2)
+in a low-bit format step their local shards through ``forloop.step_low_bit`` whatever the backend:
+the kernels take plain tensors, and the rule that keeps a param under 4096 values in float32 needs
+the whole param.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _foreach_supported_types  # the types torch's default accepts
 
 from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
 from .backends import low_bit as _low_bit_backend
 from .backends import ops as _ops
-from .backends._common import PLAIN_TYPES, Hyper, run_eagerly
+from .backends._common import PLAIN_TYPES, Hyper, imported_on_call, run_eagerly
 from .options import (
     BACKEND_DEVICES,
     FUSED_BACKENDS,
@@ -45,8 +36,6 @@ from .options import (
     stepped_params,
 )
 from .states.entries import is_dtensor
-
-BackendName = Literal["forloop", "foreach", "cpu", "triton"]
 
 # Devices on which torch's rule (the documentation's note) turns foreach on when no flag is given.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
@@ -76,15 +65,9 @@ def select_backend(
         foreach = (
             not differentiable
             and not (isinstance(lr, Tensor) and not capturable)
-            and all(type(p) in _foreach_types() and p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
+            and all(type(p) in _foreach_supported_types and p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
         )
     return "foreach" if foreach else "forloop"
-
-
-def _foreach_types() -> tuple[type, ...]:
-    from torch.optim.optimizer import _foreach_supported_types  # the types torch's default accepts
-
-    return tuple(_foreach_supported_types)
 
 
 StepFn = Callable[..., None]
@@ -106,22 +89,9 @@ class Steps:
     check: Callable[[list[Tensor], bool], None] = _nothing_to_check
 
 
-# The compiled kernels' modules are imported on first use: Triton is optional, and a user of the
-# torch-op backends need not load them. The torch-op backends are imported with this module: an import
-# inside a torch.compile'd step is a graph break, which on the first (state-creating) step makes dynamo
-# trace _init_group on fake tensors, and the foreach step then fails to compile.
-
-
-def _c_step(*args: Any) -> None:
-    from .backends import cpu
-
-    cpu.step(*args)
-
-
-def _c_low_bit_step(*args: Any) -> None:
-    from .backends import cpu_low_bit
-
-    cpu_low_bit.step_low_bit(*args)
+# The torch-op backends are imported with this module: an import inside a torch.compile'd step is a
+# graph break, which on the first (state-creating) step makes dynamo trace _init_group on fake tensors,
+# and the foreach step then fails to compile. The kernels' modules are imported on first use.
 
 
 def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
@@ -130,31 +100,21 @@ def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
     (cpu_low_bit if low_bit else cpu).library()  # built, or found in the cache, and loaded once
 
 
-def _triton_step(*args: Any) -> None:
-    from .backends import triton
-
-    triton.step(*args)
-
-
-def _triton_low_bit_step(*args: Any) -> None:
-    from .backends import triton
-
-    triton.step_low_bit(*args)
-
-
 def _check_triton(params: list[Tensor], low_bit: bool) -> None:
     from .backends import triton
 
     triton.check_params(params, low_bit=low_bit)
 
 
-_TRITON = Steps(_triton_step, _triton_low_bit_step, _check_triton)
+_TRITON = Steps(imported_on_call("triton", "step"), imported_on_call("triton", "step_low_bit"), _check_triton)
 
 # (backend, device type of the group's first param) -> what runs; ANY_DEVICE: whatever torch runs.
 STEPS: dict[tuple[str, str], Steps] = {
     ("forloop", ANY_DEVICE): Steps(_forloop_backend.step, _forloop_backend.step_low_bit),
     ("foreach", ANY_DEVICE): Steps(_foreach_backend.step, _forloop_backend.step_low_bit),
-    ("cpu", "cpu"): Steps(_c_step, _c_low_bit_step, _load_c_kernel),
+    ("cpu", "cpu"): Steps(
+        imported_on_call("cpu", "step"), imported_on_call("cpu_low_bit", "step_low_bit"), _load_c_kernel
+    ),
     ("triton", "cuda"): _TRITON,
     ("triton", "cpu"): _TRITON,  # under Triton's interpreter
 }
@@ -241,15 +201,25 @@ def adamw(
         found_inf=found_inf,
     )
     if state_precision == "param" and param_update == "round":
-        run = _run_fused if name in FUSED_BACKENDS else _run
-        run(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+        args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+        if name not in FUSED_BACKENDS:
+            _run(name, *args)
+        elif _traceable(params, hyper):
+            _ops.step(name, *args)
+        else:
+            _run_fused_eagerly(name, *args)
         return
-    storage = f"state_precision={state_precision!r}, param_update={param_update!r}"
+    chosen = f"state_precision={state_precision!r}, param_update={param_update!r}"
     if states is None or streams is None:
-        raise ValueError(f"{storage} keeps the moments in `states` and numbers the rounding by `streams`: pass both")
+        raise ValueError(f"{chosen} keeps the moments in `states` and numbers the rounding by `streams`: pass both")
     if capturable or differentiable:
-        raise ValueError(f"{storage} supports neither capturable=True nor differentiable=True")
-    _run_low_bit(name, params, grads, states, state_steps, streams, hyper, state_precision, param_update, seed)
+        raise ValueError(f"{chosen} supports neither capturable=True nor differentiable=True")
+    storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
+    low_bit_args = (params, grads, states, state_steps, streams, hyper, storage)
+    if name in _ops.LOW_BIT_OPS and _traceable(params, hyper):
+        _ops.step_low_bit(name, *low_bit_args)
+    else:
+        _run_low_bit_eagerly(name, *low_bit_args)
 
 
 def _run(name: str, params: list[Tensor], *args: object) -> None:
@@ -265,51 +235,12 @@ def _traceable(params: list[Tensor], hyper: Hyper) -> bool:
     return torch.compiler.is_compiling() and set(map(type, params)) <= PLAIN_TYPES and not hyper.differentiable
 
 
-def _run_fused(
-    name: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hyper: Hyper,
-) -> None:
-    if _traceable(params, hyper):
-        _ops.step(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
-        return
-    _run_fused_eagerly(name, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
-
-
-# Where the op cannot stand in (see _traceable), torch.compile runs the kernel's call as it is, as it
-# does torch's own fused optimizers: a kernel launched through ctypes or Triton's launcher (and its
-# loading and host work) cannot be traced, and a graph break inside it would leave the whole step to
-# eager mode, where every function it calls is compiled on its own with guards on this optimizer's
-# objects, so a few compiled optimizers in one process would exhaust Dynamo's recompile limit.
+# Where the op cannot stand in, the kernel's call runs eagerly (see run_eagerly), as torch's own fused
+# optimizers do under torch.compile. The low-bit steps of every backend do: they read the step counters
+# on the host.
 _run_fused_eagerly = run_eagerly(_run)
 
 
-def _run_low_bit(
-    name: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    state_steps: list[Tensor],
-    streams: list[int],
-    hyper: Hyper,
-    state_precision: str,
-    param_update: str,
-    seed: int,
-) -> None:
-    if name in _ops.LOW_BIT_OPS and _traceable(params, hyper):
-        storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
-        _ops.step_low_bit(name, params, grads, states, state_steps, streams, hyper, storage)
-        return
-    _run_low_bit_eagerly(name, params, grads, states, state_steps, streams, hyper, state_precision, param_update, seed)
-
-
-# Eager, as _run_fused_eagerly: the low-bit kernels' host work cannot be traced, and every backend's
-# low-bit step reads the step counters on the host.
 @run_eagerly
 def _run_low_bit_eagerly(
     name: str,
@@ -319,11 +250,8 @@ def _run_low_bit_eagerly(
     state_steps: list[Tensor],
     streams: list[int],
     hyper: Hyper,
-    state_precision: str,
-    param_update: str,
-    seed: int,
+    storage: _low_bit_backend.StorageFormat,
 ) -> None:
-    storage = _low_bit_backend.StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
     sharded = [] if set(map(type, params)) <= PLAIN_TYPES else list(map(is_dtensor, params))
     if not any(sharded):
         steps_for(name, params[0].device.type).low_bit(params, grads, states, state_steps, streams, hyper, storage)
@@ -345,18 +273,15 @@ def _run_low_bit_eagerly(
 
 def check_kernel(name: str, params: list[Tensor], *, low_bit: bool) -> None:
     """Raise now what a step of ``params`` on backend ``name`` would raise for want of its kernel: the
-    backend's module imported, the C kernel (the low-bit one for a low-bit format) built or loaded,
-    Triton imported and the params' devices checked against the Triton kernel's. :class:`adamw.AdamW`
-    calls it for every group before it steps any; loading happens once per process, later calls cost
-    a lookup. Low-bit DTensor params are left out: the torch ops step them."""
+    backend's module, the C kernel (low-bit or not) built or loaded, Triton and the params' devices.
+    Loading happens once per process; later calls cost a lookup. Low-bit DTensor params are left out:
+    the torch ops step them."""
     if low_bit and not set(map(type, params)) <= PLAIN_TYPES:
         params = [p for p in params if not is_dtensor(p)]
     if params:
         steps_for(name, params[0].device.type).check(params, low_bit)
 
 
-# Eager, as torch's _init_group: traced, its lookups would guard the compiled step on one optimizer's
-# groups and state, and compile it once per optimizer.
 @run_eagerly
 def check_step(groups: list[dict[str, Any]], state: Mapping[Tensor, Mapping[str, Any]]) -> None:
     """Raise, before any change, for whatever would make some group's step fail: the rules of
@@ -376,8 +301,7 @@ def check_step(groups: list[dict[str, Any]], state: Mapping[Tensor, Mapping[str,
             capturable=group["capturable"],
             lr=group["lr"],
         )
-        if is_low_bit(group):
-            check_kernel(backend, params, low_bit=True)
-            continue
-        check_group_step(params, group, backend, state)
-        check_kernel(backend, params, low_bit=False)
+        low_bit = is_low_bit(group)
+        if not low_bit:
+            check_group_step(params, group, backend, state)
+        check_kernel(backend, params, low_bit=low_bit)

@@ -85,7 +85,7 @@ class AdamWInBackward(AdamW):
         self._hooks: list[RemovableHandle] = []
         self._group_index: dict[Tensor, int] = {}
         # Autograd runs the hooks of different devices in different threads; a param_groups swap
-        # (see _step_param) must not interleave.
+        # (see _step_and_free) must not interleave.
         self._lock = threading.Lock()
         super().__init__(params, **options)
         # Makes GradScaler.step call step() (which refuses) instead of failing on "No inf checks".
@@ -170,13 +170,10 @@ class AdamWInBackward(AdamW):
         return super().step(closure)
 
     def _step_and_free(self, param: Tensor) -> None:
+        """``AdamW.step`` over a one-parameter view of ``param``'s group (current options, shared
+        state), then free its gradient."""
         if self.before_step is not None:
             self.before_step(param)
-        self._step_param(param)
-        param.grad = None
-
-    def _step_param(self, param: Tensor) -> None:
-        """``AdamW.step`` over a one-parameter view of ``param``'s group (current options, shared state)."""
         # Looked up by index at each step: load_state_dict replaces the group dicts.
         group = self.param_groups[self._group_index[param]]
         view = {**group, "params": [param]}
@@ -188,6 +185,7 @@ class AdamWInBackward(AdamW):
                 self.param_groups = groups
         # What an LR scheduler reads to check that the optimizer stepped before it.
         self._opt_called = True
+        param.grad = None
 
 
 def step_in_backward(

@@ -1,10 +1,8 @@
 """``adamw.AdamW``: a drop-in ``torch.optim.AdamW``. Bookkeeping only: groups, state, torch's hooks.
 
 The math lives in :mod:`adamw._math`, the choice of backend in :mod:`adamw.functional`, the rules on
-options in :mod:`adamw.options`, the state's creation, conversion and checkpoint layout in
-:mod:`adamw.states.checkpoint`. The state layout (``step``, ``exp_avg``, ``exp_avg_sq``,
-``max_exp_avg_sq``) and param-group keys are torch's, so checkpoints move between the two classes in
-both directions (an 8-bit one through ``full_precision_state_dict()``).
+options in :mod:`adamw.options`, the state's creation, conversion and checkpoint layout (torch's
+state and param-group keys) in :mod:`adamw.states.checkpoint`.
 """
 
 from __future__ import annotations
@@ -96,9 +94,7 @@ class AdamW(Optimizer):
         seed: int = 0,
         reshardable_state_dict: bool = False,
     ) -> None:
-        # Built as an AdamWOptions so that mypy checks the TypedDict's keys and types against this
-        # signature (a test checks that it names every keyword).
-        options = AdamWOptions(
+        options = AdamWOptions(  # so that mypy holds AdamWOptions to this signature
             lr=lr,
             betas=betas,
             eps=eps,
@@ -196,10 +192,8 @@ class AdamW(Optimizer):
     # ----------------------------------------------------------------------------------------------
     # the step
 
-    # Eager, as torch's own optimizers have it: called from eager code (a step that torch.compile left
-    # to eager mode around a fused kernel), it runs as it is instead of being compiled once per optimizer
-    # (its guards name this optimizer's objects) up to Dynamo's recompile limit. A traced step runs it
-    # once at trace time: Dynamo's optimizer support calls it by torch's name, with torch's signature.
+    # Eager, as torch's own (see run_eagerly). Dynamo's optimizer support calls it by torch's name, with
+    # torch's signature, once at trace time.
     @run_eagerly
     def _init_group(
         self,
@@ -276,8 +270,7 @@ class AdamW(Optimizer):
             )
         return loss
 
-    # Eager, as functional._run_low_bit: traced, the lookups of the params' state dicts and streams
-    # would guard the compiled step on this optimizer's objects, and compile it once per optimizer.
+    # Eager: it looks up the params' state dicts and streams (see run_eagerly).
     @run_eagerly
     def _low_bit_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """The step of a group in a low-bit format, whose moments live in the params' state dicts."""

@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor
 
-from .backends._common import capturable_devices
+from .backends._common import check_capturable_devices
 from .states import PARAM_UPDATES, STATE_PRECISIONS
 
 
@@ -105,8 +105,7 @@ def check_group_options(options: Mapping[str, Any]) -> None:
     lr, betas, eps, weight_decay = options["lr"], options["betas"], options["eps"], options["weight_decay"]
     foreach, fused, capturable = options["foreach"], options["fused"], options["capturable"]
     differentiable, backend = options["differentiable"], options.get("backend")
-    # backend="foreach" is foreach=True by name: the same Tensor lr/betas limits apply at construction
-    # (otherwise a Tensor beta only failed inside the step, after state was created).
+    # backend="foreach" is foreach=True by name: the same Tensor lr/betas limits apply at construction.
     runs_foreach = bool(foreach) or backend == "foreach"
     if isinstance(lr, Tensor):
         _refuse_foreach_tensor("lr", lr, foreach=runs_foreach, capturable=capturable, error=ValueError)
@@ -127,12 +126,10 @@ def check_group_options(options: Mapping[str, Any]) -> None:
     both_tensor = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
     if not (both_float or both_tensor):
         raise ValueError("betas must be either both floats or both Tensors")
-    for i in (0, 1):
-        if isinstance(betas[i], Tensor):
-            _refuse_foreach_tensor(
-                f"betas[{i}]", betas[i], foreach=runs_foreach, capturable=capturable, error=ValueError
-            )
-            if betas[i].numel() != 1:
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            _refuse_foreach_tensor(f"betas[{i}]", beta, foreach=runs_foreach, capturable=capturable, error=ValueError)
+            if beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
     if fused and differentiable:
         raise RuntimeError(_FUSED_NOT_DIFFERENTIABLE)
@@ -159,14 +156,11 @@ def check_storage_options(options: Mapping[str, Any]) -> None:
         raise ValueError(f"param_update must be one of {list(PARAM_UPDATES)}, but got {param_update!r}")
     if state_precision != "param" or param_update != "round":
         chosen = f"state_precision={state_precision!r}, param_update={param_update!r}"
-        if options.get("differentiable"):
-            raise ValueError(
-                f"{chosen} does not support differentiable=True (use state_precision='param', param_update='round')"
-            )
-        if options.get("capturable"):
-            raise ValueError(
-                f"{chosen} does not support capturable=True (use state_precision='param', param_update='round')"
-            )
+        for flag in ("differentiable", "capturable"):
+            if options.get(flag):
+                raise ValueError(
+                    f"{chosen} does not support {flag}=True (use state_precision='param', param_update='round')"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,28 +174,23 @@ _is_sparse = attrgetter("is_sparse")
 
 def stepped_params(group: Mapping[str, Any], index: int) -> list[Tensor]:
     """The params of group ``index`` that have a grad, once their grads are checked: dense (torch's
-    message), and of their param's dtype."""
+    message), and of their param's dtype, from which every backend computes the update (torch raises
+    for another dtype only mid-step, after state was created and earlier groups stepped; the low-bit
+    kernels would take it)."""
     params = [p for p in group["params"] if p.grad is not None]
-    if any(map(_is_sparse, map(_grad_of, params))):
+    grads = list(map(_grad_of, params))
+    if any(map(_is_sparse, grads)):
         raise RuntimeError(
             "AdamW does not support sparse gradients, please consider SparseAdam instead "
             f"(param group {index} has a sparse grad)"
         )
-    _check_grad_dtypes(params, index)
+    if list(map(_dtype_of, grads)) != list(map(_dtype_of, params)):
+        p, grad = next((p, g) for p, g in zip(params, grads, strict=True) if g.dtype != p.dtype)
+        raise RuntimeError(
+            f"expected each grad to have its param's dtype, but param group {index} has a {p.dtype} param "
+            f"with a {grad.dtype} grad (give it a {p.dtype} grad)"
+        )
     return params
-
-
-def _check_grad_dtypes(params: list[Tensor], index: int) -> None:
-    """Every backend computes a param's update from a grad of its own dtype. torch raises for any
-    other grad only mid-step (state created, earlier groups stepped); the low-bit kernels would take it."""
-    grads = list(map(_grad_of, params))
-    if list(map(_dtype_of, grads)) == list(map(_dtype_of, params)):
-        return
-    p, grad = next((p, g) for p, g in zip(params, grads, strict=True) if g.dtype != p.dtype)
-    raise RuntimeError(
-        f"expected each grad to have its param's dtype, but param group {index} has a {p.dtype} param "
-        f"with a {grad.dtype} grad (give it a {p.dtype} grad)"
-    )
 
 
 def check_group_step(
@@ -224,15 +213,11 @@ def check_group_step(
             raise RuntimeError(_FUSED_NOT_DIFFERENTIABLE)
         _check_fused_params(params, backend)
     if capturable and backend not in FUSED_BACKENDS:
-        supported = capturable_devices()
-        for p in params:
-            step = state[p].get("step") if p in state else None
-            step_device = step.device.type if isinstance(step, Tensor) else p.device.type
-            if p.device.type not in supported or step_device != p.device.type:
-                raise AssertionError(
-                    "If capturable=True, params and state_steps must be on supported devices: "
-                    f"{supported}; got a param on {p.device.type} with its step on {step_device}"
-                )
+        steps = [state.get(p, {}).get("step") for p in params]
+        # A param without a step yet gets one on its own device.
+        check_capturable_devices(
+            params, [s if isinstance(s, Tensor) else p for p, s in zip(params, steps, strict=True)]
+        )
     if differentiable:
         for p in params:
             step = state.get(p, {}).get("step")

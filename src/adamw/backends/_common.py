@@ -1,10 +1,11 @@
-"""What every backend receives: the group's hyper-parameters in one record, and shared checks."""
+"""What every backend receives: the group's hyper-parameters in one record, and shared helpers."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,16 +50,11 @@ def host_value(x: float | Tensor) -> float | Tensor:
     return x.item() if isinstance(x, Tensor) else x
 
 
-def capturable_devices() -> list[str]:
-    devices = ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()]
-    return devices
-
-
 def check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) -> None:
     """capturable=True needs params and step counters on one accelerator (never the CPU)."""
     if torch.compiler.is_compiling():
         return  # the compiler does its own cudagraph checks
-    supported = capturable_devices()
+    supported = ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()]
     for p, s in zip(params, state_steps, strict=True):
         if not (p.device.type == s.device.type and p.device.type in supported):
             raise AssertionError(
@@ -70,8 +66,26 @@ def check_capturable_devices(params: list[Tensor], state_steps: list[Tensor]) ->
 def run_eagerly(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` as one call that torch.compile runs as it is instead of tracing (``torch.compiler.disable``).
 
+    This package runs eagerly what cannot be traced (a kernel launched through ctypes or Triton's
+    launcher, with its loading and host work) and what looks up an optimizer's groups, state or streams.
+    A graph break inside the former would leave the whole step to eager mode; there, as in a traced
+    step, a function that reads an optimizer's objects is compiled with guards on them, once per
+    optimizer, so a few compiled optimizers in one process would exhaust Dynamo's recompile limit.
+    torch's optimizers run their ``_init_group`` eagerly for the same reason.
+
     Through torch's own lazy form, which torch.optim uses for the same purpose: ``torch.compiler.disable``
     imports torch._dynamo at once (seconds that an eager user would pay at ``import adamw``), and a
     lazy wrapper of our own would itself be traced, one more compiled frame per optimizer.
     """
     return torch._disable_dynamo(fn)  # type: ignore[return-value]
+
+
+def imported_on_call(module: str, name: str) -> Callable[..., Any]:
+    """``adamw.backends.<module>.<name>``, its module imported at the first call: the compiled
+    kernels' modules load C kernels or Triton (optional), which a user of the torch-op backends need
+    not load. Only for calls that torch.compile does not trace: an import there is a graph break."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args)
+
+    return call

@@ -57,8 +57,7 @@ FLAG_SETS = (
     ("-march=native",),
     (),
 )
-# What every C source includes (bit casts, conversions, the work split); its directory is on the
-# include path of every build.
+# What every C source includes (bit casts, conversions, the work split); on every build's include path.
 HEADER = Path(__file__).with_name("adamw_common.h")
 # Part of every library's name: a library cached in another layout (e.g. without a digest file) is
 # never looked up, so it is neither loaded nor reported as damaged.
@@ -167,24 +166,18 @@ def _cached_or_built(kernel: Kernel, cc: list[str], flags: tuple[str, ...], path
     return True, None if error is None else f"{' '.join([*cc, *flags])}: {error}"
 
 
-# --------------------------------------------------------------------------------------------------
-# the compiler and the library's name
-
-
 def compiler(kernel: Kernel) -> list[str]:
     """The C compiler command: ``$CC`` when set, else Python's build compiler, else ``cc`` or ``gcc``."""
-    if os.environ.get("CC"):
-        words = shlex.split(os.environ["CC"])
-        if words and shutil.which(words[0]):
-            return words
-        raise RuntimeError(
-            f"adamw's {kernel.what} is compiled on first use by $CC, but CC={os.environ['CC']!r} names no "
-            f"executable. Fix or unset CC; or step without it ({kernel.instead})."
-        )
-    for candidate in (sysconfig.get_config_var("CC"), "cc", "gcc"):
+    cc = os.environ.get("CC")
+    for candidate in [cc] if cc else [sysconfig.get_config_var("CC"), "cc", "gcc"]:
         words = shlex.split(candidate or "")
         if words and shutil.which(words[0]):
             return words
+    if cc:
+        raise RuntimeError(
+            f"adamw's {kernel.what} is compiled on first use by $CC, but CC={cc!r} names no executable. "
+            f"Fix or unset CC; or step without it ({kernel.instead})."
+        )
     raise RuntimeError(
         f"adamw's {kernel.what} is compiled on first use, but no C compiler was found (tried $CC, "
         f"Python's build compiler and `cc`). Install gcc or clang, or set CC; or step without it "
@@ -209,16 +202,15 @@ def _library_name(cc: list[str], flags: tuple[str, ...], source: Path) -> str:
     for text in (source, HEADER):  # an edit to the header rebuilds every library
         h.update(text.read_bytes() + b"\0")
     resolved = shutil.which(cc[0]) or cc[0]
-    stat_ = os.stat(resolved)
-    parts = (*cc, resolved, str(stat_.st_mtime_ns), *BASE_FLAGS, *flags, _cpu_identity(), sys.platform)
-    for part in (*parts, str(_CACHE_LAYOUT)):
+    mtime = str(os.stat(resolved).st_mtime_ns)
+    for part in (*cc, resolved, mtime, *BASE_FLAGS, *flags, _cpu_identity(), sys.platform, str(_CACHE_LAYOUT)):
         h.update(part.encode() + b"\0")
     return f"{source.stem}-{h.hexdigest()[:20]}.so"
 
 
 def _compile(cc: list[str], flags: tuple[str, ...], target: Path, source: Path) -> str | None:
-    """Build ``source`` into ``target`` with its digest file, each written to a temporary file and
-    renamed into place, the digest first; the compiler's error text on failure."""
+    """Build ``source`` into ``target`` with its digest file (see "Cache" above); the compiler's error
+    text on failure."""
     fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{source.stem}-", dir=target.parent)
     os.close(fd)
     try:
@@ -237,10 +229,6 @@ def _compile(cc: list[str], flags: tuple[str, ...], target: Path, source: Path) 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-# --------------------------------------------------------------------------------------------------
-# digests and trust
 
 
 def _digest_path(library: Path) -> Path:
@@ -314,9 +302,8 @@ def cache_dir() -> Path:
 
 
 def _cache_directory() -> Path | None:
-    """The first of :func:`cache_dir` and ``$TMPDIR/adamw-<uid>`` that exists or can be created, is
-    this user's and writable by no one else, and is writable by us; resolved, so that a symlink
-    changed later does not move it. None when neither is."""
+    """The first of :func:`cache_dir` and ``$TMPDIR/adamw-<uid>`` that can be trusted (see "Trust"
+    above), resolved so that a symlink changed later does not move it; None when neither can."""
     for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"adamw-{os.geteuid()}"):
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,6 +1,5 @@
 """The one plan cache of the kernel hosts: what a host builds for a param group (the C kernels'
-pointer tables, the Triton kernels' launch tables), kept from one step to the next while the group's
-memory is as it was.
+pointer tables, the Triton kernels' launch tables), kept from one step to the next.
 
 A plan is found by its group's key (the group's first param, its size and the options the plan
 depends on) and used only while the group's :func:`fingerprint` is the one it was built for. Memory
@@ -34,14 +33,10 @@ Fingerprint = tuple[list[int], list[int], list[torch.dtype], list[int], list[tup
 
 def fingerprint(fixed: Sequence[Tensor], moving: Sequence[Tensor] = ()) -> Fingerprint:
     """What a plan built over these tensors relies on: the addresses of ``fixed`` (which the plan
-    holds) and, of every tensor, its dtype, size in bytes (with the dtype, its number of values) and
-    device, and where some tensor is not contiguous every shape and stride. ``moving`` are tensors
-    whose addresses the host passes anew each step (grads).
-
-    Each property is read in one C-level pass (``map``), each about as costly as reading the
-    addresses; shapes and strides (a tuple per tensor) only where some tensor is not contiguous, as
-    the kernels read contiguous tensors as flat arrays whatever their shapes.
-    """
+    holds; ``moving``'s, the grads', are passed anew each step) and, of every tensor, its dtype, size
+    in bytes (with the dtype, its number of values) and device, each read in one C-level pass
+    (``map``); shapes and strides (a tuple per tensor) only where some tensor is not contiguous, as
+    the kernels read contiguous tensors as flat arrays whatever their shapes."""
     tensors = [*fixed, *moving]
     contiguous = all(map(_is_contiguous, tensors))
     return (
@@ -126,7 +121,7 @@ class PlanCache(Generic[Plan]):
         self._staged += staged
         self._pinned += pin
         if self._within():
-            return
+            return  # the common case: no copy of the keys
         for old_key in list(self._entries)[: max(0, len(self._entries) - self.recent)]:  # oldest first
             if self._within():
                 break

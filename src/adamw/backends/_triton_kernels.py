@@ -63,27 +63,42 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def _to_storage(x, DTYPE: tl.constexpr):
+def round_bf16(x, noise):
+    """float32 -> bfloat16: ``noise`` (below 2^16) added to the bits, which are then truncated.
+
+    By hand: Triton's interpreter truncates float32 -> bfloat16 (GPUs round in hardware), and one
+    code path for both keeps what the interpreter tests what the GPU runs.
+    """
+    rounded = (x.to(tl.uint32, bitcast=True) + noise) >> 16  # a carry out of the low 16 bits rounds |x| up
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
     """float32/64 -> the storage dtype, rounding to nearest even."""
     if DTYPE == tl.bfloat16:
-        # By hand: Triton's interpreter truncates float32 -> bfloat16 (GPUs round in hardware), and
-        # one code path for both keeps what the interpreter tests what the GPU runs.
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return round_bf16(x, 0x7FFF + ((x.to(tl.uint32, bitcast=True) >> 16) & 1))
     else:
         return x.to(DTYPE)
 
 
 @triton.jit
-def _address(row_ptr, column: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def address(row_ptr, column: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         # Addresses read from memory carry no alignment facts; the host checked every one is a
         # multiple of 16 bytes, which lets unmasked loads and stores use 128-bit accesses.
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def locate(table_ptr, chunk_tensor_ptr, ROW: tl.constexpr, COL_NUMEL: tl.constexpr, COL_FIRST_CHUNK: tl.constexpr):
+    """The table row of this program's tensor, the tensor's numel, and the program's chunk in it."""
+    pid = tl.program_id(0)
+    row_ptr = table_ptr + tl.load(chunk_tensor_ptr + pid).to(tl.int64) * ROW
+    return row_ptr, tl.load(row_ptr + COL_NUMEL), pid - tl.load(row_ptr + COL_FIRST_CHUNK)
 
 
 @triton.jit
@@ -122,7 +137,7 @@ def _update_block(
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ACC)
     if HAS_GRAD_SCALE:
         grad = _div(grad, grad_scale, ACC)
-        tl.store(grad_ptr + offsets, _to_storage(grad, DTYPE), mask=mask)  # torch's fused kernels store it unscaled
+        tl.store(grad_ptr + offsets, to_storage(grad, DTYPE), mask=mask)  # torch's fused kernels store it unscaled
     if MAXIMIZE:
         grad = -grad
     if HAS_WEIGHT_DECAY:
@@ -133,125 +148,14 @@ def _update_block(
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (grad * grad)
     if AMSGRAD:
         max_exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC), exp_avg_sq)
-        tl.store(max_exp_avg_sq_ptr + offsets, _to_storage(max_exp_avg_sq, DTYPE), mask=mask)
-        denom = _div(_sqrt(max_exp_avg_sq, ACC), bias_correction2_sqrt, ACC) + eps
+        tl.store(max_exp_avg_sq_ptr + offsets, to_storage(max_exp_avg_sq, DTYPE), mask=mask)
     else:
-        denom = _div(_sqrt(exp_avg_sq, ACC), bias_correction2_sqrt, ACC) + eps
+        max_exp_avg_sq = exp_avg_sq
+    denom = _div(_sqrt(max_exp_avg_sq, ACC), bias_correction2_sqrt, ACC) + eps
     param = param - _div(step_size * exp_avg, denom, ACC)
-    tl.store(param_ptr + offsets, _to_storage(param, DTYPE), mask=mask)
-    tl.store(exp_avg_ptr + offsets, _to_storage(exp_avg, DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, _to_storage(exp_avg_sq, DTYPE), mask=mask)
-
-
-@triton.jit
-def _update_chunk(
-    table_ptr,
-    chunk_tensor_ptr,
-    lr_ptr,
-    beta1_ptr,
-    beta2_ptr,
-    grad_scale_ptr,
-    lr,
-    beta1,
-    beta2,
-    log_beta1,
-    log_beta2,
-    eps,
-    weight_decay,
-    BLOCK: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr,
-    BETAS_ON_DEVICE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    DTYPE: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    tensor = tl.load(chunk_tensor_ptr + pid).to(tl.int64)
-    row_ptr = table_ptr + tensor * ROW
-    numel = tl.load(row_ptr + COL_NUMEL)
-    start = (pid - tl.load(row_ptr + COL_FIRST_CHUNK)) * BLOCK
-    offsets = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
-    param_ptr = _address(row_ptr, COL_PARAM, DTYPE, ALIGNED)
-    grad_ptr = _address(row_ptr, COL_GRAD, DTYPE, ALIGNED)
-    exp_avg_ptr = _address(row_ptr, COL_EXP_AVG, DTYPE, ALIGNED)
-    exp_avg_sq_ptr = _address(row_ptr, COL_EXP_AVG_SQ, DTYPE, ALIGNED)
-    if AMSGRAD:
-        max_exp_avg_sq_ptr = _address(row_ptr, COL_MAX, DTYPE, ALIGNED)
-    else:
-        max_exp_avg_sq_ptr = param_ptr  # never read
-    step_ptr = tl.load(row_ptr + COL_STEP).to(tl.pointer_type(tl.float32))
-
-    # Per-program scalars, in float64: the step as torch counts it (the counter is bumped after us).
-    step = (tl.load(step_ptr) + 1.0).to(tl.float64)
-    if LR_ON_DEVICE:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = tl.full([], lr, tl.float64)
-    if BETAS_ON_DEVICE:
-        beta1_64 = tl.load(beta1_ptr).to(tl.float64)
-        beta2_64 = tl.load(beta2_ptr).to(tl.float64)
-        log_beta1_64 = tl.log(beta1_64)
-        log_beta2_64 = tl.log(beta2_64)
-    else:
-        beta1_64 = tl.full([], beta1, tl.float64)
-        beta2_64 = tl.full([], beta2, tl.float64)
-        log_beta1_64 = tl.full([], log_beta1, tl.float64)
-        log_beta2_64 = tl.full([], log_beta2, tl.float64)
-    # beta^t as exp(t * log(beta)): exact enough in float64 (relative error ~1e-15 for t < 2^24).
-    bias_correction1 = 1.0 - tl.exp(step * log_beta1_64)
-    bias_correction2 = 1.0 - tl.exp(step * log_beta2_64)
-    weight_decay64 = tl.full([], weight_decay, tl.float64)
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(ACC)
-    else:
-        grad_scale = 1.0
-
-    block_args = (
-        param_ptr,
-        grad_ptr,
-        exp_avg_ptr,
-        exp_avg_sq_ptr,
-        max_exp_avg_sq_ptr,
-        offsets,
-        numel,
-        grad_scale,
-        (lr64 * weight_decay64).to(ACC),
-        beta1_64.to(ACC),
-        (1.0 - beta1_64).to(ACC),
-        beta2_64.to(ACC),
-        (1.0 - beta2_64).to(ACC),
-        (lr64 / bias_correction1).to(ACC),
-        tl.sqrt(bias_correction2).to(ACC),
-        tl.full([], eps, tl.float64).to(ACC),
-    )
-    # Full chunks take the unmasked path: a mask built from a numel read at run time would stop
-    # the compiler from vectorizing the loads.
-    if start + BLOCK <= numel:
-        _update_block(
-            *block_args,
-            MASKED=False,
-            AMSGRAD=AMSGRAD,
-            MAXIMIZE=MAXIMIZE,
-            HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
-            HAS_GRAD_SCALE=HAS_GRAD_SCALE,
-            DTYPE=DTYPE,
-            ACC=ACC,
-        )
-    else:
-        _update_block(
-            *block_args,
-            MASKED=True,
-            AMSGRAD=AMSGRAD,
-            MAXIMIZE=MAXIMIZE,
-            HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
-            HAS_GRAD_SCALE=HAS_GRAD_SCALE,
-            DTYPE=DTYPE,
-            ACC=ACC,
-        )
+    tl.store(param_ptr + offsets, to_storage(param, DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, to_storage(exp_avg_sq, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -283,51 +187,71 @@ def adamw_kernel(
     ACC: tl.constexpr,
 ):
     """One AdamW step on chunk ``program_id`` of the tensors listed in ``table`` (see the module docstring)."""
-    chunk_args = (
-        table_ptr,
-        chunk_tensor_ptr,
-        lr_ptr,
-        beta1_ptr,
-        beta2_ptr,
-        grad_scale_ptr,
-        lr,
-        beta1,
-        beta2,
-        log_beta1,
-        log_beta2,
-        eps,
-        weight_decay,
-    )
     if HAS_FOUND_INF:
         # GradScaler's contract, as torch's fused kernels read it: exactly 1.0 skips the step.
-        if tl.load(found_inf_ptr) != 1.0:
-            _update_chunk(
-                *chunk_args,
-                BLOCK=BLOCK,
-                AMSGRAD=AMSGRAD,
-                MAXIMIZE=MAXIMIZE,
-                HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
-                LR_ON_DEVICE=LR_ON_DEVICE,
-                BETAS_ON_DEVICE=BETAS_ON_DEVICE,
-                HAS_GRAD_SCALE=HAS_GRAD_SCALE,
-                ALIGNED=ALIGNED,
-                DTYPE=DTYPE,
-                ACC=ACC,
-            )
+        take_step = tl.load(found_inf_ptr) != 1.0
     else:
-        _update_chunk(
-            *chunk_args,
-            BLOCK=BLOCK,
-            AMSGRAD=AMSGRAD,
-            MAXIMIZE=MAXIMIZE,
-            HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
-            LR_ON_DEVICE=LR_ON_DEVICE,
-            BETAS_ON_DEVICE=BETAS_ON_DEVICE,
-            HAS_GRAD_SCALE=HAS_GRAD_SCALE,
-            ALIGNED=ALIGNED,
-            DTYPE=DTYPE,
-            ACC=ACC,
+        take_step = True
+    if take_step:
+        row_ptr, numel, chunk = locate(table_ptr, chunk_tensor_ptr, ROW, COL_NUMEL, COL_FIRST_CHUNK)
+        start = chunk * BLOCK
+        offsets = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+        param_ptr = address(row_ptr, COL_PARAM, DTYPE, ALIGNED)
+        if AMSGRAD:
+            max_exp_avg_sq_ptr = address(row_ptr, COL_MAX, DTYPE, ALIGNED)
+        else:
+            max_exp_avg_sq_ptr = param_ptr  # never read
+        step_ptr = tl.load(row_ptr + COL_STEP).to(tl.pointer_type(tl.float32))
+
+        # Per-program scalars, in float64: the step as torch counts it (the counter is bumped after us).
+        step = (tl.load(step_ptr) + 1.0).to(tl.float64)
+        if LR_ON_DEVICE:
+            lr64 = tl.load(lr_ptr).to(tl.float64)
+        else:
+            lr64 = tl.full([], lr, tl.float64)
+        if BETAS_ON_DEVICE:
+            beta1_64 = tl.load(beta1_ptr).to(tl.float64)
+            beta2_64 = tl.load(beta2_ptr).to(tl.float64)
+            log_beta1_64 = tl.log(beta1_64)
+            log_beta2_64 = tl.log(beta2_64)
+        else:
+            beta1_64 = tl.full([], beta1, tl.float64)
+            beta2_64 = tl.full([], beta2, tl.float64)
+            log_beta1_64 = tl.full([], log_beta1, tl.float64)
+            log_beta2_64 = tl.full([], log_beta2, tl.float64)
+        # beta^t as exp(t * log(beta)): exact enough in float64 (relative error ~1e-15 for t < 2^24).
+        bias_correction1 = 1.0 - tl.exp(step * log_beta1_64)
+        bias_correction2 = 1.0 - tl.exp(step * log_beta2_64)
+        weight_decay64 = tl.full([], weight_decay, tl.float64)
+        if HAS_GRAD_SCALE:
+            grad_scale = tl.load(grad_scale_ptr).to(ACC)
+        else:
+            grad_scale = 1.0
+
+        block_args = (
+            param_ptr,
+            address(row_ptr, COL_GRAD, DTYPE, ALIGNED),
+            address(row_ptr, COL_EXP_AVG, DTYPE, ALIGNED),
+            address(row_ptr, COL_EXP_AVG_SQ, DTYPE, ALIGNED),
+            max_exp_avg_sq_ptr,
+            offsets,
+            numel,
+            grad_scale,
+            (lr64 * weight_decay64).to(ACC),
+            beta1_64.to(ACC),
+            (1.0 - beta1_64).to(ACC),
+            beta2_64.to(ACC),
+            (1.0 - beta2_64).to(ACC),
+            (lr64 / bias_correction1).to(ACC),
+            tl.sqrt(bias_correction2).to(ACC),
+            tl.full([], eps, tl.float64).to(ACC),
         )
+        # Full chunks take the unmasked path: a mask built from a numel read at run time would stop
+        # the compiler from vectorizing the loads.
+        if start + BLOCK <= numel:
+            _update_block(*block_args, False, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, DTYPE, ACC)
+        else:
+            _update_block(*block_args, True, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, HAS_GRAD_SCALE, DTYPE, ACC)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])

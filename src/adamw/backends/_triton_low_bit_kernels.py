@@ -44,6 +44,8 @@ the unsigned code's values and midpoints (``CODE_*`` offsets).
 import triton
 import triton.language as tl
 
+from ._triton_kernels import address, locate, round_bf16, to_storage
+
 QBLOCK = tl.constexpr(256)  # adamw.states.quantize.BLOCK_SIZE (checked on the host)
 
 ROW = tl.constexpr(16)
@@ -94,41 +96,23 @@ def _hash32(x):
 
 
 @triton.jit
-def _stochastic_bf16(x, offsets, key):
-    """float32 -> bfloat16 up or down at random (adamw.states.rounding.stochastic_round_to_bf16)."""
-    noise = _hash32(_hash32(offsets.to(tl.uint32)) ^ key) & 0xFFFF
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + noise) >> 16  # a carry out of the low 16 bits rounds |x| up
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _nearest_bf16(x):
-    """float32 -> bfloat16 to nearest even, by hand (the interpreter truncates; see _triton_kernels)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _to_param(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
-    if DTYPE == tl.bfloat16:
-        if STOCHASTIC:
-            return _stochastic_bf16(x, offsets, key)
-        else:
-            return _nearest_bf16(x)
+def _round(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """float32 -> ``DTYPE``; to bfloat16 up or down at random when ``STOCHASTIC``
+    (adamw.states.rounding.stochastic_round_to_bf16), else to nearest."""
+    if DTYPE == tl.bfloat16 and STOCHASTIC:
+        return round_bf16(x, _hash32(_hash32(offsets.to(tl.uint32)) ^ key) & 0xFFFF)
     else:
-        return x.to(DTYPE)
+        return to_storage(x, DTYPE)
 
 
 # --------------------------------------------------------------------------------------------------
-# moments
+# moments: MOMENT 0 is exp_avg (signed code), 1 exp_avg_sq and 2 max_exp_avg_sq (unsigned code); the
+# address, absmax and rounding key of each are in columns COL_EXP_AVG, COL_EXP_AVG_ABSMAX and
+# COL_KEY_EXP_AVG + MOMENT
 
 
 @triton.jit
-def _encode(y, mids_ptr, SIGNED: tl.constexpr, TOP: tl.constexpr):
+def _encode(y, codes_ptr, SIGNED: tl.constexpr):
     """Codes of normalized values: the number of midpoints strictly below each magnitude.
 
     As adamw.states.quantize.Code.magnitude_index: a guess from the logarithm (on the ladder it is
@@ -137,8 +121,12 @@ def _encode(y, mids_ptr, SIGNED: tl.constexpr, TOP: tl.constexpr):
     """
     if SIGNED:
         magnitude = tl.abs(y)
+        mids_ptr = codes_ptr + CODE_SIGNED_MIDS
+        TOP = SIGNED_TOP
     else:
         magnitude = y
+        mids_ptr = codes_ptr + CODE_UNSIGNED_MIDS
+        TOP = UNSIGNED_TOP
     # max(., 1e-30): no log of 0 (it would clamp to index 0 anyway); a NaN guess becomes 0 below.
     guess = tl.floor(tl.log2(tl.maximum(magnitude, 1e-30)) * LADDER_STEPS + 0.5) + TOP
     guess = tl.where(guess == guess, guess, 0.0)
@@ -152,38 +140,11 @@ def _encode(y, mids_ptr, SIGNED: tl.constexpr, TOP: tl.constexpr):
 
 
 @triton.jit
-def _address(row_ptr, column: tl.constexpr, DTYPE: tl.constexpr):
-    return tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
 def _load(ptr, mask, MASKED: tl.constexpr):
     if MASKED:
         return tl.load(ptr, mask=mask, other=0)
     else:
         return tl.load(ptr)
-
-
-@triton.jit
-def _load_moment(
-    row_ptr,
-    column: tl.constexpr,
-    absmax_column: tl.constexpr,
-    values_ptr,
-    offsets,
-    mask,
-    blocks,
-    block_mask,
-    MOMENT_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    ptr = _address(row_ptr, column, MOMENT_DTYPE)
-    if MOMENT_DTYPE == tl.uint8:
-        codes = _load(ptr + offsets, mask, MASKED).to(tl.int32)
-        absmax = _load(_address(row_ptr, absmax_column, tl.float32) + blocks, block_mask, MASKED)
-        return tl.load(values_ptr + codes) * absmax[:, None]  # codes < 256: always inside the table
-    else:
-        return _load(ptr + offsets, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
@@ -195,24 +156,23 @@ def _store(ptr, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _store_moment(
-    row_ptr,
-    column: tl.constexpr,
-    absmax_column: tl.constexpr,
-    mids_ptr,
-    x,
-    offsets,
-    mask,
-    blocks,
-    block_mask,
-    key,
-    SIGNED: tl.constexpr,
-    TOP: tl.constexpr,
-    MOMENT_DTYPE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    ptr = _address(row_ptr, column, MOMENT_DTYPE)
-    if MOMENT_DTYPE == tl.uint8:
+def _load_moment(row_ptr, codes_ptr, tile, MOMENT: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    offsets, mask, blocks, block_mask = tile
+    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
+    if DTYPE == tl.uint8:
+        codes = _load(ptr + offsets, mask, MASKED).to(tl.int32)
+        absmax = _load(address(row_ptr, COL_EXP_AVG_ABSMAX + MOMENT, tl.float32, False) + blocks, block_mask, MASKED)
+        values_ptr = codes_ptr + (CODE_SIGNED_VALUES if MOMENT == 0 else CODE_UNSIGNED_VALUES)
+        return tl.load(values_ptr + codes) * absmax[:, None]  # codes < 256: always inside the table
+    else:
+        return _load(ptr + offsets, mask, MASKED).to(tl.float32)
+
+
+@triton.jit
+def _store_moment(x, row_ptr, codes_ptr, tile, MOMENT: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    offsets, mask, blocks, block_mask = tile
+    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
+    if DTYPE == tl.uint8:
         magnitude = tl.abs(x)
         if MASKED:
             magnitude = tl.where(mask, magnitude, 0.0)  # the reference pads a short block with zeros
@@ -220,14 +180,13 @@ def _store_moment(
         # torch's amax propagates NaN; a GPU's max ignores it.
         has_nan = tl.max(tl.where(magnitude != magnitude, 1, 0), axis=1)
         absmax = tl.where(has_nan > 0, float("nan"), absmax)
-        _store(_address(row_ptr, absmax_column, tl.float32) + blocks, absmax, block_mask, MASKED)
+        _store(address(row_ptr, COL_EXP_AVG_ABSMAX + MOMENT, tl.float32, False) + blocks, absmax, block_mask, MASKED)
         safe = tl.where(absmax > 0, absmax, 1.0)
-        codes = _encode(tl.div_rn(x, safe[:, None]), mids_ptr, SIGNED, TOP)
+        codes = _encode(tl.div_rn(x, safe[:, None]), codes_ptr, MOMENT == 0)
         _store(ptr + offsets, codes.to(tl.uint8), mask, MASKED)
-    elif MOMENT_DTYPE == tl.bfloat16:
-        _store(ptr + offsets, _stochastic_bf16(x, offsets, key), mask, MASKED)
     else:
-        _store(ptr + offsets, x.to(MOMENT_DTYPE), mask, MASKED)
+        key = tl.load(row_ptr + COL_KEY_EXP_AVG + MOMENT).to(tl.uint32)
+        _store(ptr + offsets, _round(x, offsets, key, DTYPE, True), mask, MASKED)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,16 +219,17 @@ def _low_bit_tile(
 ):
     mask = offsets < numel
     block_mask = blocks * QBLOCK < numel
+    tile = (offsets, mask, blocks, block_mask)
     scalars = tl.load(row_ptr + COL_SCALARS)
     neg_step_size = scalars.to(tl.int32).to(tl.float32, bitcast=True)
     bias_correction2_sqrt = (scalars >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
-    param_ptr = _address(row_ptr, COL_PARAM, PARAM_DTYPE)
-    comp_ptr = _address(row_ptr, COL_COMP, tl.bfloat16)  # 0 unless Kahan
+    param_ptr = address(row_ptr, COL_PARAM, PARAM_DTYPE, False)
+    comp_ptr = address(row_ptr, COL_COMP, tl.bfloat16, False)  # 0 unless Kahan
     p = _load(param_ptr + offsets, mask, MASKED).to(tl.float32)
     if PARAM_UPDATE == UPDATE_KAHAN:
         p = p + _load(comp_ptr + offsets, mask, MASKED).to(tl.float32)
-    g = _load(_address(row_ptr, COL_GRAD, GRAD_DTYPE) + offsets, mask, MASKED).to(tl.float32)
+    g = _load(address(row_ptr, COL_GRAD, GRAD_DTYPE, False) + offsets, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
@@ -277,107 +237,28 @@ def _low_bit_tile(
     if HAS_WEIGHT_DECAY:
         p = p * decay
 
-    m = _load_moment(
-        row_ptr,
-        COL_EXP_AVG,
-        COL_EXP_AVG_ABSMAX,
-        codes_ptr + CODE_SIGNED_VALUES,
-        offsets,
-        mask,
-        blocks,
-        block_mask,
-        MOMENT_DTYPE,
-        MASKED,
-    )
-    v = _load_moment(
-        row_ptr,
-        COL_EXP_AVG_SQ,
-        COL_EXP_AVG_SQ_ABSMAX,
-        codes_ptr + CODE_UNSIGNED_VALUES,
-        offsets,
-        mask,
-        blocks,
-        block_mask,
-        MOMENT_DTYPE,
-        MASKED,
-    )
+    m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, MASKED)
+    v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, MASKED)
     m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
-        v_max = _load_moment(
-            row_ptr,
-            COL_MAX,
-            COL_MAX_ABSMAX,
-            codes_ptr + CODE_UNSIGNED_VALUES,
-            offsets,
-            mask,
-            blocks,
-            block_mask,
-            MOMENT_DTYPE,
-            MASKED,
-        )
+        v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, MASKED)
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
-        denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
     else:
         v_max = v
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    denom = tl.div_rn(tl.sqrt_rn(v_max), bias_correction2_sqrt) + eps
     p = p + tl.div_rn(neg_step_size * m, denom)
 
     key_param = tl.load(row_ptr + COL_KEY_PARAM).to(tl.uint32)
-    stored = _to_param(p, offsets, key_param, PARAM_DTYPE, PARAM_UPDATE == UPDATE_STOCHASTIC)
+    stored = _round(p, offsets, key_param, PARAM_DTYPE, PARAM_UPDATE == UPDATE_STOCHASTIC)
     _store(param_ptr + offsets, stored, mask, MASKED)
     if PARAM_UPDATE == UPDATE_KAHAN:
-        _store(comp_ptr + offsets, _nearest_bf16(p - stored.to(tl.float32)), mask, MASKED)
+        _store(comp_ptr + offsets, to_storage(p - stored.to(tl.float32), tl.bfloat16), mask, MASKED)
 
-    _store_moment(
-        row_ptr,
-        COL_EXP_AVG,
-        COL_EXP_AVG_ABSMAX,
-        codes_ptr + CODE_SIGNED_MIDS,
-        m,
-        offsets,
-        mask,
-        blocks,
-        block_mask,
-        tl.load(row_ptr + COL_KEY_EXP_AVG).to(tl.uint32),
-        True,
-        SIGNED_TOP,
-        MOMENT_DTYPE,
-        MASKED,
-    )
-    _store_moment(
-        row_ptr,
-        COL_EXP_AVG_SQ,
-        COL_EXP_AVG_SQ_ABSMAX,
-        codes_ptr + CODE_UNSIGNED_MIDS,
-        v,
-        offsets,
-        mask,
-        blocks,
-        block_mask,
-        tl.load(row_ptr + COL_KEY_EXP_AVG_SQ).to(tl.uint32),
-        False,
-        UNSIGNED_TOP,
-        MOMENT_DTYPE,
-        MASKED,
-    )
+    _store_moment(m, row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, MASKED)
+    _store_moment(v, row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, MASKED)
     if AMSGRAD:
-        _store_moment(
-            row_ptr,
-            COL_MAX,
-            COL_MAX_ABSMAX,
-            codes_ptr + CODE_UNSIGNED_MIDS,
-            v_max,
-            offsets,
-            mask,
-            blocks,
-            block_mask,
-            tl.load(row_ptr + COL_KEY_MAX).to(tl.uint32),
-            False,
-            UNSIGNED_TOP,
-            MOMENT_DTYPE,
-            MASKED,
-        )
+        _store_moment(v_max, row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, MASKED)
 
 
 @triton.jit
@@ -403,11 +284,8 @@ def low_bit_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
 ):
     """One low-bit AdamW step on the ``BLOCKS`` blocks of 256 values of program ``program_id``."""
-    pid = tl.program_id(0)
-    tensor = tl.load(chunk_tensor_ptr + pid).to(tl.int64)
-    row_ptr = table_ptr + tensor * ROW
-    numel = tl.load(row_ptr + COL_NUMEL)
-    first_block = (pid - tl.load(row_ptr + COL_FIRST_CHUNK)) * BLOCKS
+    row_ptr, numel, chunk = locate(table_ptr, chunk_tensor_ptr, ROW, COL_NUMEL, COL_FIRST_CHUNK)
+    first_block = chunk * BLOCKS
     blocks = first_block + tl.arange(0, BLOCKS)
     offsets = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     if HAS_GRAD_SCALE:

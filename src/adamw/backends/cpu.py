@@ -4,16 +4,10 @@ Mirrors :mod:`adamw._math` in the operation order of torch's CPU fused kernel (s
 the top of ``adamw_cpu.c``). Float32 and float64 params compute in their own type, bfloat16 and
 float16 params in float32; the states are in the param's dtype, as in torch's fused path.
 
-**Build.** ``adamw_cpu.c`` is compiled on first use (about a second), cached, checked and loaded
-by :mod:`adamw.backends._native`, which says how (compiler, flags, cache directory, trust).
-:class:`adamw.AdamW` loads it, through :func:`adamw.functional.check_kernel`, before its first step
-changes anything.
-
-**Without a compiler** (or when the build fails) that first ``step`` of an optimizer that asked for
-``fused=True`` on CPU tensors (or ``backend="cpu"``) raises a ``RuntimeError`` that names the compiler
-and its error, before any param or state has changed. It does not silently fall back: the user asked
-for this kernel, and the for-loop or foreach path is one flag away (``fused=None`` or
-``foreach=True``).
+``adamw_cpu.c`` is built on first use by :mod:`adamw.backends._native`, before the first step
+changes anything (:func:`adamw.functional.check_kernel`). Without a compiler, or when the build
+fails, that step raises; it does not silently fall back: the user asked for this kernel, and the
+for-loop or foreach path is one flag away (``fused=None`` or ``foreach=True``).
 
 **Threads:** ``torch.get_num_threads()`` per call. The library links ``libgomp.so.1``, the OpenMP
 runtime torch itself loads, so both share one thread pool (no oversubscription).
@@ -47,18 +41,14 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}
 
 
-# --------------------------------------------------------------------------------------------------
-# the library
-
-
 def library() -> _native.Library:
     """The kernel, compiled on first use (or found in the cache) and loaded once per process."""
     return _native.load(KERNEL)
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
-    if lib.adamw_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"adamw's CPU kernel has ABI {lib.adamw_abi_version()}, expected {ABI_VERSION}")
+    if (abi := lib.adamw_abi_version()) != ABI_VERSION:
+        raise RuntimeError(f"adamw's CPU kernel has ABI {abi}, expected {ABI_VERSION}")
     fn = lib.adamw_step
     ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     # dtype, n, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, numels, steps, step_dtype,
@@ -69,9 +59,6 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
 
 
 KERNEL = _native.Kernel(SOURCE, _bind, "fused CPU kernel (fused=True on CPU tensors)", "fused=None or foreach=True")
-
-
-# the step
 
 _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
@@ -99,19 +86,11 @@ def step(
     if hyper.found_inf is not None and float(hyper.found_inf) != 0.0:
         return  # torch's contract: steps go +1 then -found_inf; nothing else changes
     lr, beta1, beta2 = (float(host_value(x)) for x in hyper.scalar_lr_betas())
-    unscale = hyper.grad_scale is not None
-    scalars = (
-        lr,
-        beta1,
-        beta2,
-        float(hyper.eps),
-        float(hyper.weight_decay),
-        int(hyper.amsgrad),
-        int(hyper.maximize),
-        int(unscale),
-        float(hyper.grad_scale) if hyper.grad_scale is not None else 1.0,
-        torch.get_num_threads(),
-    )
+    eps, weight_decay = float(hyper.eps), float(hyper.weight_decay)
+    flags = (int(hyper.amsgrad), int(hyper.maximize), int(hyper.grad_scale is not None))
+    grad_scale = 1.0 if hyper.grad_scale is None else float(hyper.grad_scale)
+    # The kernel's arguments from lr on (see _bind); _step_one_dtype reads the unscale flag, [7].
+    scalars = (lr, beta1, beta2, eps, weight_decay, *flags, grad_scale, torch.get_num_threads())
     tensors = [params, grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if hyper.amsgrad else [])]
     if not set(map(type, params)) <= PLAIN_TYPES:
         tensors, state_steps = _to_local(tensors), _to_local([state_steps])[0]
@@ -139,13 +118,17 @@ def _step_one_dtype(
     memory: Fingerprint,
 ) -> None:
     copies: list[tuple[int, Tensor, Tensor]] = []
-    if memory[4] is None:  # every tensor contiguous
-        plan = _plan(tensors, steps, memory)
+    if memory[4] is None:  # every tensor contiguous: the kept plan while the memory is as it was
+        key = (id(tensors[0][0]), len(tensors[0]), len(tensors))
+        plan = _plans.get(key, memory)
+        if plan is None:
+            plan = _build_plan(tensors, steps)
+            _plans.put(key, memory, plan, nbytes=8 * (len(plan.pointers) + plan.count))  # pointers and numels
     else:  # stepped through contiguous copies, made anew each step: a plan for this step only
         tensors, copies = _contiguous(tensors)
         plan = _build_plan(tensors, steps)
     plan.pointers[plan.count : 2 * plan.count] = array.array("Q", map(_data_ptr, tensors[1]))
-    rc = fn(plan.dtype_code, plan.count, *plan.pointer_args, plan.step_code, *scalars)
+    rc = fn(*plan.args, *scalars)
     if rc != 0:
         raise RuntimeError(f"adamw's CPU kernel failed with code {rc}")
     unscaled = bool(scalars[7])
@@ -159,25 +142,12 @@ class _Plan:
     """One group's checked layout: what the kernel call needs beyond the grads' pointers."""
 
     count: int
-    dtype_code: int
-    step_code: int
-    numels: array.array
+    numels: array.array  # read by the kernel through args: kept alive here
     pointers: array.array  # the pointer arrays the kernel reads, one after another
-    pointer_args: tuple[int | None, ...] = ()
+    args: tuple[int | None, ...]  # the kernel's arguments up to the step counters' dtype
 
 
 _plans: PlanCache[_Plan] = PlanCache()
-
-
-def _plan(tensors: list[list[Tensor]], steps: list[Tensor], memory: Fingerprint) -> _Plan:
-    """The group's kept plan while its memory is as it was, else one built after a full check."""
-    params = tensors[0]
-    key = (id(params[0]), len(params), len(tensors))
-    plan = _plans.get(key, memory)
-    if plan is None:
-        plan = _build_plan(tensors, steps)
-        _plans.put(key, memory, plan, nbytes=8 * (len(plan.pointers) + plan.count))  # pointers and numels
-    return plan
 
 
 def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:
@@ -208,22 +178,11 @@ def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:
     layout = [*map(_data_ptr, params), *[0] * count, *map(_data_ptr, chain(*tensors[2:], steps))]
     pointers = array.array("Q", layout)
     base, item = pointers.buffer_info()[0], pointers.itemsize
-    lists = [base + k * count * item for k in range(len(tensors))]
+    lists = [base + k * count * item for k in range(len(tensors) + 1)]  # the last: the steps'
     numel_array = array.array("q", numels)
-    pointer_args = (
-        *lists[:4],
-        lists[4] if len(tensors) == 5 else None,
-        numel_array.buffer_info()[0],
-        base + len(tensors) * count * item,
-    )
-    return _Plan(
-        count=count,
-        dtype_code=_DTYPE_CODES[dtype],
-        step_code=_STEP_CODES[step_dtypes.pop()],
-        numels=numel_array,
-        pointers=pointers,
-        pointer_args=pointer_args,
-    )
+    max_exp_avg_sqs, step_code = lists[4] if len(tensors) == 5 else None, _STEP_CODES[step_dtypes.pop()]
+    args = (_DTYPE_CODES[dtype], count, *lists[:4], max_exp_avg_sqs, numel_array.buffer_info()[0], lists[-1], step_code)
+    return _Plan(count, numel_array, pointers, args)
 
 
 def _contiguous(lists: list[list[Tensor]]) -> tuple[list[list[Tensor]], list[tuple[int, Tensor, Tensor]]]:
@@ -231,15 +190,8 @@ def _contiguous(lists: list[list[Tensor]]) -> tuple[list[list[Tensor]], list[tup
     copies: list[tuple[int, Tensor, Tensor]] = []
     out = []
     for which, lst in enumerate(lists):
-        new = []
-        for t in lst:
-            if t.is_contiguous():
-                new.append(t)
-            else:
-                c = t.contiguous()
-                copies.append((which, t, c))
-                new.append(c)
-        out.append(new)
+        out.append([t if t.is_contiguous() else t.contiguous() for t in lst])
+        copies += [(which, t, c) for t, c in zip(lst, out[-1], strict=True) if c is not t]
     return out, copies
 
 

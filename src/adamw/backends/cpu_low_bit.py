@@ -1,21 +1,16 @@
 """The low-bit CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
 copy): ``adamw_cpu_low_bit.c``, one call per group and step.
 
-Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (see the comment at the top of the C source for
-the operation order and the storage rules). Built, cached, checked and loaded on first use by
-:mod:`adamw.backends._native`, as the CPU kernel is; a missing compiler fails as that kernel's does.
-
-Params the kernel does not take (float64 or complex128, a state laid out other than its format says,
-or a step counter that is not a float32 or float64 CPU scalar) run the reference itself.
+Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (the C source's header states the
+operation order and the storage rules). Built on first use by :mod:`adamw.backends._native`, as the
+CPU kernel is. Params it does not take (float64 or complex128, a state laid out other than its format
+says, a step counter that is not a float32 or float64 CPU scalar) run the reference itself, as
+:func:`adamw.backends.low_bit.sort_group` sorts them (GradScaler's grads too).
 
 **Per step** the host passes the grads' pointers and nothing else per param: the kernel increments
 the step counters and derives each tensor's step size and rounding keys from them. The table of
-everything else (pointers, sizes, formats, stream keys) is kept per group and reused while the same
-tensors are stepped, as their fingerprint (:mod:`adamw.backends._plans`) confirms each step.
-
-**GradScaler.** As :mod:`adamw.backends.low_bit`: a nonzero ``found_inf`` skips the step, counters
-included; float32 grads are divided by ``grad_scale`` in the kernel (a correctly rounded division,
-as torch's), others by torch's op on the host, whose rounding for reduced types differs.
+everything else (pointers, sizes, formats, stream keys) is kept per group while the group's
+fingerprint (:mod:`adamw.backends._plans`) is the one it was built for.
 """
 
 from __future__ import annotations
@@ -87,20 +82,14 @@ class _Tensor(ctypes.Structure):
     ]
 
 
-# --------------------------------------------------------------------------------------------------
-# the library
-
-
 def library() -> _native.Library:
     """The low-bit kernel, compiled on first use (or found in the cache) and loaded once per process."""
     return _native.load(KERNEL)
 
 
 def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
-    if lib.adamw_low_bit_abi_version() != ABI_VERSION:
-        raise RuntimeError(
-            f"adamw's low-bit CPU kernel has ABI {lib.adamw_low_bit_abi_version()}, expected {ABI_VERSION}"
-        )
+    if (abi := lib.adamw_low_bit_abi_version()) != ABI_VERSION:
+        raise RuntimeError(f"adamw's low-bit CPU kernel has ABI {abi}, expected {ABI_VERSION}")
     fn = lib.adamw_low_bit_step
     ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     # tensors, n, total_blocks, grads, codes, lr, beta1, beta2, decay, eps, grad_scale,
@@ -110,26 +99,13 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
     return fn
 
 
-KERNEL = _native.Kernel(
-    SOURCE,
-    _bind,
-    "low-bit CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)",
-    "fused=None",
-)
+_WHAT = "low-bit CPU kernel (fused=True on CPU tensors with state_precision/param_update other than torch's)"
+KERNEL = _native.Kernel(SOURCE, _bind, _WHAT, "fused=None")
 
 
-def _codes() -> Tensor:
-    """Both code tables, values then midpoints (the C source's layout of ``codes``)."""
-    parts = [*SIGNED_CODE.tables("cpu"), *UNSIGNED_CODE.tables("cpu")]
-    return torch.cat([t.to(torch.float32) for t in parts]).contiguous()
-
-
-_CODES = _codes()
+# Both code tables, values then midpoints (the C source's layout of ``codes``).
+_CODES = torch.cat([t.to(torch.float32) for t in (*SIGNED_CODE.tables("cpu"), *UNSIGNED_CODE.tables("cpu"))])
 assert _CODES.numel() == 256 + 127 + 256 + 255 and BLOCK_SIZE == QBLOCK
-
-
-# --------------------------------------------------------------------------------------------------
-# the step
 
 
 def step_low_bit(
@@ -163,24 +139,10 @@ def step_low_bit(
     table.grad_ptrs[:] = array.array("Q", map(_data_ptr, grads))
     if table.count:
         lr, beta1, beta2 = scalars
-        scale = hyper.grad_scale
-        rc = fn(
-            table.rows_address,
-            table.count,
-            table.total_blocks,
-            table.grad_ptrs.buffer_info()[0],
-            _CODES.data_ptr(),
-            lr,
-            beta1,
-            beta2,
-            1 - lr * hyper.weight_decay,
-            hyper.eps,
-            float(scale.item()) if scale is not None else 1.0,
-            int(hyper.amsgrad),
-            int(hyper.maximize),
-            int(hyper.weight_decay != 0),
-            torch.get_num_threads(),
-        )
+        grad_scale = 1.0 if hyper.grad_scale is None else float(hyper.grad_scale.item())
+        flags = (int(hyper.amsgrad), int(hyper.maximize), int(hyper.weight_decay != 0), torch.get_num_threads())
+        rows = (table.rows_address, table.count, table.total_blocks, table.grad_ptrs.buffer_info()[0])
+        rc = fn(*rows, _CODES.data_ptr(), lr, beta1, beta2, 1 - lr * hyper.weight_decay, hyper.eps, grad_scale, *flags)
         if rc != 0:
             raise RuntimeError(f"adamw's low-bit CPU kernel failed with code {rc}")
     if group is not None:
@@ -230,13 +192,8 @@ def _build(kernel_params: list[KernelParam], state_steps: list[Tensor], streams:
         rows.append(row)
         total_blocks += num_blocks(real.numel())
     table_rows = (_Tensor * len(rows))(*rows)
-    return _Table(
-        rows=table_rows,
-        rows_address=ctypes.addressof(table_rows),
-        count=len(rows),
-        total_blocks=total_blocks,
-        grad_ptrs=array.array("Q", [0] * len(rows)),
-    )
+    grad_ptrs = array.array("Q", [0] * len(rows))
+    return _Table(table_rows, ctypes.addressof(table_rows), len(rows), total_blocks, grad_ptrs)
 
 
 def _address(t: Tensor | None) -> int:

@@ -49,22 +49,20 @@ def step(
     beta1_by_device: dict[torch.device, Tensor] | None = (
         {beta1.device: beta1} if isinstance(beta1, Tensor) and beta1.device.type != "cpu" else None
     )
-    for (dev_params_, dev_grads_, dev_exp_avgs_, dev_exp_avg_sqs_, dev_max_, dev_steps_), _ in grouped.values():
-        dev_params = cast(list[Tensor], dev_params_)
-        dev_grads = cast(list[Tensor], dev_grads_)
-        dev_exp_avgs = cast(list[Tensor], dev_exp_avgs_)
-        dev_exp_avg_sqs = cast(list[Tensor], dev_exp_avg_sqs_)
-        dev_max = cast(list[Tensor], dev_max_)
-        dev_steps = cast(list[Tensor], dev_steps_)
+    for lists, _ in grouped.values():
+        dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_max, dev_steps = cast(list[list[Tensor]], lists)
         device = dev_params[0].device
         if beta1_by_device is not None and device not in beta1_by_device:
             beta1_by_device[device] = cast(Tensor, beta1).to(device=device, non_blocking=True)
         dev_beta1 = beta1_by_device[device] if beta1_by_device else beta1
 
         if hyper.has_complex:
-            _view_complex_as_real(
-                dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, *([dev_max] if hyper.amsgrad else [])
-            )
+            others = [dev_grads, dev_exp_avgs, dev_exp_avg_sqs, *([dev_max] if hyper.amsgrad else [])]
+            for i, p in enumerate(dev_params):
+                if torch.is_complex(p):
+                    dev_params[i] = torch.view_as_real(p)
+                    for lst in others:
+                        lst[i] = torch.view_as_real(lst[i])
         if hyper.maximize:
             dev_grads = list(torch._foreach_neg(dev_grads))
 
@@ -121,11 +119,3 @@ def step(
             torch._foreach_div_(exp_avg_sq_sqrt, bias_correction2_sqrts)  # type: ignore[arg-type]
             torch._foreach_add_(exp_avg_sq_sqrt, hyper.eps)
             torch._foreach_addcdiv_(dev_params, dev_exp_avgs, exp_avg_sq_sqrt, step_sizes)  # type: ignore[arg-type]
-
-
-def _view_complex_as_real(params: list[Tensor], *others: list[Tensor]) -> None:
-    for i, p in enumerate(params):
-        if torch.is_complex(p):
-            params[i] = torch.view_as_real(p)
-            for lst in others:
-                lst[i] = torch.view_as_real(lst[i])

@@ -5,16 +5,16 @@ order of every floating-point operation is the order of ``torch.optim.AdamW``'s 
 so that a user who swaps the import sees not one bit change: e.g. the moment update is ``lerp_`` (not
 ``mul_``+``add_``), the denominator is ``sqrt(v) / sqrt(1 - beta2^t) + eps``, and the step size
 ``lr / (1 - beta1^t)`` is applied through ``addcdiv_``'s ``value``. Where the order looks odd,
-torch's result depends on it.
+torch's result depends on it. The two steps differ only where each must keep another's bits:
 
-* :func:`step`, the full-precision format (torch's): the moments are the lists' tensors, updated in
-  place in the param's dtype; bit for bit ``torch.optim.AdamW(foreach=False)``, complex params,
-  capturable, differentiable and Tensor lr and betas included.
-* :func:`step_low_bit`, the low-bit formats: :func:`reference_step` decodes a param's moments from
-  its state dict (:mod:`adamw.states.formats`), runs the update in float32 (float64 for float64
-  params), writes the param per ``param_update`` and encodes the moments (8-bit: absmax after the
-  update). The C and Triton low-bit kernels give its bits (tests/test_low_bit_reproducible.py) and
-  hand it the params they do not take.
+* :func:`step`, the full-precision format, keeps torch's: the moments are the lists' tensors, the
+  math in the param's dtype, a complex param decayed by a complex multiply, torch's ``sqrt``; bit for
+  bit ``torch.optim.AdamW(foreach=False)``, capturable, differentiable and Tensor lr and betas included.
+* :func:`step_low_bit`, the low-bit formats, keeps the low-bit kernels': :func:`reference_step`
+  decodes a param's moments from its state dict (:mod:`adamw.states.formats`), runs the update in
+  float32 (float64 for the float64 params the kernels hand it; the real view decayed; the correctly
+  rounded :func:`sqrt_rn`), writes the param per ``param_update`` and encodes the moments (8-bit:
+  absmax after the update). The C and Triton kernels give its bits (tests/test_low_bit_reproducible.py).
 """
 
 from __future__ import annotations
@@ -174,14 +174,7 @@ def _update(
 ) -> None:
     """One param's update after its weight decay, on real tensors, in torch's order. ``step`` is this
     step's number (its counter in the full-precision format); ``lerp_beta1`` is beta1 on the param's
-    device.
-
-    The two steps around it differ only where each must keep another's bits: :func:`step` torch's
-    (the math in the param's own dtype, a complex param decayed by a complex multiply, torch's
-    ``sqrt``), :func:`reference_step` the low-bit kernels' (the math in float32, and in float64 for
-    the float64 params the kernels hand it; the real view decayed; the correctly rounded
-    :func:`sqrt_rn`).
-    """
+    device."""
     if hyper.maximize:
         grad = -grad
     exp_avg.lerp_(grad, 1 - lerp_beta1)
@@ -192,8 +185,24 @@ def _update(
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # type: ignore[arg-type]
 
     if hyper.capturable or hyper.differentiable:
+        # The step as tensor math: no host sync (capturable) and a graph autograd can follow.
         assert isinstance(step, Tensor)  # the low-bit formats are neither capturable nor differentiable
-        _update_param_with_tensor_step(param, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, hyper)
+        differentiable = hyper.differentiable
+        # .clone() where a beta carries grad: pow's backward must not see the counter's later +1.
+        bias_correction1 = 1 - beta1 ** (step.clone() if differentiable and _requires_grad(beta1) else step)
+        bias_correction2 = 1 - beta2 ** (step.clone() if differentiable and _requires_grad(beta2) else step)
+        step_size = lr / bias_correction1
+        step_size_neg = step_size.neg()  # type: ignore[union-attr]
+        bias_correction2_sqrt = bias_correction2.sqrt()  # type: ignore[union-attr]
+        v = exp_avg_sq
+        if max_exp_avg_sq is not None:
+            previous = max_exp_avg_sq.clone() if differentiable else max_exp_avg_sq
+            max_exp_avg_sq.copy_(torch.maximum(previous, exp_avg_sq))
+            v = max_exp_avg_sq
+        # The 1-element step size is folded into the denominator (addcdiv_'s value must be a number):
+        # param += exp_avg / ((sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)), in torch's order.
+        denom = (v.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(hyper.eps / step_size_neg)
+        param.addcdiv_(exp_avg.clone() if differentiable else exp_avg, denom)
         return
     t = host_value(step)
     bias_correction1 = 1 - beta1**t
@@ -203,37 +212,6 @@ def _update(
     v = exp_avg_sq if max_exp_avg_sq is None else torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
     denom = (sqrt(v) / bias_correction2_sqrt).add_(hyper.eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)  # type: ignore[arg-type]
-
-
-def _update_param_with_tensor_step(
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None,
-    step_t: Tensor,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    hyper: Hyper,
-) -> None:
-    """The step as tensor math: no host sync (capturable) and a graph autograd can follow."""
-    differentiable = hyper.differentiable
-    # .clone() where a beta carries grad: pow's backward must not see step_t's later in-place +1.
-    step = step_t.clone() if differentiable and _requires_grad(beta1) else step_t
-    bias_correction1 = 1 - beta1**step
-    step = step_t.clone() if differentiable and _requires_grad(beta2) else step_t
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    step_size_neg = step_size.neg()  # type: ignore[union-attr]
-    bias_correction2_sqrt = bias_correction2.sqrt()  # type: ignore[union-attr]
-    v = exp_avg_sq
-    if max_exp_avg_sq is not None:
-        max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone() if differentiable else max_exp_avg_sq, exp_avg_sq))
-        v = max_exp_avg_sq
-    # The 1-element step size is folded into the denominator (addcdiv_'s value must be a number):
-    # param += exp_avg / ((sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)), in torch's order.
-    denom = (v.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(hyper.eps / step_size_neg)
-    param.addcdiv_(exp_avg.clone() if differentiable else exp_avg, denom)
 
 
 def _requires_grad(x: float | Tensor) -> bool:

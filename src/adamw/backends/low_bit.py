@@ -41,68 +41,9 @@ def host_scalars(hyper: Hyper) -> tuple[float, float, float] | None:
     return lr, beta1, beta2
 
 
-def state_columns(
-    real: Tensor, param: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
-) -> list[Tensor | None] | None:
-    """For a low-bit kernel: a param's moments (padded to three), their absmaxes and its Kahan buffer
-    (None where unused), laid out as ``fmt`` says and beside ``real`` (the param's real view); or None
-    where the state does not fit, and the reference steps the param (and raises if it must)."""
-    keys = MOMENTS if amsgrad else MOMENTS[:2]
-    if any(key not in state or type(state[key]) not in (Tensor, torch.nn.Parameter) for key in keys):
-        return None
-    moments = [real_view(state[key]) for key in keys]
-    expected = stored_dtype(fmt, real.dtype)
-    if any(m.dtype != expected or m.shape != real.shape or m.device != real.device for m in moments):
-        return None
-    absmaxes: list[Tensor | None] = [None, None, None]
-    if isinstance(fmt, Int8Format):
-        for j, key in enumerate(keys):
-            absmax = state.get(key + ABSMAX_SUFFIX)
-            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
-                return None
-            absmaxes[j] = absmax
-    comp = None
-    if param_update == "kahan":
-        comp = state.get(KAHAN_KEY)
-        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
-            return None
-    return [*moments, *([None] * (3 - len(moments))), *absmaxes, comp]
-
-
-def stage_contiguous(columns: list[Tensor | None]) -> tuple[list[Tensor | None], list[tuple[Tensor, Tensor]]]:
-    """Contiguous stand-ins for a kernel's non-contiguous columns (param, grad, moments, ...): the
-    kernels run over flat memory, and the reference's blocks and random counters follow the flat
-    (row-major) order. Returns the columns and the (copy, original) pairs to write back after the
-    step (all but the grad's, which is only read)."""
-    staged: list[Tensor | None] = []
-    written_back: list[tuple[Tensor, Tensor]] = []
-    for column, t in enumerate(columns):
-        if t is None or t.is_contiguous():
-            staged.append(t)
-            continue
-        copy = t.contiguous()
-        staged.append(copy)
-        if column != 1:
-            written_back.append((copy, t))
-    return staged, written_back
-
-
-def stored_dtype(fmt: StateFormat, param_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype ``fmt`` stores a moment in (uint8: 8-bit codes); None for formats kernels lack."""
-    if isinstance(fmt, Int8Format):
-        return torch.uint8
-    if fmt.name == "param":
-        return param_dtype
-    return {"float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
-
-
 def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
-
-# --------------------------------------------------------------------------------------------------
-# what both low-bit kernels' hosts do around their kernel: sort a group's params, key and fingerprint
-# the group's plan, count the steps
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of the params and grads the kernels take
 
@@ -143,10 +84,8 @@ def sort_group(
     storage: StorageFormat,
     takes: Callable[[Tensor, Tensor], bool],
 ) -> SortedGroup:
-    """Sort every param to the kernel or the reference. Both kernels take plain float32, bfloat16 and
-    float16 params with a grad of their shape and device and the state their format says;
-    ``takes(param, step counter)`` says what else the kernel needs (and may raise for a device it
-    does not run)."""
+    """Sort every param to the kernel, where :func:`_kernel_columns` lays it out and ``takes(param,
+    step counter)`` (which may raise for a device the kernel does not run), else to the reference."""
     scale = hyper.grad_scale
     sorted_group = SortedGroup([], [], [], reusable=True)
     for i, (param, grad, state, step) in enumerate(zip(params, grads, states, steps, strict=True)):
@@ -165,10 +104,15 @@ def sort_group(
             sorted_group.reference.append((i, unscaled))
             sorted_group.reusable = False
             continue
-        staged, written_back = stage_contiguous(columns)
-        sorted_group.written_back += written_back
-        if any(new is not old for new, old in zip(staged, columns, strict=True)):
-            sorted_group.reusable = False  # copies, made anew every step
+        # Contiguous stand-ins for non-contiguous columns: the kernels run over flat memory, and the
+        # reference's blocks and random counters follow the flat (row-major) order.
+        staged = list(columns)
+        for column, t in enumerate(columns):
+            if t is not None and not t.is_contiguous():
+                copy = staged[column] = t.contiguous()
+                sorted_group.reusable = False  # copies, made anew every step
+                if column != 1:  # the grad's is only read
+                    sorted_group.written_back.append((copy, t))
         sorted_group.kernel.append(KernelParam(i, staged, param_update, unscale))
     return sorted_group
 
@@ -176,8 +120,9 @@ def sort_group(
 def _kernel_columns(
     param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
 ) -> list[Tensor | None] | None:
-    """A param's columns, or None where the kernels do not take it (the reference then steps the
-    param, and raises if its state does not fit its format)."""
+    """A param's columns (see :class:`KernelParam`: the moments padded to three, laid out as ``fmt``
+    says), or None where the kernels do not take it (the reference then steps the param, and raises
+    if its state does not fit its format)."""
     if type(param) not in PLAIN_TYPES or type(grad) not in PLAIN_TYPES:
         return None  # e.g. DTensors: the reference runs their torch ops
     real, real_grad = real_view(param), real_view(grad)
@@ -185,8 +130,28 @@ def _kernel_columns(
         return None
     if real_grad.shape != real.shape or real_grad.device != real.device:
         return None
-    columns = state_columns(real, param, state, fmt, amsgrad, param_update)
-    return None if columns is None else [real, real_grad, *columns]
+    keys = MOMENTS if amsgrad else MOMENTS[:2]
+    if any(key not in state or type(state[key]) not in (Tensor, torch.nn.Parameter) for key in keys):
+        return None
+    moments = [real_view(state[key]) for key in keys]
+    # The dtype fmt stores a moment in (uint8: 8-bit codes); None for the formats the kernels lack.
+    plain = {"param": real.dtype, "float32": torch.float32, "bf16": torch.bfloat16}
+    stored = torch.uint8 if isinstance(fmt, Int8Format) else plain.get(fmt.name)
+    if any(m.dtype != stored or m.shape != real.shape or m.device != real.device for m in moments):
+        return None
+    absmaxes: list[Tensor | None] = [None, None, None]
+    if isinstance(fmt, Int8Format):
+        for j, key in enumerate(keys):
+            absmax = state.get(key + ABSMAX_SUFFIX)
+            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
+                return None
+            absmaxes[j] = absmax
+    comp = None
+    if param_update == "kahan":
+        comp = state.get(KAHAN_KEY)
+        if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
+            return None
+    return [real, real_grad, *moments, *([None] * (3 - len(moments))), *absmaxes, comp]
 
 
 def plan_key(params: list[Tensor], hyper: Hyper, storage: StorageFormat) -> Hashable:

@@ -1,36 +1,26 @@
 """The fused kernels as PyTorch custom ops (namespace ``adamw``), so that ``torch.compile`` puts each
 kernel call in its graph as one opaque op instead of breaking the graph around it.
 
-One op per kernel entry, each with a fake implementation (the ops return nothing: they write in place
-the tensors their schemas mark ``!``) and the host code of its backend as its implementation:
-
-=========================  =========  ===============================================
-op                         devices    runs
-=========================  =========  ===============================================
-``adamw::cpu_step``        cpu        :func:`adamw.backends.cpu.step`
-``adamw::triton_step``     cuda, cpu  :func:`adamw.backends.triton.step`
-``adamw::cpu_low_bit``     cpu        :func:`adamw.backends.cpu_low_bit.step_low_bit`
-``adamw::triton_low_bit``  cuda, cpu  :func:`adamw.backends.triton.step_low_bit`
-=========================  =========  ===============================================
-
-(Triton runs CPU tensors under its interpreter.) A schema holds tensors, lists of them and scalars,
-so the :class:`~adamw.backends._common.Hyper` record travels as a list of its numbers, one of its flags
-and one of its tensors (see :func:`hyper_args`), and the low-bit steps' state dicts
-as one flat list of their tensors with a bit mask per param saying which of :data:`STATE_KEYS` it
-holds. The backends' modules are imported by the implementations: defining the ops loads neither
-the C kernels nor Triton.
+One op per kernel entry (``cpu_step``, ``triton_step``, ``cpu_low_bit``, ``triton_low_bit``, defined
+below with their devices), each with the host code of its backend as its implementation, and a fake
+one: the ops return nothing, they write in place the tensors their schemas mark ``!``. A schema
+holds tensors, lists of them and scalars, so the :class:`~adamw.backends._common.Hyper` record
+travels as a list of its numbers, one of its flags and one of its tensors (:func:`hyper_args`), and
+the low-bit steps' state dicts as one flat list of their tensors with a bit mask per param saying
+which of :data:`STATE_KEYS` it holds. Defining the ops loads neither the C kernels nor Triton.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..states import KAHAN_KEY
 from ..states.formats import ABSMAX_SUFFIX, MOMENTS
-from ._common import Hyper
+from ._common import Hyper, imported_on_call
 from .low_bit import StorageFormat
 
 # The state entries a low-bit kernel may read or write, in the order the flat list holds them.
@@ -62,25 +52,19 @@ def hyper_args(hyper: Hyper) -> tuple[list[float], list[bool], list[Tensor | Non
     """The op arguments that carry ``hyper`` (the last three of every op's schema): its numbers, its
     flags, and its tensors (``lr``, ``beta1``, ``beta2`` where given as tensors, ``grad_scale``,
     ``found_inf``; None where absent)."""
-
-    def number(x: float | Tensor) -> float:
-        return 0.0 if isinstance(x, Tensor) else float(x)
-
-    def tensor(x: float | Tensor) -> Tensor | None:
-        return x if isinstance(x, Tensor) else None
-
-    lr, beta1, beta2 = hyper.lr, hyper.beta1, hyper.beta2
-    scalars = [number(lr), number(beta1), number(beta2), float(hyper.eps), float(hyper.weight_decay)]
+    lr_betas = (hyper.lr, hyper.beta1, hyper.beta2)
+    scalars = [0.0 if isinstance(x, Tensor) else float(x) for x in lr_betas]
+    scalars += [float(hyper.eps), float(hyper.weight_decay)]
     flags = [bool(hyper.amsgrad), bool(hyper.maximize), bool(hyper.capturable), bool(hyper.has_complex)]
-    return scalars, flags, [tensor(lr), tensor(beta1), tensor(beta2), hyper.grad_scale, hyper.found_inf]
+    tensors = [x if isinstance(x, Tensor) else None for x in lr_betas]
+    return scalars, flags, [*tensors, hyper.grad_scale, hyper.found_inf]
 
 
 _LIBRARY = torch.library.Library("adamw", "DEF")
 
 
 def _define(name: str, schema: str, device_types: Sequence[str], kernel: Callable[..., None]) -> Callable[..., None]:
-    """Define ``adamw::name`` with ``kernel`` as its implementation on each device type, and a fake
-    one that does nothing (the op writes its tensors in place and returns nothing).
+    """Define ``adamw::name``: ``kernel`` on each device type, and a fake that does nothing.
 
     Defined through ``torch.library.Library`` rather than ``torch.library.custom_op``: a custom_op
     adds Python autograd and version-bump layers that unpack every list of tensors once more on each
@@ -90,7 +74,7 @@ def _define(name: str, schema: str, device_types: Sequence[str], kernel: Callabl
     _LIBRARY.define(name + schema)
     for device_type in device_types:
         _LIBRARY.impl(name, kernel, _DISPATCH_KEYS[device_type])
-    torch.library.register_fake(f"adamw::{name}", _fake, lib=_LIBRARY)
+    torch.library.register_fake(f"adamw::{name}", lambda *args: None, lib=_LIBRARY)
     op: Callable[..., None] = getattr(torch.ops.adamw, name).default
     return op
 
@@ -98,16 +82,8 @@ def _define(name: str, schema: str, device_types: Sequence[str], kernel: Callabl
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def _fake(*args: object) -> None:
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # the full-precision steps (torch's storage format)
-
-FullPrecisionStep = Callable[
-    [list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], Hyper], None
-]
 
 # The arguments every op ends with: hyper_args(hyper).
 _HYPER_SCHEMA = "float[] scalars, bool[] flags, Tensor?[] scalar_tensors"
@@ -117,40 +93,16 @@ _FULL_PRECISION_SCHEMA = (
 )
 
 
-def _define_full_precision(
-    name: str, device_types: Sequence[str], run: Callable[[], FullPrecisionStep]
-) -> Callable[..., None]:
-    def kernel(
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        max_exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-        scalars: list[float],
-        flags: list[bool],
-        scalar_tensors: list[Tensor | None],
-    ) -> None:
-        hyper = _hyper(scalars, flags, scalar_tensors)
-        run()(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hyper)
+def _define_full_precision(name: str, device_types: Sequence[str], run: Callable[..., None]) -> Callable[..., None]:
+    def kernel(*args: Any) -> None:
+        *lists, scalars, flags, scalar_tensors = args  # as _FULL_PRECISION_SCHEMA orders them
+        run(*lists, _hyper(scalars, flags, scalar_tensors))
 
     return _define(name, _FULL_PRECISION_SCHEMA, device_types, kernel)
 
 
-def _cpu_step() -> FullPrecisionStep:
-    from . import cpu
-
-    return cpu.step
-
-
-def _triton_step() -> FullPrecisionStep:
-    from . import triton
-
-    return triton.step
-
-
-cpu_step = _define_full_precision("cpu_step", ("cpu",), _cpu_step)
-triton_step = _define_full_precision("triton_step", ("cuda", "cpu"), _triton_step)
+cpu_step = _define_full_precision("cpu_step", ("cpu",), imported_on_call("cpu", "step"))
+triton_step = _define_full_precision("triton_step", ("cuda", "cpu"), imported_on_call("triton", "step"))
 FULL_PRECISION_OPS: dict[str, Callable[..., None]] = {"cpu": cpu_step, "triton": triton_step}
 
 
@@ -170,10 +122,6 @@ def step(
 
 # --------------------------------------------------------------------------------------------------
 # the low-bit steps (moments in the params' state dicts)
-
-LowBitStep = Callable[
-    [list[Tensor], list[Tensor], list[dict[str, Tensor]], list[Tensor], list[int], Hyper, StorageFormat], None
-]
 
 
 def flatten_states(states: list[dict[str, Tensor]]) -> tuple[list[Tensor], list[int]]:
@@ -212,7 +160,7 @@ _LOW_BIT_SCHEMA = (
 )
 
 
-def _define_low_bit(name: str, device_types: Sequence[str], run: Callable[[], LowBitStep]) -> Callable[..., None]:
+def _define_low_bit(name: str, device_types: Sequence[str], run: Callable[..., None]) -> Callable[..., None]:
     def kernel(
         params: list[Tensor],
         grads: list[Tensor],
@@ -230,25 +178,13 @@ def _define_low_bit(name: str, device_types: Sequence[str], run: Callable[[], Lo
         hyper = _hyper(scalars, flags, scalar_tensors)
         states = unflatten_states(state_tensors, state_masks, state_steps)
         storage = StorageFormat(state_precision=state_precision, param_update=param_update, seed=seed)
-        run()(params, grads, states, state_steps, streams, hyper, storage)
+        run(params, grads, states, state_steps, streams, hyper, storage)
 
     return _define(name, _LOW_BIT_SCHEMA, device_types, kernel)
 
 
-def _cpu_low_bit() -> LowBitStep:
-    from . import cpu_low_bit
-
-    return cpu_low_bit.step_low_bit
-
-
-def _triton_low_bit() -> LowBitStep:
-    from . import triton
-
-    return triton.step_low_bit
-
-
-cpu_low_bit = _define_low_bit("cpu_low_bit", ("cpu",), _cpu_low_bit)
-triton_low_bit = _define_low_bit("triton_low_bit", ("cuda", "cpu"), _triton_low_bit)
+cpu_low_bit = _define_low_bit("cpu_low_bit", ("cpu",), imported_on_call("cpu_low_bit", "step_low_bit"))
+triton_low_bit = _define_low_bit("triton_low_bit", ("cuda", "cpu"), imported_on_call("triton", "step_low_bit"))
 LOW_BIT_OPS: dict[str, Callable[..., None]] = {"cpu": cpu_low_bit, "triton": triton_low_bit}
 
 
@@ -264,15 +200,5 @@ def step_low_bit(
 ) -> None:
     """The low-bit step of fused backend ``name`` through its op."""
     state_tensors, masks = flatten_states(states)
-    LOW_BIT_OPS[name](
-        params,
-        grads,
-        state_tensors,
-        masks,
-        state_steps,
-        streams,
-        storage.state_precision,
-        storage.param_update,
-        storage.seed,
-        *hyper_args(hyper),
-    )
+    storage_args = (storage.state_precision, storage.param_update, storage.seed)
+    LOW_BIT_OPS[name](params, grads, state_tensors, masks, state_steps, streams, *storage_args, *hyper_args(hyper))

@@ -41,19 +41,19 @@ per param) finds every param's plan again on the next step.
 
 Groups in a low-bit format (``state_precision``/``param_update`` other than torch's) run
 :func:`step_low_bit`: the kernel of :mod:`adamw.backends._triton_low_bit_kernels`, one launch per
-(device, param dtype, grad dtype, moment storage, param_update), bit for bit the low-bit reference.
-Its table is filled every step (the step numbers, bias corrections and rounding keys in it change)
-from a static table kept while the group's memory stays where it was, after reading the counters on
-the host: the low-bit step syncs once per step and is not capturable.
+(device, param dtype, grad dtype, moment storage, param_update), bit for bit
+:func:`adamw.backends.forloop.reference_step`. Its table is filled every step (the step numbers, bias
+corrections and rounding keys in it change) from a static table kept while the group's memory stays
+where it was (its fingerprint is checked each step), after reading the step counters and
+``found_inf`` on the host: the low-bit step syncs once per step and is not capturable.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter
+from itertools import accumulate, chain
 from types import ModuleType
 from typing import Any
 
@@ -153,10 +153,7 @@ def step(
         staged = any(launch.staged for launch in plan)
         _plans.put(key, memory, plan, nbytes=nbytes, staged=staged, pin=capturing)
     for launch in plan:
-        if launch.device.type == "cuda":
-            with torch.cuda.device(launch.device):  # Triton launches on the current device
-                _run(launch, lists, hyper, kernels)
-        else:
+        with _current(launch.device):
             _run(launch, lists, hyper, kernels)
 
 
@@ -238,6 +235,11 @@ def _number_or_device_tensor(x: float | Tensor, device: torch.device) -> tuple[f
     return 0.0, x.to(device, non_blocking=True)
 
 
+def _current(device: torch.device) -> AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def _on_device(x: Tensor | None, device: torch.device) -> Tensor | None:
     return x if x is None or x.device == device else x.to(device, non_blocking=True)
 
@@ -247,17 +249,21 @@ def _log(beta: float) -> float:
 
 
 def _triton_dtype(dtype: torch.dtype, kernels: ModuleType) -> Any:
-    tl = kernels.tl
-    return {
-        torch.float32: tl.float32,
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float64: tl.float64,
-    }[dtype]
+    return getattr(kernels.tl, str(dtype).removeprefix("torch."))  # tl.float32 for torch.float32, ...
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _chunk_map(numels: list[int], chunk: int, kernel: str) -> tuple[list[int], Tensor]:
+    """Each tensor's first chunk of ``chunk`` elements, and the tensor (int32) of every chunk."""
+    counts = [_cdiv(numel, chunk) for numel in numels]
+    if sum(counts) > _MAX_GRID:
+        raise RuntimeError(f"the {kernel} takes at most {_MAX_GRID} chunks of {chunk} per launch")
+    first_chunks = list(accumulate(counts, initial=0))[:-1]
+    tensors = torch.arange(len(numels), dtype=torch.int32)
+    return first_chunks, torch.repeat_interleave(tensors, torch.tensor(counts, dtype=torch.int64))
 
 
 def _role_tensors(lists: list[list[Tensor]], position: int) -> list[Tensor]:
@@ -293,34 +299,25 @@ def _build_launch(
 ) -> _Launch:
     row_width = int(kernels.ROW)
     block = INTERPRETER_BLOCK if device.type == "cpu" else CUDA_BLOCK
-    rows: list[list[int]] = []
-    chunks_per_tensor: list[int] = []
+    columns: list[list[Tensor]] = []
     staged: list[_Staged] = []
-    n_chunks = 0
     for position in positions:
         tensors = _role_tensors(lists, position)
         if not _flat_compatible(tensors):
             buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
             staged.append(_Staged(position, buffers))
             tensors = buffers
-        addresses = [t.data_ptr() for t in tensors]
-        if not amsgrad:
-            addresses.append(0)
-        numel = tensors[0].numel()
-        chunks = _cdiv(numel, block)
-        rows.append([*addresses, lists[5][position].data_ptr(), numel, n_chunks])
-        chunks_per_tensor.append(chunks)
-        n_chunks += chunks
-    if n_chunks > _MAX_GRID:
-        raise RuntimeError(f"the Triton AdamW kernel takes at most {_MAX_GRID} chunks of {block} per launch")
+        columns.append(tensors)
+    first_chunks, chunk_tensor = _chunk_map([t[0].numel() for t in columns], block, "Triton AdamW kernel")
+    rows: list[list[int]] = []
+    for position, tensors, first_chunk in zip(positions, columns, first_chunks, strict=True):
+        addresses = [t.data_ptr() for t in tensors] + ([] if amsgrad else [0])
+        rows.append([*addresses, lists[5][position].data_ptr(), tensors[0].numel(), first_chunk])
     aligned = all(address % 16 == 0 for row in rows for address in row[:5])
 
-    n_tensors = len(positions)
+    n_tensors, n_chunks = len(positions), chunk_tensor.numel()
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1)
     assert table.numel() == n_tensors * row_width
-    chunk_tensor = torch.repeat_interleave(
-        torch.arange(n_tensors, dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
-    )
     # One buffer, one copy: the table, then the chunk map as int32 pairs (padded to whole int64s).
     if n_chunks % 2:
         chunk_tensor = torch.cat([chunk_tensor, chunk_tensor.new_zeros(1)])
@@ -405,8 +402,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     (DTensors, float64 and complex128), on any device; one param per kind is checked."""
     kernel = _low_bit_kernels().low_bit_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
-    kinds = zip(map(type, params), map(_device, params), map(_dtype, params), strict=True)
-    for (kind, _, dtype), param in dict(zip(kinds, params, strict=True)).items():
+    for (kind, _, dtype), param in {(type(p), p.device, p.dtype): p for p in params}.items():
         if low_bit and (kind not in PLAIN_TYPES or dtype.to_real() not in KERNEL_DTYPES):
             continue
         _check_device(param, interpreted)
@@ -446,10 +442,6 @@ def _dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-_dtype = attrgetter("dtype")
-_device = attrgetter("device")
 
 
 def _local_views(lists: list[list[Tensor]], has_complex: bool) -> list[list[Tensor]]:
@@ -513,11 +505,7 @@ def _signed32(word: int) -> int:
 
 @dataclass(eq=False)
 class _LowBitLaunch:
-    """One low-bit launch of a group: a static table and chunk map, and where its params sit in the group.
-
-    The table's per-step columns (the grads' addresses, the rounding keys, the step scalars) are
-    filled in a copy of ``table`` at each step, in vectorized torch ops on the host.
-    """
+    """One low-bit launch of a group: a static table and chunk map, and where its params sit in the group."""
 
     key: tuple[Any, ...]  # device, param dtype, grad dtype, moment dtype, param_update, unscale
     positions: list[int]  # of its params in the group
@@ -541,17 +529,9 @@ def step_low_bit(
     hyper: Hyper,
     storage: StorageFormat,
 ) -> None:
-    """The low-bit step of :mod:`adamw.backends.forloop` in one Triton launch per (device, dtypes,
-    storage).
-
-    Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (see :mod:`adamw.backends._triton_low_bit_kernels`
-    for how). Unlike :func:`step` it reads the step counters and ``found_inf`` on the host (one sync
-    per step): the low-bit step is not capturable. Params the kernel does not take (float64 or
-    complex128, or state laid out other than their format says) run the reference itself.
-
-    The launches' tables are kept while the group's memory stays where it was (its fingerprint, see
-    :mod:`adamw.backends._plans`, is checked each step); a step then only fills their per-step columns.
-    """
+    """The low-bit step (see the module docstring). Params the kernel does not take (float64 or
+    complex128, or state laid out other than their format says) run
+    :func:`adamw.backends.forloop.reference_step` itself."""
     if not params:
         return
     scalars = host_scalars(hyper)
@@ -563,8 +543,7 @@ def step_low_bit(
     if plan is not None:
         step_numbers = bump_steps(state_steps)
         for launch in plan:
-            grads_of_launch = [_real(grads[i]) for i in launch.positions]
-            _launch_low_bit(launch, grads_of_launch, step_numbers, hyper, *scalars, kernels)
+            _launch_low_bit(launch, [_real(grads[i]) for i in launch.positions], step_numbers, hyper, *scalars, kernels)
         return
 
     interpreted = _is_interpreted_kernel(kernels.low_bit_kernel)
@@ -586,13 +565,10 @@ def step_low_bit(
         by_launch.setdefault(launch_key, []).append(kernel_param)
     plan = []
     for launch_key, entries in by_launch.items():
-        columns = [entry.columns for entry in entries]
-        launch = _low_bit_launch(
-            launch_key, [entry.position for entry in entries], columns, streams, storage.seed, kernels
-        )
+        positions, columns = [entry.position for entry in entries], [entry.columns for entry in entries]
+        launch = _low_bit_launch(launch_key, positions, columns, streams, storage.seed, kernels)
         plan.append(launch)
-        launch_grads = [entry.grad for entry in entries]
-        _launch_low_bit(launch, launch_grads, step_numbers, hyper, *scalars, kernels)
+        _launch_low_bit(launch, [entry.grad for entry in entries], step_numbers, hyper, *scalars, kernels)
     for copy, original in group.written_back:
         original.copy_(copy)
     if group.reusable:
@@ -616,8 +592,7 @@ def _launch_low_bit(
     table = _low_bit_step_table(launch, grads, [step_numbers[i] for i in launch.positions], lr, beta1, beta2, kernels)
     table, _ = _to_device(table.reshape(-1), device, capturing=False)
     grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
-    tl = kernels.tl
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with _current(device):
         kernels.low_bit_kernel[(launch.n_chunks,)](
             table,
             launch.chunks,
@@ -627,7 +602,7 @@ def _launch_low_bit(
             BLOCKS=launch.blocks,
             PARAM_DTYPE=_triton_dtype(dtype, kernels),
             GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
-            MOMENT_DTYPE=tl.uint8 if moment_dtype == torch.uint8 else _triton_dtype(moment_dtype, kernels),
+            MOMENT_DTYPE=_triton_dtype(moment_dtype, kernels),
             PARAM_UPDATE=_UPDATES[param_update],
             AMSGRAD=hyper.amsgrad,
             MAXIMIZE=hyper.maximize,
@@ -663,29 +638,19 @@ def _low_bit_launch(
     map on the device."""
     device = key[0]
     blocks = LOW_BIT_INTERPRETER_BLOCKS if device.type == "cpu" else LOW_BIT_CUDA_BLOCKS
-    chunk = blocks * BLOCK_SIZE
+    numels = [tensor_columns[0].numel() for tensor_columns in columns]  # type: ignore[union-attr]
+    first_chunks, chunk_tensor = _chunk_map(numels, blocks * BLOCK_SIZE, "low-bit Triton kernel")
+    n_chunks = chunk_tensor.numel()
     rows: list[list[int]] = []
     stream_keys: list[list[int]] = []
-    chunks_per_tensor: list[int] = []
-    n_chunks = 0
-    for position, tensor_columns in zip(positions, columns, strict=True):
-        numel = tensor_columns[0].numel()  # type: ignore[union-attr]
-        chunks = _cdiv(numel, chunk)
+    for position, tensor_columns, numel, first_chunk in zip(positions, columns, numels, first_chunks, strict=True):
         addresses = [0 if t is None else t.data_ptr() for t in tensor_columns]
         addresses[int(kernels.COL_GRAD)] = 0  # filled per step
-        rows.append([*addresses, numel, n_chunks])
+        rows.append([*addresses, numel, first_chunk])
         stream_keys.append([_signed32(stream_key(seed, streams[position], p)) for p in _KEY_PURPOSES])
-        chunks_per_tensor.append(chunks)
-        n_chunks += chunks
-    if n_chunks > _MAX_GRID:
-        raise RuntimeError(f"the low-bit Triton kernel takes at most {_MAX_GRID} programs per launch")
-    width = int(kernels.ROW)
-    table = torch.zeros((len(rows), width), dtype=torch.int64)
+    table = torch.zeros((len(rows), int(kernels.ROW)), dtype=torch.int64)
     if rows:
         table[:, : len(rows[0])] = torch.tensor(rows, dtype=torch.int64)
-    chunk_tensor = torch.repeat_interleave(
-        torch.arange(len(rows), dtype=torch.int32), torch.tensor(chunks_per_tensor, dtype=torch.int64)
-    )
     chunks_on_device = None
     if n_chunks:
         chunks_on_device = (

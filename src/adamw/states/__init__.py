@@ -1,18 +1,8 @@
-"""Low-bit optimizer state: how the moments are stored (full precision, bfloat16, 8-bit blockwise), how
-a float32 result is written into a bfloat16 param (stochastic rounding, Kahan compensation), and a
-param's state entries. The step that runs on them: :mod:`adamw.backends.forloop`.
-
-=============  ==========================================================================
-module         what lives there
-=============  ==========================================================================
-quantize       the 8-bit code tables and blockwise ``quantize``/``dequantize``
-formats        ``StateFormat``: "param", "bf16", "8bit" (the 4096-value rule), conversions
-rounding       stochastic rounding to bfloat16 (counter-based, seedable), Kahan compensation
-entries        a param's state at step 0 (the Kahan buffer's key), a sharded param's entries
-checkpoint     a param's first state, the state dict's layout (8-bit codes as ``exp_avg_codes``),
-               reading it back, and the conversion of a loaded or re-formatted state to its
-               group's format
-=============  ==========================================================================
+"""Low-bit optimizer state: how the moments are stored (``formats``: "param", "bf16", "8bit", with the
+8-bit code tables and blocks in ``quantize``), how a float32 result is written into a bfloat16 param
+(``rounding``: stochastic rounding, Kahan compensation), a param's state entries (``entries``) and
+its checkpoint layout and conversions (``checkpoint``). The step that runs on them:
+:mod:`adamw.backends.forloop`.
 """
 
 from .entries import KAHAN_KEY, init_low_bit_state

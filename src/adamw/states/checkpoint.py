@@ -7,19 +7,19 @@ uint8 codes beside ``exp_avg_absmax``), because the kernels' host code and the r
 moment by that name. A state dict holds 8-bit codes under ``exp_avg_codes`` (``exp_avg_sq_codes``,
 ``max_exp_avg_sq_codes``) instead: ``torch.optim.AdamW`` casts every state tensor it loads to the
 param's dtype, so codes under ``exp_avg`` would load as moments (values 0 to 255) and train. Under
-a name torch does not read, its first step fails (``KeyError: 'exp_avg'``) instead. The rename
-happens only here, at the boundary (``AdamW.state_dict``/``load_state_dict``), so the layout the
-kernels read stays one; a tool that copies a state dict into ``optimizer.state`` itself, past
-``load_state_dict`` (``ZeroRedundancyOptimizer.load_state_dict``), gets the codes under their
-checkpoint name, and an 8-bit step then fails on the missing ``exp_avg`` rather than run on them.
-``full_precision_state_dict()`` is the way to hand a checkpoint to torch. Loading reads both
-layouts, so checkpoints written with codes under ``exp_avg`` (and its absmax) still load.
+a name torch does not read, its first step fails (``KeyError: 'exp_avg'``) instead;
+``full_precision_state_dict()`` is the way to hand a checkpoint to torch. The rename happens only at
+the boundary (:func:`write_checkpoint_layout`, :func:`from_checkpoint`), so the layout the kernels
+read stays one; an entry that a loader copies into ``optimizer.state`` itself, past
+``load_state_dict`` (``ZeroRedundancyOptimizer``), is read by ``AdamW._init_group`` the same way.
+Loading reads both layouts, so checkpoints written with codes under ``exp_avg`` still load.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,45 +66,27 @@ _TORCH_GROUP_DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(eq=False, slots=True)
 class KeepAsIs:
     """A state tensor in transit through torch's loader, which must not cast it to its param's dtype
     (8-bit codes, absmaxes, float32 moments of a bfloat16 param): torch passes unknown objects
     through as they are. Never installed: :func:`from_checkpoint` unwraps it."""
 
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
+    tensor: Tensor
 
 
 def shield_from_cast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Load-state-dict pre-hook: ``state_dict`` with each param's state tensors but the step wrapped
-    in :class:`KeepAsIs`.
-
-    Applied after every user pre-hook (which see the checkpoint's tensors), right before torch's
-    loader; entries that belong to no param pass as they are. A state dict without ``state`` or
-    ``param_groups`` is returned unchanged, for torch to reject.
-    """
+    """Load-state-dict pre-hook, run after every user pre-hook: each param's state tensors but the
+    step wrapped in :class:`KeepAsIs`. Entries of no param pass as they are; a state dict without
+    ``state`` or ``param_groups`` is returned unchanged, for torch to reject."""
     if not isinstance(state_dict.get("state"), Mapping) or not isinstance(state_dict.get("param_groups"), list):
         return state_dict
     ids = {i for group in state_dict["param_groups"] for i in group.get("params", ())}
-    state = {
-        index: (
-            {k: KeepAsIs(v) if k != "step" and isinstance(v, Tensor) else v for k, v in entry.items()}
-            if index in ids and isinstance(entry, Mapping)
-            else entry
-        )
-        for index, entry in state_dict["state"].items()
-    }
+    state = dict(state_dict["state"])
+    for index, entry in state.items():
+        if index in ids and isinstance(entry, Mapping):
+            state[index] = {k: KeepAsIs(v) if k != "step" and isinstance(v, Tensor) else v for k, v in entry.items()}
     return {**state_dict, "state": state}
-
-
-def to_checkpoint(state: Mapping[str, Any], param: Tensor, *, decode_8bit: bool) -> dict[str, Any]:
-    """One param's state as a state dict holds it (a new dict): 8-bit codes under ``<moment>_codes``,
-    or, with ``decode_8bit``, 8-bit moments decoded (see :func:`decode_8bit_moments`)."""
-    if decode_8bit:
-        return decode_8bit_moments(state, param)
-    return {(k + CODES_SUFFIX if k in MOMENTS and k + ABSMAX_SUFFIX in state else k): v for k, v in state.items()}
 
 
 def decode_8bit_moments(state: Mapping[str, Any], param: Tensor) -> dict[str, Any]:
@@ -123,8 +105,8 @@ def decode_8bit_moments(state: Mapping[str, Any], param: Tensor) -> dict[str, An
 
 def from_checkpoint(entry: Mapping[str, Any], param: Tensor) -> dict[str, Any]:
     """One param's loaded state in the in-memory layout (a new dict): tensors unwrapped and moved to
-    ``param``'s device, codes under ``exp_avg`` whether the checkpoint wrote ``exp_avg_codes`` or
-    (earlier versions) ``exp_avg``. Raises ValueError for a state that cannot be read."""
+    ``param``'s device, codes under ``exp_avg`` whichever name the checkpoint used. Raises ValueError
+    for a state that cannot be read."""
     for key in MOMENTS:
         codes = key + CODES_SUFFIX
         if codes not in entry:
@@ -142,34 +124,30 @@ def from_checkpoint(entry: Mapping[str, Any], param: Tensor) -> dict[str, Any]:
     return state
 
 
-def adopt_state(
-    state: dict[str, Any], param: Tensor, state_precision: str, *, kahan: bool, step_on_device: bool
-) -> dict[str, Any]:
-    """``state`` as its group keeps it: moments in ``state_precision``'s format for ``param``, a Kahan
-    buffer where ``kahan`` (kept, or started at zero) and none otherwise, the step on ``param``'s
-    device as float32 where ``step_on_device`` (a state without moments only has its step placed).
-    ``state`` itself where nothing changes, else a new dict; raises ValueError (from the conversion)
-    for a state that does not fit ``param``.
-
-    The one conversion behind ``load_state_dict`` and a ``state_precision``/``param_update`` changed
-    in a live group.
-    """
+def adopt_for_group(state: dict[str, Any], param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` as ``group`` keeps it (behind ``load_state_dict`` and a format changed in a live group):
+    moments in its ``state_precision``'s format, a Kahan buffer where its ``param_update`` is "kahan"
+    for ``param`` (kept, or started at zero) and none otherwise, the step on ``param``'s device as
+    float32 where :func:`step_on_device`. ``state`` itself where nothing changes, else a new dict;
+    raises ValueError for a state that does not fit ``param``."""
     out = state
     step = state.get("step")
-    if step_on_device and isinstance(step, Tensor) and (step.device != param.device or step.dtype != torch.float32):
+    wanted = (param.device, torch.float32)
+    if isinstance(step, Tensor) and step_on_device(group) and (step.device, step.dtype) != wanted:
         out = {**out, "step": step.to(dtype=torch.float32, device=param.device)}
     if not any(k in out for k in MOMENTS):
         return out
+    # A DTensor's local shards are converted, in the format of the whole param (see adamw.states.entries).
+    fmt = format_for(param, group["state_precision"])
     if is_dtensor(param):
-        # Convert the local shards, in the format the whole param takes (see adamw.states.entries).
-        fmt = format_for(param, state_precision)
         local_param = param.to_local()  # type: ignore[attr-defined]
         local = {k: v.to_local() if is_dtensor(v) else v for k, v in out.items()}
-        if not stored_as(local, local_param, state_precision, fmt):
-            local = convert_state(local, local_param, state_precision, target=fmt)
-            out = {k: like_param(k, v, param) for k, v in local.items()}
-    elif not stored_as(out, param, state_precision):
-        out = convert_state(out, param, state_precision)
+    else:
+        local_param, local = param, out
+    if not stored_as(local, local_param, fmt):
+        converted = convert_state(local, local_param, group["state_precision"], target=fmt)
+        out = {k: like_param(k, v, param) for k, v in converted.items()}
+    kahan = effective_param_update(param, group["param_update"]) == "kahan"
     if kahan and KAHAN_KEY not in out:
         out = {**out, KAHAN_KEY: torch.zeros_like(param, memory_format=torch.preserve_format)}
     elif not kahan and KAHAN_KEY in out:
@@ -177,10 +155,9 @@ def adopt_state(
     return out
 
 
-def stored_as(state: dict[str, Any], param: Tensor, state_precision: str, fmt: StateFormat | None = None) -> bool:
-    """Whether every moment in ``state`` is stored as ``state_precision`` (or ``fmt``) stores it for
-    ``param``; raises ValueError for a moment that no format stores (see ``stored_format``)."""
-    fmt = fmt or format_for(param, state_precision)
+def stored_as(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> bool:
+    """Whether every moment in ``state`` is stored as ``fmt`` stores it for ``param``; raises
+    ValueError for a moment that no format stores (see ``stored_format``)."""
     for key in MOMENTS:
         if key not in state:
             continue
@@ -198,9 +175,7 @@ def stored_as(state: dict[str, Any], param: Tensor, state_precision: str, fmt: S
 
 def step_dtype(fused: bool | None) -> torch.dtype:
     """dtype of the ``step`` counter, as torch stores it (so checkpoints match)."""
-    if fused:
-        return torch.float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.float64 if not fused and torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def step_on_device(group: Mapping[str, Any]) -> bool:
@@ -212,11 +187,8 @@ def new_state(param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
     """A param's state before its first step, in the format its group keeps (torch's key order)."""
     # The step lives on the CPU unless a kernel or graph capture needs it on the device: reading a
     # CPU scalar costs no device sync and no kernel launch.
-    if step_on_device(group):
-        step = torch.zeros((), dtype=step_dtype(group["fused"]), device=param.device)
-    else:
-        step = torch.tensor(0.0, dtype=step_dtype(None), device="cpu")
-    state: dict[str, Any] = {"step": step}
+    device = param.device if step_on_device(group) else "cpu"
+    state: dict[str, Any] = {"step": torch.zeros((), dtype=step_dtype(group["fused"]), device=device)}
     if is_low_bit(group):
         param_update = effective_param_update(param, group["param_update"])
         low_bit = init_low_bit_state(
@@ -226,38 +198,6 @@ def new_state(param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
     for key in MOMENTS if group["amsgrad"] else MOMENTS[:2]:
         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
     return state
-
-
-def adopt_for_group(state: dict[str, Any], param: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` in the format ``group`` keeps it in (see :func:`adopt_state`)."""
-    return adopt_state(
-        state,
-        param,
-        group["state_precision"],
-        kahan=effective_param_update(param, group["param_update"]) == "kahan",
-        step_on_device=step_on_device(group),
-    )
-
-
-def adopt_groups(
-    groups: list[tuple[int, dict[str, Any]]], state: Mapping[Tensor, dict[str, Any]]
-) -> dict[Tensor, dict[str, Any]]:
-    """The states of the params of ``groups`` (each with its index) that their group's format changes,
-    converted; raises ValueError, naming the group and param, before any is replaced."""
-    converted = {}
-    for index, group in groups:
-        for position, p in enumerate(group["params"]):
-            p_state = state.get(p)
-            if p_state:
-                try:
-                    new = adopt_for_group(p_state, p, group)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"param group {index}: cannot convert the state of its param {position}: {exc}"
-                    ) from exc
-                if new is not p_state:
-                    converted[p] = new
-    return converted
 
 
 class StoredFormats:
@@ -274,36 +214,41 @@ class StoredFormats:
     def remember(self, group: dict[str, Any]) -> None:
         self._by_id[id(group)] = (group, group["state_precision"], group["param_update"])
 
-    # Eager, as torch's _init_group: traced, this would be compiled once per optimizer (its guards
-    # name that optimizer's groups), one more frame each towards Dynamo's recompile limit.
+    def _stored(self, group: dict[str, Any]) -> tuple[str, str] | None:
+        """The options ``group``'s state was last stored with; None for a group not remembered."""
+        stored = self._by_id.get(id(group))
+        return stored[1:] if stored is not None and stored[0] is group else None
+
+    # Eager, as torch's _init_group (see run_eagerly): it looks up this optimizer's groups.
     @run_eagerly
     def convert_changed(self, groups: list[dict[str, Any]], state: MutableMapping[Tensor, dict[str, Any]]) -> None:
         """Convert in ``state`` the params' states of each group of ``groups`` whose format changed;
         an invalid option or a state that cannot be converted raises before any change. A group not
         remembered (step_in_backward's one-param view of a group) has its params' states checked
         instead, and is not remembered."""
-        known = self._by_id
-        changed = []
-        for index, group in enumerate(groups):
-            stored = known.get(id(group))
-            if (
-                stored is None
-                or stored[0] is not group
-                or stored[1] != group["state_precision"]
-                or stored[2] != group["param_update"]
-            ):
-                changed.append((index, group))
-        if not changed:
-            return
+        changed = [(i, g) for i, g in enumerate(groups) if self._stored(g) != (g["state_precision"], g["param_update"])]
         for index, group in changed:
             try:
                 check_storage_options(group)
             except ValueError as exc:
                 raise ValueError(f"param group {index}: {exc}") from exc
-        state.update(adopt_groups(changed, state))
+        converted = {}
+        for index, group in changed:
+            for position, p in enumerate(group["params"]):
+                p_state = state.get(p)
+                if not p_state:
+                    continue
+                try:
+                    new = adopt_for_group(p_state, p, group)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"param group {index}: cannot convert the state of its param {position}: {exc}"
+                    ) from exc
+                if new is not p_state:
+                    converted[p] = new
+        state.update(converted)
         for _, group in changed:
-            stored = known.get(id(group))
-            if stored is not None and stored[0] is group:
+            if self._stored(group) is not None:
                 self.remember(group)
 
 
@@ -318,10 +263,8 @@ def upgrade_number_step(state: dict[str, Any], param: Tensor, group: Mapping[str
     """Checkpoints from old torch versions store the step as a Python number: make it torch's tensor."""
     step = state.get("step")
     if step is not None and not torch.is_tensor(step):
-        on_device = group["capturable"] or group["fused"]
-        state["step"] = torch.tensor(
-            float(step), dtype=step_dtype(group["fused"]), device=param.device if on_device else "cpu"
-        )
+        device = param.device if group["capturable"] or group["fused"] else "cpu"
+        state["step"] = torch.tensor(float(step), dtype=step_dtype(group["fused"]), device=device)
 
 
 def prepare_load(state: dict[str, Any], live_groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -331,68 +274,66 @@ def prepare_load(state: dict[str, Any], live_groups: list[dict[str, Any]]) -> di
     new_groups = state.get("param_groups", [])
     if len(live_groups) == len(new_groups):
         for new, live in zip(new_groups, live_groups, strict=True):
-            for key in _OWN_GROUP_KEYS:
-                if key not in new and key in live:
-                    new[key] = live[key]
-            for key in _STORAGE_GROUP_KEYS:
-                if key in live:
-                    new[key] = live[key]
-    loaded = state.get("state", {})
-    adopted = {}
-    index = 0
+            new.update({key: live[key] for key in _OWN_GROUP_KEYS if key not in new and key in live})
+            new.update({key: live[key] for key in _STORAGE_GROUP_KEYS if key in live})
     for group in new_groups:
         complete_group(group)
-        for p in group["params"]:
-            entry = loaded.get(p)
-            if isinstance(entry, dict):
-                try:
-                    p_state = from_checkpoint(entry, p)
-                    upgrade_number_step(p_state, p, group)
-                    adopted[p] = adopt_for_group(p_state, p, group)
-                except ValueError as exc:
-                    raise ValueError(f"cannot load the state of param {index}: {exc}") from exc
-            index += 1
+    loaded = state.get("state", {})
+    adopted = {}
+    for index, (p, group) in enumerate((p, g) for g in new_groups for p in g["params"]):
+        entry = loaded.get(p)
+        if isinstance(entry, dict):
+            try:
+                p_state = from_checkpoint(entry, p)
+                upgrade_number_step(p_state, p, group)
+                adopted[p] = adopt_for_group(p_state, p, group)
+            except ValueError as exc:
+                raise ValueError(f"cannot load the state of param {index}: {exc}") from exc
     new_state: defaultdict[Any, Any] = defaultdict(dict, loaded)  # with the entries of no param
     new_state.update(adopted)
     return {**state, "state": new_state, "param_groups": new_groups}
 
 
+def _each_param_state(
+    state_dict: dict[str, Any], params: list[Tensor], convert: Callable[[dict[str, Any], Tensor], dict[str, Any]]
+) -> dict[str, Any]:
+    """``state_dict`` with ``convert(entry, param)`` applied to each param's state. torch keeps the
+    entries that a hook put in ``optimizer.state`` under their own keys: those pass as they are."""
+    state = {
+        i: convert(entry, params[i]) if type(i) is int and 0 <= i < len(params) and isinstance(entry, dict) else entry
+        for i, entry in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
 def write_checkpoint_layout(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """State-dict post-hook, run first: each param's state as a checkpoint holds it, and our own group
-    options only where they differ from their defaults (see AdamW.state_dict)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    """State-dict post-hook, run first: each param's state as a checkpoint holds it (8-bit codes under
+    ``<moment>_codes``, or decoded: see AdamW.state_dict), and our own group options only where they
+    differ from their defaults."""
     everywhere = getattr(optimizer, "reshardable_state_dict", False)
-    state = {}
-    for index, entry in state_dict["state"].items():
-        p = _param_at(params, index)
-        if p is not None and isinstance(entry, dict):
-            entry = to_checkpoint(entry, p, decode_8bit=everywhere or is_dtensor(p))
-        state[index] = entry
+
+    def to_checkpoint(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        if everywhere or is_dtensor(p):
+            return decode_8bit_moments(entry, p)
+        return {(k + CODES_SUFFIX if k in MOMENTS and k + ABSMAX_SUFFIX in entry else k): v for k, v in entry.items()}
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     groups = [
         {k: v for k, v in group.items() if not (k in OWN_GROUP_DEFAULTS and _at_default(k, v))}
         for group in state_dict["param_groups"]
     ]
-    return {**state_dict, "state": state, "param_groups": groups}
+    return {**_each_param_state(state_dict, params, to_checkpoint), "param_groups": groups}
 
 
 def full_precision_state_dict(state_dict: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
     """``state_dict`` (written by ``AdamW.state_dict`` for ``params``, in order) with every moment in
     its param's dtype and only torch's state keys."""
-    state = {}
-    for index, entry in state_dict["state"].items():
-        p = _param_at(params, index)
-        if p is not None and isinstance(entry, dict):
-            entry = from_checkpoint(entry, p)
-            if any(k in entry for k in MOMENTS):
-                entry = full_precision_state(entry, p)
-        state[index] = entry
-    return {**state_dict, "state": state}
 
+    def to_full_precision(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        entry = from_checkpoint(entry, p)
+        return full_precision_state(entry, p) if any(k in entry for k in MOMENTS) else entry
 
-def _param_at(params: list[Tensor], index: Any) -> Tensor | None:
-    """The param a state dict's ``state`` key stands for; None for an entry of no param (torch keeps
-    entries that a hook put in ``optimizer.state`` under their own keys)."""
-    return params[index] if type(index) is int and 0 <= index < len(params) else None
+    return _each_param_state(state_dict, params, to_full_precision)
 
 
 def _at_default(key: str, value: Any) -> bool:

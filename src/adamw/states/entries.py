@@ -1,5 +1,5 @@
 """A param's low-bit state entries: those it starts with, the Kahan buffer's among them, and how a
-sharded (DTensor) param holds them (see "Sharded params" below)."""
+sharded (DTensor) param holds them ("Sharded params" below)."""
 
 from __future__ import annotations
 
@@ -16,28 +16,17 @@ KAHAN_KEY = "kahan_comp"
 def init_low_bit_state(
     param: Tensor, *, amsgrad: bool, state_precision: str, param_update: str, fmt: StateFormat | None = None
 ) -> dict[str, Tensor]:
-    """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does).
-
-    For a DTensor param (FSDP2), see "Sharded params" below: entries shaped like the param are
-    DTensors sharded like it; an 8-bit absmax is a plain tensor of the local shard's blocks.
-    """
+    """A param's state at step 0 (without ``step``, which the optimizer keeps as torch does); a
+    DTensor param's as "Sharded params" below says."""
     check_param_update(param_update, param.dtype)
-    if is_dtensor(param):
-        local = init_low_bit_state(
-            param.to_local(),  # type: ignore[attr-defined]
-            amsgrad=amsgrad,
-            state_precision=state_precision,
-            param_update=param_update,
-            fmt=format_for(param, state_precision),  # the 4096-value rule on the global numel
-        )
-        return {k: like_param(k, v, param) for k, v in local.items()}
-    fmt = fmt or format_for(param, state_precision)
+    fmt = fmt or format_for(param, state_precision)  # a DTensor's: the 4096-value rule on the global numel
+    local = param.to_local() if is_dtensor(param) else param  # type: ignore[attr-defined]
     state: dict[str, Tensor] = {}
     for key in MOMENTS if amsgrad else MOMENTS[:2]:
-        state.update(fmt.zeros(param, key))
+        state.update(fmt.zeros(local, key))
     if param_update == "kahan":
-        state[KAHAN_KEY] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    return state
+        state[KAHAN_KEY] = torch.zeros_like(local, memory_format=torch.preserve_format)
+    return {k: like_param(k, v, param) for k, v in state.items()}
 
 
 # Sharded params (FSDP2 DTensors, sharded on dim 0). The low-bit step (backends/forloop.py) is
@@ -62,7 +51,7 @@ def is_dtensor(t: object) -> bool:
 
 def like_param(key: str, local: Tensor, param: Tensor) -> Tensor:
     """State entry ``key`` as a DTensor sharded like ``param`` where it is shaped like ``param``'s
-    local shard (moments, codes, Kahan buffer); an absmax and the step stay plain tensors."""
+    local shard (see "Sharded params"); an absmax and the step stay plain tensors."""
     if not is_dtensor(param) or is_dtensor(local) or key == "step" or key.endswith(ABSMAX_SUFFIX):
         return local
     if local.shape != param.to_local().shape:  # type: ignore[attr-defined]

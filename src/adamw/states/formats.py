@@ -15,8 +15,9 @@ written down once:
 * ``"8bit"``: ``state[name]`` holds uint8 codes shaped like the param and ``state[name + "_absmax"]``
   one float32 absmax per block of 256 (:mod:`adamw.states.quantize`): ``exp_avg`` with the signed
   code, ``exp_avg_sq`` and ``max_exp_avg_sq`` with the unsigned one. Params with fewer than
-  :data:`MIN_QUANTIZED_NUMEL` (4096) values keep float32 moments: their state is negligible, and a
-  handful of blocks would quantize e.g. a LayerNorm's few scales coarsely for no saving.
+  :data:`MIN_QUANTIZED_NUMEL` (4096) values keep their moments in the dtype the math runs in: their
+  state is negligible, and a handful of blocks would quantize e.g. a LayerNorm's few scales coarsely
+  for no saving.
 
 Complex params are stored as their real view (``torch.view_as_real``) in "bf16" and "8bit".
 The math runs in float64 for float64 params and in float32 for every other dtype.
@@ -24,6 +25,7 @@ The math runs in float64 for float64 params and in float32 for every other dtype
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -37,7 +39,7 @@ StatePrecision = Literal["param", "bf16", "8bit"]
 STATE_PRECISIONS: tuple[str, ...] = ("param", "bf16", "8bit")
 
 MIN_QUANTIZED_NUMEL = 4096
-"""Params with fewer values keep float32 moments under ``state_precision="8bit"``."""
+"""Params with fewer values keep unquantized moments under ``state_precision="8bit"``."""
 
 MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 ABSMAX_SUFFIX = "_absmax"
@@ -58,34 +60,36 @@ def _real_shape(t: Tensor) -> tuple[int, ...]:
 
 
 class StateFormat:
-    """Storage of one param's moments. Subclasses set ``name`` and implement the four methods."""
+    """Storage of one param's moments. Subclasses set ``name`` and implement the methods that raise;
+    :meth:`layout` is the one statement of what a format stores."""
 
     name: str = ""
-
-    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
-        """The state entries of moment ``key`` at zero (to merge into the param's state)."""
-        raise NotImplementedError
 
     def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The dtype and shape of each entry :meth:`zeros` creates, without creating them (a check of
         a stored state costs no allocation)."""
         raise NotImplementedError
 
+    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
+        """The state entries of moment ``key`` at zero (to merge into the param's state)."""
+        return {
+            name: torch.zeros(shape, dtype=dtype, device=param.device)
+            for name, (dtype, shape) in self.layout(param, key).items()
+        }
+
     def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
         """Moment ``key`` as a real tensor of ``dtype``; may be the stored tensor itself."""
         raise NotImplementedError
 
     def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
-        """Store ``value`` (from :meth:`decode`, updated) as moment ``key``.
-
-        ``rounding_key`` seeds stochastic rounding where the format uses it; ``None`` rounds to
-        nearest (conversions, checkpoints).
-        """
+        """Store ``value`` (from :meth:`decode`, updated) as moment ``key``; ``rounding_key`` seeds
+        stochastic rounding where the format uses it, ``None`` rounds to nearest (conversions, checkpoints)."""
         raise NotImplementedError
 
     def bytes_per_element(self, param: Tensor) -> float:
         """Bytes one moment of ``param`` takes per param value (``nbytes / numel``)."""
-        raise NotImplementedError
+        layout = self.layout(param, "exp_avg").values()
+        return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout) / max(param.numel(), 1)
 
     def nbytes(self, state: Mapping[str, object], key: str) -> int:
         """Bytes that moment ``key`` takes in ``state`` (its codes and absmax, for 8-bit)."""
@@ -97,11 +101,11 @@ class StateFormat:
 
 class PlainFormat(StateFormat):
     """Moments as plain tensors: of the param's own dtype and shape (``dtype=None``, torch's layout),
-    or real tensors of ``dtype``."""
+    or real tensors of ``dtype`` (bfloat16 ones written with stochastic rounding when given a key)."""
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, name: str | None = None) -> None:
         self.dtype = dtype
-        self.name = "param" if dtype is None else str(dtype).removeprefix("torch.")
+        self.name = name or ("param" if dtype is None else str(dtype).removeprefix("torch."))
 
     def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
         if self.dtype is None:
@@ -123,36 +127,15 @@ class PlainFormat(StateFormat):
         elif stored.data_ptr() != value.data_ptr() or stored.dtype != value.dtype:
             stored.copy_(value)
 
-    def bytes_per_element(self, param: Tensor) -> float:
-        if self.dtype is None:
-            return float(param.element_size())
-        return float(torch.empty((), dtype=self.dtype).element_size() * (2 if param.is_complex() else 1))
-
-
-class Bf16Format(PlainFormat):
-    """Real bfloat16 tensors (written with stochastic rounding when given a key, as every bf16 moment)."""
-
-    def __init__(self) -> None:
-        super().__init__(torch.bfloat16)
-        self.name = "bf16"
-
 
 class Int8Format(StateFormat):
     """uint8 codes shaped like the (real) param, and a float32 absmax per block of 256."""
 
     name = "8bit"
 
-    def zeros(self, param: Tensor, key: str) -> dict[str, Tensor]:
-        real = _real(param)
-        return {
-            key: torch.zeros(real.shape, dtype=torch.uint8, device=param.device),
-            key + ABSMAX_SUFFIX: torch.zeros(num_blocks(real.numel()), dtype=torch.float32, device=param.device),
-        }
-
     def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         shape = _real_shape(param)
-        numel = param.numel() * (2 if param.is_complex() else 1)
-        return {key: (torch.uint8, shape), key + ABSMAX_SUFFIX: (torch.float32, (num_blocks(numel),))}
+        return {key: (torch.uint8, shape), key + ABSMAX_SUFFIX: (torch.float32, (num_blocks(math.prod(shape)),))}
 
     def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
         return dequantize(state[key], state[key + ABSMAX_SUFFIX], _CODES[key]).to(dtype)
@@ -162,16 +145,11 @@ class Int8Format(StateFormat):
         state[key].copy_(codes)
         state[key + ABSMAX_SUFFIX].copy_(absmax)
 
-    def bytes_per_element(self, param: Tensor) -> float:
-        numel = _real(param).numel()
-        per_real = (numel + 4 * num_blocks(numel)) / max(numel, 1)
-        return per_real * (2 if param.is_complex() else 1)
-
 
 PARAM = PlainFormat()
 FLOAT32 = PlainFormat(torch.float32)
 FLOAT64 = PlainFormat(torch.float64)
-BF16 = Bf16Format()
+BF16 = PlainFormat(torch.bfloat16, name="bf16")
 INT8 = Int8Format()
 
 
@@ -190,17 +168,14 @@ def format_for(param: Tensor, state_precision: str) -> StateFormat:
 
 def stored_format(state: dict[str, Tensor], key: str, param: Tensor) -> StateFormat:
     """The format moment ``key`` is stored in, read from the state itself (for conversions)."""
+    for name in (key, key + ABSMAX_SUFFIX):
+        if name in state and not isinstance(state[name], Tensor):
+            raise ValueError(f"state[{name!r}] is a {type(state[name]).__name__}, not a tensor")
     stored = state[key]
-    if not isinstance(stored, Tensor):
-        raise ValueError(f"state[{key!r}] is a {type(stored).__name__}, not a tensor")
     if key + ABSMAX_SUFFIX in state:
         if stored.dtype != torch.uint8:
             raise ValueError(
                 f"state[{key + ABSMAX_SUFFIX!r}] marks state[{key!r}] as 8-bit codes, but it holds {stored.dtype} values"
-            )
-        if not isinstance(state[key + ABSMAX_SUFFIX], Tensor):
-            raise ValueError(
-                f"state[{key + ABSMAX_SUFFIX!r}] is a {type(state[key + ABSMAX_SUFFIX]).__name__}, not a tensor"
             )
         return INT8
     if stored.dtype == torch.uint8:

@@ -67,13 +67,10 @@ def _ladder(count: int) -> list[float]:
 
 @dataclass(frozen=True)
 class Code:
-    """One 8-bit code table: the magnitudes it can store and whether a sign bit precedes them.
-
-    ``magnitudes`` are ascending, in ``[0, 1]``, ending at 1.0. Signed codes hold 128 magnitudes
-    (bit 7 is the sign); unsigned codes hold 256. ``ladder_steps`` says the nonzero magnitudes are
-    the ladder ``2^(-k / ladder_steps)`` (checked), which lets the encoder guess the index from a
-    logarithm instead of a binary search (the midpoints still decide: see :meth:`encode_normalized`).
-    """
+    """One 8-bit code table: ascending magnitudes ending at 1.0, 128 behind a sign bit or 256 unsigned.
+    ``ladder_steps`` says the nonzero magnitudes are the ladder ``2^(-k / ladder_steps)``, which lets
+    the encoder guess the index from a logarithm instead of a binary search (the midpoints still
+    decide: see :meth:`magnitude_index`). A table that breaks these rules is rejected here."""
 
     name: str
     magnitudes: tuple[float, ...]
@@ -94,12 +91,9 @@ class Code:
                 raise ValueError(f"magnitudes are not the ladder 2^(-k/{self.ladder_steps})")
 
     def tables(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """``(values, midpoints)`` as float32 tensors on ``device``.
-
-        ``values[code]`` is the decoded normalized value of each of the 256 codes; ``midpoints`` are
-        the boundaries between neighbouring magnitudes, which the encoder searches. Kernels take
-        these tensors as they are: they are the definition, never to be recomputed elsewhere.
-        """
+        """``(values, midpoints)`` in float32 on ``device``: ``values[code]`` is each of the 256 codes'
+        normalized value, ``midpoints`` the boundaries between neighbouring magnitudes that the encoder
+        searches. Kernels take these tensors as they are: they are the definition, never recomputed."""
         values, mids, _ = self._tables(torch.device(device))
         return values, mids
 

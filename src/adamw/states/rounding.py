@@ -95,7 +95,8 @@ def hash32(x: Tensor) -> Tensor:
 
 def rounding_key(seed: int, step: int, stream: int = 0, purpose: int = PURPOSE_PARAM) -> int:
     """The 32-bit key of one tensor (``stream``) and use (``purpose``) at one step."""
-    return step_key(stream_key(seed, stream, purpose), step)
+    # Kernels take the stream keys and do this last hash themselves.
+    return hash32_int(stream_key(seed, stream, purpose) ^ step ^ (step >> 32))
 
 
 def stream_key(seed: int, stream: int, purpose: int) -> int:
@@ -104,11 +105,6 @@ def stream_key(seed: int, stream: int, purpose: int) -> int:
     key = hash32_int(key ^ (seed >> 32))
     key = hash32_int(key ^ stream)
     return hash32_int(key ^ purpose)
-
-
-def step_key(stream_key: int, step: int) -> int:
-    """:func:`rounding_key` from its :func:`stream_key` (kernels take the stream keys, and do this)."""
-    return hash32_int(stream_key ^ step ^ (step >> 32))
 
 
 def random_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Tensor:

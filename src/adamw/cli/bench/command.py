@@ -12,8 +12,6 @@ from .report import format_report, to_json
 from .timing import FORMULA, Config, run
 from .workloads import IMPLEMENTATIONS, WORKLOADS, MiB
 
-DESCRIPTION = "Time one AdamW step of each implementation (ours and torch.optim.AdamW's) on named workloads."
-
 EPILOG = f"""\
 workloads:
 {chr(10).join(f"  {w.name:<6} {w.description}" for w in WORKLOADS.values())}
@@ -34,35 +32,29 @@ columns:
                torch-fused's ms/step / this row's: above 1 is faster than torch's fused step
   x floor      this row's ms/step / that of its storage format's floor row (1.00: at the memory limit)
   floor rows   a storage format's memory traffic with no arithmetic: param, grad and every state
-               tensor of the format read, param and state written back unchanged, once, on the same
-               buffers (without amsgrad's max_exp_avg_sq). floor: moments in the param's dtype;
-               floor-kahan: plus a bf16 Kahan buffer; floor-8bit: 8-bit codes and absmaxes. No step
-               in that format can take less time; a row's ms/step over its format's floor is its
-               distance from the memory limit.
+               tensor of the format (not amsgrad's max_exp_avg_sq) read once, param and state written
+               back unchanged, on the same buffers. No step in that format can take less time.
 
 {FORMULA}
 
 timing: every implementation of a workload takes its warm-up steps, then the timed steps run in
 windows (steps rounded down to a multiple of --windows), interleaved across the implementations and
 the copy in an order rotated every round, so drift on a shared machine touches all alike. On CPU
-each step is its own window by default: averaging steps before taking the median lets a busy
-machine's hiccups into the median (a 2-thread step stalls when a core is taken).
-On CPU a step's time also depends on which physical memory backs its tensors (the same kernel can
-run markedly slower on one fresh allocation than on another), so a standalone timing can differ from
-the table by that much. The implementations of a workload therefore step the same params, grads and
-state tensors (each state format its own: 8-bit moments are not float32 ones), and only what they
-do with them differs.
+each step is its own window by default, so that a busy machine's hiccups (a 2-thread step stalls
+when a core is taken) stay out of the median. On CPU a step's time also depends on which physical
+memory backs its tensors (the same kernel can run markedly slower on one fresh allocation than on
+another), so the implementations of a workload step the same params, grads and state tensors (each
+state format its own) and only what they do with them differs; a standalone timing can differ from
+the table by that much.
 
-defaults: every workload and implementation. On CPU 10 timed steps, one per window, after 2 warm-up
-steps; on CUDA 100 timed steps in 10 windows after 10 warm-up.
-Every implementation of a workload is alive at once, its params, grads and states shared (GPT-2 in
-float32: ~1 GB of params and grads plus ~1 GB of float32 state, and each other state format's own).
-Hyper-parameters: lr=1e-3, weight_decay=1e-2, torch's betas and eps.
+memory: every implementation of a workload is alive at once, its params, grads and states shared
+(GPT-2 in float32: ~1 GB of params and grads plus ~1 GB of float32 state, and each other state
+format's own). Hyper-parameters: lr=1e-3, weight_decay=1e-2, torch's betas and eps.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
+    parser.description = "Time one AdamW step of each implementation (ours and torch.optim.AdamW's) on named workloads."
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -79,23 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="comma list of implementations (default: all, see below)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--steps", type=positive, default=None, help="timed steps per implementation and workload")
-    parser.add_argument("--warmup", type=positive, default=None, help="untimed steps first (at least 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    parser.add_argument("--steps", type=positive, help="timed steps per implementation (default: CPU 10, CUDA 100)")
+    parser.add_argument("--warmup", type=positive, help="untimed steps first (default: CPU 2, CUDA 10)")
+    parser.add_argument("--windows", type=positive, help="timing windows (default: CPU one per step, CUDA 10)")
     parser.add_argument(
-        "--windows",
-        type=positive,
-        default=None,
-        help="timing windows the steps are split into (default: one per step on CPU, 10 on CUDA)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=positive,
-        default=None,
-        help=f"torch.set_num_threads (default: torch's, {torch.get_num_threads()} here)",
+        "--threads", type=positive, help=f"torch.set_num_threads (default here: {torch.get_num_threads()})"
     )
     parser.add_argument("--amsgrad", action="store_true", help="benchmark with amsgrad=True")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -3,12 +3,11 @@
  *
  * Reads every element of a step's tensors and writes back those a step writes, with no arithmetic
  * beyond an XOR: each param is a list of pieces (the param, its grad, each state tensor of its
- * format: full-precision moments, bf16 moments, 8-bit codes and their absmaxes, a Kahan buffer), each
- * with its element size and whether the step writes it. A written element becomes `x ^ mask`, with
- * mask 0 at run time, so the values stay as they were while the compiler must still load and store
- * each one; a read-only one (the grad) is XORed into a running value that is returned, so that no
- * load can be dropped. A piece may hold one element per `per` values of the param (an 8-bit absmax:
- * one per 256-value block).
+ * format), each with its element size and whether the step writes it. A written element becomes
+ * `x ^ mask`, with mask 0 at run time, so the values stay as they were while the compiler must still
+ * load and store each one; a read-only one (the grad) is XORed into a running value that is returned,
+ * so that no load can be dropped. A piece may hold one element per `per` values of the param (an
+ * 8-bit absmax: one per 256-value block).
  *
  * The work split of adamw_cpu.c (adamw_common.h): one parallel region, the params as one range, one
  * share per thread, cut at multiples of 256 values of the whole range; a piece with one element per
@@ -49,10 +48,10 @@ static uint64_t touch(void *x, int item, int64_t lo, int64_t hi, int written, in
     }
 }
 
-/* One pass over `n` params of `numels[t]` values each; param t's pieces are
- * [first_piece[t], first_piece[t + 1]) of `pieces`, `items` (bytes per element: 1, 2, 4 or 8),
- * `per` (values of the param per element: 1, or the block size) and `written`. Returns -1 for a bad
- * item or per, else 0, with the XOR of every read-only element's bits (zero-extended) in *read_xor. */
+/* One pass over `n` params of `numels[t]` values each; param t's pieces are [first_piece[t],
+ * first_piece[t + 1]) of `pieces`, `items` (bytes per element: 1, 2, 4 or 8), `per` and `written`.
+ * Returns -1 for a bad item or per, else 0, with the XOR of every read-only element's bits
+ * (zero-extended) in *read_xor. */
 int adamw_floor_pass(int64_t n, const int64_t *numels, const int64_t *first_piece, void *const *pieces,
                      const int *items, const int64_t *per, const int *written, int num_threads, int64_t mask,
                      uint64_t *read_xor) {

@@ -1,12 +1,6 @@
-"""The memory floor of a step, as rows of ``adamw bench``: a storage format's memory traffic, no math.
-
-:class:`MemoryFloor` has an optimizer's interface so that the bench times it like the others, but its
-"step" changes nothing: one pass of ``floor.c``, on all threads as a fused step, reads each param, its
-grad and every state tensor of the format (made as :class:`adamw.AdamW` makes them: full-precision or
-bf16 moments, 8-bit codes and absmaxes, a Kahan buffer) and writes back the param and the state
-unchanged. No step in that format can take less time on the same buffers, so the ratio of another
-row's time to its format's floor is its distance from the memory limit. CPU tensors only; the library
-is built on first use by :mod:`adamw.backends._native`, as our kernels are.
+"""The memory-floor rows of ``adamw bench``: a storage format's memory traffic with no arithmetic (what
+the rows mean: the bench's help; how the pass moves the bytes: ``floor.c``). CPU tensors only; the C
+library is built on first use by :mod:`adamw.backends._native`, as our kernels are.
 """
 
 from __future__ import annotations
@@ -39,15 +33,10 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
 KERNEL = _native.Kernel(SOURCE, _bind, "memory-floor probe", "leave out the floor rows")
 
 
-def floor_pass() -> Callable[..., int]:
-    """The C pass, compiled (or loaded from the cache) on first use."""
-    return _native.load(KERNEL).step_fn
-
-
 class MemoryFloor(torch.optim.Optimizer):
-    """Not an optimizer: each ``step`` moves the bytes of a fused AdamW step in the given storage format
-    (:class:`adamw.AdamW`'s ``state_precision`` and ``param_update``; no amsgrad) and leaves every value
-    as it was."""
+    """Not an optimizer, though timed as one: each ``step`` reads and writes the bytes of a fused AdamW step
+    in the given storage format (:class:`adamw.AdamW`'s ``state_precision`` and ``param_update``, its
+    state made as AdamW makes it; no amsgrad) and leaves every value as it was."""
 
     def __init__(
         self, params: Iterable[Tensor], *, state_precision: str = "param", param_update: str = "round", mask: int = 0
@@ -63,8 +52,6 @@ class MemoryFloor(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if any(not p.is_cpu or not p.is_contiguous() or not p.grad.is_contiguous() for p in params):
-                raise RuntimeError("the memory floor runs on contiguous CPU tensors only")
             for p in params:
                 if not self.state[p]:
                     self.state[p] = init_low_bit_state(
@@ -77,7 +64,7 @@ class MemoryFloor(torch.optim.Optimizer):
             for p in params:
                 tensors = [(p, True), (p.grad, False), *((t, True) for t in self.state[p].values())]
                 for t, writes in tensors:
-                    if not t.is_contiguous():
+                    if not t.is_cpu or not t.is_contiguous():
                         raise RuntimeError("the memory floor runs on contiguous CPU tensors only")
                     pieces.append(t.data_ptr())
                     items.append(t.element_size())
@@ -93,7 +80,7 @@ class MemoryFloor(torch.optim.Optimizer):
                 array.array("i", written),
             ]
             read_xor = ctypes.c_uint64(0)
-            rc = floor_pass()(
+            rc = _native.load(KERNEL).step_fn(
                 len(params),
                 *(a.buffer_info()[0] for a in arrays),
                 torch.get_num_threads(),

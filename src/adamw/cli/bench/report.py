@@ -45,39 +45,31 @@ def format_report(results: list[Result], copy: Copy, meta: dict[str, Any]) -> st
         if r.status != "ok":
             rows.append((r.workload, r.impl, f"unavailable: {r.reason}"))
             continue
-        ratio = f"{r.vs_torch_fused:.2f}x" if r.vs_torch_fused is not None else "-"
-        over_floor = f"{r.over_floor:.2f}" if r.over_floor is not None else "-"
-        rows.append(
-            (
-                r.workload,
-                r.impl,
-                f"{r.ms_median:.3f}",
-                f"{r.ms_min:.3f}-{r.ms_max:.3f}",
-                f"{r.params_per_s / 1e6:.0f}",
-                f"{r.gb_per_s:.1f}",
-                f"{100 * r.fraction_of_copy:.0f}%",
-                ratio,
-                over_floor,
-            )
+        row = (
+            r.workload,
+            r.impl,
+            f"{r.ms_median:.3f}",
+            f"{r.ms_min:.3f}-{r.ms_max:.3f}",
+            f"{r.params_per_s / 1e6:.0f}",
+            f"{r.gb_per_s:.1f}",
+            f"{100 * r.fraction_of_copy:.0f}%",
+            f"{r.vs_torch_fused:.2f}x" if r.vs_torch_fused is not None else "-",
+            f"{r.over_floor:.2f}" if r.over_floor is not None else "-",
         )
-    # A note row ("unavailable: ...") runs on past the numeric columns and does not set their width.
+        rows.append(row)
+    # A note row ("unavailable: ...") runs on past the numeric columns, left-aligned, and sets no width.
     widths = [max(len(h), *(len(row[i]) for row in rows if len(row) == len(header))) for i, h in enumerate(header)]
-    left = 2  # workload and implementation are left-aligned, numbers right-aligned
 
     def line(cells: Sequence[str]) -> str:
-        if len(cells) < len(header):
-            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
+        note = len(cells) < len(header)  # otherwise workload and implementation left-aligned, numbers right
+        pairs = enumerate(zip(cells, widths, strict=False))
+        return "  ".join(c.ljust(w) if note or i < 2 else c.rjust(w) for i, (c, w) in pairs).rstrip()
 
     lines += [line(header), line(["-" * w for w in widths])]
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
+    for i, cells in enumerate(rows):
+        if i > 0 and cells[0] != rows[i - 1][0]:  # a blank line between workloads
             lines.append("")
-        lines.append(line(row))
-        previous = row[0]
+        lines.append(line(cells))
     return "\n".join(lines)
 
 

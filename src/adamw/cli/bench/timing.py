@@ -1,14 +1,8 @@
 """How ``adamw bench`` times a step: every (workload, implementation) pair against a memory-bandwidth
 reference timed in the same run (a large ``dst.copy_(src)``).
 
-Params and grads are random (never zeros) and shared by every implementation of a workload; each
-takes its warm-up steps (which also allocate its state), then its moments are swapped for the
-workload's shared ones of the same form (see :func:`_share_state`), then the timed steps run in
-windows, and the windows of all implementations (and of the copy) are interleaved, in an order
-rotated every round, so that drift on a shared machine touches all of them alike. A window is
-bracketed by ``torch.cuda.synchronize`` on CUDA; its time divided by its steps is one sample; the
-report gives the median of the samples and their min and max. On CPU a window is one step by default
-(see the help).
+The method is told to users in the help (:data:`.command.EPILOG`); the why of each choice is at the
+function that makes it.
 """
 
 from __future__ import annotations
@@ -29,9 +23,6 @@ from torch import Tensor
 
 from .workloads import IMPLEMENTATIONS, REFERENCE_IMPL, WORKLOADS, Hyper, Implementation, MiB, Shape, Workload
 
-# ------------------------------------------------------------------------------------------------
-# bytes and the bandwidth reference
-
 FORMULA = """\
 bytes a step must move, per parameter element of s bytes (s = 4 for float32, 2 for bfloat16):
   read param, grad, exp_avg, exp_avg_sq + write param, exp_avg, exp_avg_sq  = 7*s  (28 B for float32)
@@ -50,29 +41,28 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def step_bytes(param_bytes: int, state_nbytes: int) -> int:
-    """Bytes one step reads and writes: param (r+w), grad (r), every state tensor (r+w)."""
-    return 3 * param_bytes + 2 * state_nbytes
-
-
-# ------------------------------------------------------------------------------------------------
-# configuration and results
-
-
 @dataclass
 class Config:
     device: str
     workloads: list[str]
     impls: list[str]
-    steps: int
+    steps: int  # rounded down to a multiple of windows, at most one window per step
     warmup: int
-    windows: int  # the steps are split into this many timing windows
+    windows: int
     threads: int
     amsgrad: bool = False
     quick: bool = False
     copy_bytes: int = 256 * MiB
     copies_per_window: int = 1
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.windows = min(self.windows, self.steps)
+        self.steps -= self.steps % self.windows
+
+    @property
+    def per_window(self) -> int:
+        return self.steps // self.windows
 
 
 @dataclass
@@ -105,10 +95,6 @@ class Copy:
     window_ms: list[float]
 
 
-# ------------------------------------------------------------------------------------------------
-# timing
-
-
 class _Progress:
     """tqdm on stderr when installed, otherwise a line per phase."""
 
@@ -129,7 +115,7 @@ class _Progress:
         elif self._enabled:
             print(f"adamw bench: {text}", file=sys.stderr, flush=True)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int) -> None:
         if self._bar is not None:
             self._bar.update(n)
 
@@ -138,17 +124,18 @@ class _Progress:
             self._bar.close()
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def _time_window(fn: Callable[[], object], n: int, sync: Callable[[], None]) -> float:
+def _time_window(fn: Callable[[], object], n: int, device: str) -> float:
     """Milliseconds per call of ``fn`` over ``n`` back-to-back calls."""
-    sync()
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(n):
         fn()
-    sync()
+    _synchronize(device)
     return (time.perf_counter() - start) * 1e3 / n
 
 
@@ -161,6 +148,9 @@ def _random_params(shapes: list[Shape], dtype: torch.dtype, device: str) -> list
         p.grad = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         params.append(p)
     return params
+
+
+_Shared = dict[tuple[int, str, torch.dtype, Shape], Tensor]  # a workload's state tensors, by (param, key, form)
 
 
 @dataclass
@@ -177,14 +167,11 @@ class _Entry:
 def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
     """Measure every (workload, implementation) pair of ``config``; returns results, the copy, metadata."""
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    others = _OtherProcesses()
+    cpu_clock = _cpu_clock()
     torch.set_num_threads(config.threads)
-    sync = _synchronizer(config.device)
     if config.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    hyper: Hyper = {"lr": 1e-3, "weight_decay": 1e-2, "amsgrad": config.amsgrad}
-    windows, per_window = _windowing(config)
-    per_workload = len(config.impls) * (config.warmup + windows * per_window) + windows * config.copies_per_window
+    per_workload = len(config.impls) * (config.warmup + config.steps) + config.windows * config.copies_per_window
     progress = _Progress(per_workload * len(config.workloads), config.progress)
 
     results: list[Result] = []
@@ -193,18 +180,15 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
         workload = WORKLOADS[workload_name]
         progress.phase(f"{workload_name}: setup")
         params = _random_params(workload.shapes_for(config.device, config.quick), workload.dtype, config.device)
-        shared_state: dict[tuple[int, str, torch.dtype, Shape], Tensor] = {}
-        entries = [
-            _warm_up(workload, IMPLEMENTATIONS[name], params, hyper, config, sync, progress, shared_state)
-            for name in config.impls
-        ]
+        shared: _Shared = {}
+        entries = [_warm_up(workload, IMPLEMENTATIONS[name], params, config, progress, shared) for name in config.impls]
         timed = [e for e in entries if e.result is not None and e.result.status == "ok"]
-        progress.update((len(entries) - len(timed)) * windows * per_window)  # skipped: unavailable
+        progress.update((len(entries) - len(timed)) * config.steps)  # skipped: unavailable
         copy_entry = _copy_entry(config)
-        _time_rounds([*timed, copy_entry], windows, sync, progress, workload_name)
+        _time_rounds([*timed, copy_entry], config, progress, workload_name)
         copy_samples += copy_entry.samples
         results.extend(_summarize(entries))
-        del params, entries, timed, copy_entry, shared_state
+        del params, entries, timed, copy_entry, shared
         gc.collect()
         if config.device == "cuda":
             torch.cuda.empty_cache()
@@ -215,14 +199,14 @@ def run(config: Config) -> tuple[list[Result], Copy, dict[str, Any]]:
     for r in results:
         if r.status == "ok":
             r.fraction_of_copy = r.gb_per_s / copy.gb_per_s
-    return results, copy, {"date": started, **_metadata(config), "others_cpu_fraction": others.fraction()}
+    return results, copy, {"date": started, **_metadata(config), "others_cpu_fraction": _others_fraction(cpu_clock)}
 
 
 def _copy_entry(config: Config) -> _Entry:
     """The bandwidth reference: ``dst.copy_(src)``, its buffers touched before timing.
 
     Made after the workload's optimizers, and freed with them: on CPU, big buffers allocated first
-    shift where the params and states land, which alone changed torch's fused step by 1.7x here.
+    shift where the params and states land, which alone can change a step's time markedly.
     """
     src = torch.randn(config.copy_bytes // 4, device=config.device)
     dst = torch.empty_like(src)
@@ -230,11 +214,9 @@ def _copy_entry(config: Config) -> _Entry:
     return _Entry("copy", lambda: dst.copy_(src), config.copies_per_window)
 
 
-def _time_rounds(
-    entries: list[_Entry], windows: int, sync: Callable[[], None], progress: _Progress, label: str
-) -> None:
+def _time_rounds(entries: list[_Entry], config: Config, progress: _Progress, label: str) -> None:
     """One window of each entry per round, the order rotated every round; a failing entry drops out."""
-    for round_index in range(windows):
+    for round_index in range(config.windows):
         shift = round_index % len(entries)
         for entry in entries[shift:] + entries[:shift]:
             result = entry.result
@@ -242,7 +224,7 @@ def _time_rounds(
                 continue
             progress.phase(f"{label}: {entry.name}")
             try:
-                entry.samples.append(_time_window(entry.step, entry.per_window, sync))
+                entry.samples.append(_time_window(entry.step, entry.per_window, config.device))
             except Exception as error:  # noqa: BLE001 - a failing implementation is reported, not fatal
                 if result is None:
                     raise
@@ -251,14 +233,7 @@ def _time_rounds(
 
 
 def _warm_up(
-    workload: Workload,
-    impl: Implementation,
-    params: list[Tensor],
-    hyper: Hyper,
-    config: Config,
-    sync: Callable[[], None],
-    progress: _Progress,
-    shared_state: dict[tuple[int, str, torch.dtype, Shape], Tensor],
+    workload: Workload, impl: Implementation, params: list[Tensor], config: Config, progress: _Progress, shared: _Shared
 ) -> _Entry:
     """Build the implementation's optimizer and take its warm-up steps; a failure marks it unavailable."""
     progress.phase(f"{workload.name}: {impl.name} warm-up")
@@ -270,37 +245,33 @@ def _warm_up(
         n_tensors=len(params),
         n_params=sum(p.numel() for p in params),
     )
-    entry = _Entry(impl.name, lambda: None, _windowing(config)[1], result=result)
+    entry = _Entry(impl.name, lambda: None, config.per_window, result=result)
     try:
-        optimizer = impl.make(params, dict(hyper))
-        optimizer.step()  # the first step allocates the state: always taken, even with --warmup 0
-        _share_state(optimizer, params, shared_state)
+        hyper: Hyper = {"lr": 1e-3, "weight_decay": 1e-2, "amsgrad": config.amsgrad}
+        optimizer = impl.make(params, hyper)
+        optimizer.step()  # the first warm-up step allocates the state, which is then shared
+        _share_state(optimizer, params, shared)
         for _ in range(config.warmup - 1):
             optimizer.step()
-        sync()
+        _synchronize(config.device)
     except Exception as error:  # noqa: BLE001 - e.g. a backend that cannot be built or imported here
         result.status, result.reason = "unavailable", _reason(error)
     else:
         entry.step = optimizer.step
         result.state_bytes = state_bytes(optimizer)
         param_bytes = sum(p.numel() * p.element_size() for p in params)
-        result.bytes_per_step = step_bytes(param_bytes, result.state_bytes)
+        result.bytes_per_step = 3 * param_bytes + 2 * result.state_bytes  # see FORMULA
     progress.update(config.warmup)
     return entry
 
 
-def _share_state(
-    optimizer: torch.optim.Optimizer, params: list[Tensor], shared: dict[tuple[int, str, torch.dtype, Shape], Tensor]
-) -> None:
+def _share_state(optimizer: torch.optim.Optimizer, params: list[Tensor], shared: _Shared) -> None:
     """Swap the optimizer's state tensors for the workload's shared ones of the same dtype and shape.
 
     The first implementation to allocate a state tensor of a given form provides it; later ones step
-    the same memory. On CPU the speed of a memory-bound step depends on which physical pages back its
-    tensors: the same kernel on freshly allocated buffers measured 42 to 70 GB/s here, so separate
-    states would let the luck of each implementation's allocation decide the comparison. Sharing the
-    params, grads and states leaves only what differs (formats such as 8-bit keep their own) — and
-    costs nothing in correctness: every implementation takes a valid AdamW step from whatever moments
-    the others left.
+    the same memory, so that the luck of each one's allocation (which physical pages back it: see the
+    help) does not decide the comparison. Sharing costs nothing in correctness: every implementation
+    takes a valid AdamW step from whatever moments the others left.
     """
     for index, p in enumerate(params):
         entry = optimizer.state.get(p)
@@ -314,78 +285,54 @@ def _share_state(
                 entry[key] = mine
 
 
-def _windowing(config: Config) -> tuple[int, int]:
-    """(windows, steps per window): ``steps`` split evenly, rounded down, at least one step a window."""
-    windows = min(config.windows, config.steps)
-    return windows, config.steps // windows
-
-
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _summarize(entries: list[_Entry]) -> list[Result]:
-    results = [e.result for e in entries if e.result is not None]
-    for entry, result in ((e, e.result) for e in entries if e.result is not None):
-        if result.status != "ok" or not entry.samples:
-            continue
-        result.window_ms = entry.samples
-        result.ms_median = statistics.median(entry.samples)
-        result.ms_min, result.ms_max = min(entry.samples), max(entry.samples)
-        result.params_per_s = result.n_params / result.ms_median * 1e3
-        result.gb_per_s = result.bytes_per_step / result.ms_median / 1e6
-    reference = next((r for r in results if r.impl == REFERENCE_IMPL and r.status == "ok"), None)
-    floors = {r.impl: r for r in results if r.impl.startswith("floor") and r.status == "ok"}
-    for r in results:
-        if reference is not None and r.status == "ok":
+    for entry in entries:
+        r = entry.result
+        if r is not None and r.status == "ok" and entry.samples:
+            r.window_ms = entry.samples
+            r.ms_median = statistics.median(entry.samples)
+            r.ms_min, r.ms_max = min(entry.samples), max(entry.samples)
+            r.params_per_s = r.n_params / r.ms_median * 1e3
+            r.gb_per_s = r.bytes_per_step / r.ms_median / 1e6
+    ok = [e.result for e in entries if e.result is not None and e.result.status == "ok"]
+    reference = next((r for r in ok if r.impl == REFERENCE_IMPL), None)
+    floors = {r.impl: r for r in ok if r.impl.startswith("floor")}
+    for r in ok:
+        if reference is not None:
             r.vs_torch_fused = reference.ms_median / r.ms_median
         floor = floors.get(IMPLEMENTATIONS[r.impl].floor)
-        if floor is not None and r.status == "ok":
+        if floor is not None:
             r.over_floor = r.ms_median / floor.ms_median
-    return results
+    return [e.result for e in entries if e.result is not None]
 
 
-class _OtherProcesses:
-    """The share of the machine's CPU time that other processes took while we ran (Linux only).
+def _cpu_clock() -> tuple[float, float | None, float]:
+    """(wall seconds, the machine's busy CPU seconds (Linux only, else None), this process's CPU seconds)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return time.monotonic(), None, time.process_time()
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest time is in user
+    return time.monotonic(), busy, time.process_time()
+
+
+def _others_fraction(start: tuple[float, float | None, float]) -> float | None:
+    """The share of the machine's CPU time that other processes took since ``start`` (a :func:`_cpu_clock`).
 
     A 2-thread step waits at every barrier for a thread the OS has parked to let another process in,
     so a busy neighbour slows a per-tensor parallel loop far more than its share: worth a warning.
     """
-
-    def __init__(self) -> None:
-        self._start = (time.monotonic(), self._busy(), self._ours())
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as stat:
-                fields = [int(x) for x in stat.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest time is in user
-
-    @staticmethod
-    def _ours() -> float:
-        return time.process_time()
-
-    def fraction(self) -> float | None:
-        wall0, busy0, ours0 = self._start
-        busy1, wall = self._busy(), time.monotonic() - wall0
-        if busy0 is None or busy1 is None or wall <= 0:
-            return None
-        others = (busy1 - busy0) - (self._ours() - ours0)
-        return max(0.0, others / (wall * (os.cpu_count() or 1)))
-
-
-def _max_rss_mib() -> float | None:
-    """This process's peak resident memory (Unix; Linux reports KiB)."""
-    try:
-        import resource
-    except ImportError:
+    (wall0, busy0, ours0), (wall1, busy1, ours1) = start, _cpu_clock()
+    if busy0 is None or busy1 is None or wall1 <= wall0:
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / ((wall1 - wall0) * (os.cpu_count() or 1)))
 
 
 def _device_name(device: str) -> str:
@@ -404,6 +351,12 @@ def _device_name(device: str) -> str:
 def _metadata(config: Config) -> dict[str, Any]:
     from adamw import __version__
 
+    try:
+        import resource  # Unix only
+
+        max_rss_mib: float | None = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:
+        max_rss_mib = None
     meta: dict[str, Any] = {
         "device": config.device,
         "device_name": _device_name(config.device),
@@ -411,12 +364,12 @@ def _metadata(config: Config) -> dict[str, Any]:
         "adamw": __version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "steps": _windowing(config)[0] * _windowing(config)[1],
+        "steps": config.steps,
         "warmup": config.warmup,
-        "windows": _windowing(config)[0],
+        "windows": config.windows,
         "amsgrad": config.amsgrad,
         "quick": config.quick,
-        "max_rss_mib": _max_rss_mib(),
+        "max_rss_mib": max_rss_mib,
     }
     if config.device == "cuda":
         meta["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / MiB

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,35 +93,23 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
-# ------------------------------------------------------------------------------------------------
-# implementations
+
+Factory = Callable[[list[Tensor], Hyper], torch.optim.Optimizer]
 
 
-class Factory(Protocol):
-    def __call__(self, params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer: ...
+def _factory(kind: str, **flags: Any) -> Factory:
+    """``kind``: "torch" (torch.optim.AdamW), "adamw" (ours) or "floor" (a MemoryFloor: no hyper-parameters)."""
 
-
-def _adamw(**flags: Any) -> Factory:
     def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
+        if kind == "torch":
+            return torch.optim.AdamW(params, **hyper, **flags)
+        if kind == "floor":
+            from .floor import MemoryFloor
+
+            return MemoryFloor(params, **flags)
         from adamw import AdamW
 
         return AdamW(params, **hyper, **flags)
-
-    return make
-
-
-def _torch(**flags: Any) -> Factory:
-    def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, **hyper, **flags)
-
-    return make
-
-
-def _floor(state_precision: str = "param", param_update: str = "round") -> Factory:
-    def make(params: list[Tensor], hyper: Hyper) -> torch.optim.Optimizer:
-        from .floor import MemoryFloor
-
-        return MemoryFloor(params, state_precision=state_precision, param_update=param_update)
 
     return make
 
@@ -135,57 +124,57 @@ class Implementation:
     floor: str = "floor"  # the floor row of the storage format it steps (the "x floor" column)
 
 
-# A new implementation (e.g. an 8-bit state mode) is one more line here. Its bytes per step follow
-# from the state it allocates (see timing.step_bytes), so no other change is needed.
+# A new implementation is one more entry here: its bytes per step follow from the state it allocates
+# (timing.FORMULA), so no other change is needed.
 IMPLEMENTATIONS: dict[str, Implementation] = {
     i.name: i
     for i in (
-        Implementation("torch-forloop", "torch.optim.AdamW(foreach=False)", _torch(foreach=False)),
-        Implementation("torch-foreach", "torch.optim.AdamW(foreach=True)", _torch(foreach=True)),
-        Implementation("torch-fused", "torch.optim.AdamW(fused=True)", _torch(fused=True)),
-        Implementation("adamw-forloop", 'adamw.AdamW(backend="forloop")', _adamw(backend="forloop")),
-        Implementation("adamw-foreach", 'adamw.AdamW(backend="foreach")', _adamw(backend="foreach")),
+        Implementation("torch-forloop", "torch.optim.AdamW(foreach=False)", _factory("torch", foreach=False)),
+        Implementation("torch-foreach", "torch.optim.AdamW(foreach=True)", _factory("torch", foreach=True)),
+        Implementation("torch-fused", "torch.optim.AdamW(fused=True)", _factory("torch", fused=True)),
+        Implementation("adamw-forloop", 'adamw.AdamW(backend="forloop")', _factory("adamw", backend="forloop")),
+        Implementation("adamw-foreach", 'adamw.AdamW(backend="foreach")', _factory("adamw", backend="foreach")),
         Implementation(
-            "adamw-fused", "adamw.AdamW(fused=True): our C kernel on CPU, Triton on CUDA", _adamw(fused=True)
+            "adamw-fused", "adamw.AdamW(fused=True): our C kernel on CPU, Triton on CUDA", _factory("adamw", fused=True)
         ),
         Implementation(
             "adamw-fused-stochastic",
             'adamw.AdamW(fused=True, param_update="stochastic") (bf16 params; others are rounded)',
-            _adamw(fused=True, param_update="stochastic"),
+            _factory("adamw", fused=True, param_update="stochastic"),
         ),
         Implementation(
             "adamw-fused-kahan",
             'adamw.AdamW(fused=True, param_update="kahan") (bf16 params; others are rounded)',
-            _adamw(fused=True, param_update="kahan"),
+            _factory("adamw", fused=True, param_update="kahan"),
             floor="floor-kahan",
         ),
         Implementation(
             "adamw-fused-8bit",
             'adamw.AdamW(fused=True, state_precision="8bit")',
-            _adamw(fused=True, state_precision="8bit"),
+            _factory("adamw", fused=True, state_precision="8bit"),
             floor="floor-8bit",
         ),
         Implementation(
             "adamw-fused-8bit-stochastic",
             'adamw.AdamW(fused=True, state_precision="8bit", param_update="stochastic")',
-            _adamw(fused=True, state_precision="8bit", param_update="stochastic"),
+            _factory("adamw", fused=True, state_precision="8bit", param_update="stochastic"),
             floor="floor-8bit",
         ),
         Implementation(
             "floor",
             "no optimizer: a fused step's reads and writes, moments in the param's dtype, no math (CPU)",
-            _floor(),
+            _factory("floor"),
         ),
         Implementation(
             "floor-kahan",
             "the floor with a Kahan buffer beside bf16 params (as floor for others)",
-            _floor(param_update="kahan"),
+            _factory("floor", param_update="kahan"),
             floor="floor-kahan",
         ),
         Implementation(
             "floor-8bit",
             "the floor with 8-bit moments (codes and absmaxes)",
-            _floor(state_precision="8bit"),
+            _factory("floor", state_precision="8bit"),
             floor="floor-8bit",
         ),
     )

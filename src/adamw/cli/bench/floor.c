@@ -20,7 +20,7 @@
 #include "adamw_common.h"
 
 #define CUT_ALIGN 256
-#define TILE 2048
+#define TILE 65536
 
 #define DEFINE_TOUCH(NAME, T)                                                                      \
     static uint64_t NAME(T *restrict x, int64_t lo, int64_t hi, int written, T mask) {             \

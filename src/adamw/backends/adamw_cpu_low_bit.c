@@ -30,6 +30,9 @@
  * Work split: each tensor is a run of 256-value blocks; the group's blocks are one range, cut into
  * one contiguous piece per thread (one OpenMP region per call). A block is processed in phases over
  * 256-float stack buffers (load, math, store), each a branch-free loop the compiler vectorizes.
+ * Where every moment is 8-bit, whole blocks instead take the fast path (fast_block: the same
+ * operations in explicit vectors, with the ladder's arithmetic form in place of table lookups),
+ * built for AVX-512 (16 lanes) or AVX2 + FMA (8 lanes).
  */
 #include <math.h>
 #include <stdint.h>
@@ -78,7 +81,7 @@ typedef struct {
     float s0;
     uint32_t sdec[16], udec[16];  /* dec[i & 7] */
     uint32_t cbase[16], bnd[16];
-    /* the same, as the AVX-512 path reads them (see decode16, Enc16) */
+    /* the same, as the vector (AVX-512 or AVX2) path reads them (see decode_vec, Enc) */
     uint32_t sdec16[16], udec16[16], sadj[16], uadj[16], bnd9[16];
 } Ladder;
 
@@ -263,7 +266,7 @@ static void step_block(const LowBitTensor *t, const Group *gr, int64_t start, in
 /* ---------------------------------------------------------------------------------------------
  * the ladder's arithmetic form (see Ladder) */
 
-#define NEAR_ULPS 8  /* see encode16_recip */
+#define NEAR_ULPS 8  /* see encode_vec_recip */
 
 static void ladder_init(Ladder *L, const float *codes) {
     const float *sv = codes, *sm = codes + 256, *uv = codes + 256 + SIGNED_TOP, *um = codes + 512 + SIGNED_TOP;
@@ -320,71 +323,209 @@ static void ladder_init(Ladder *L, const float *codes) {
     }
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 
 /* ---------------------------------------------------------------------------------------------
- * the 8-bit fast path: float32 param and grad, all moments 8-bit, a whole block; 16 lanes at a time,
- * the same operations as step_block */
+ * the 8-bit fast path: float32 param and grad, all moments 8-bit, a whole block; LANES values at a
+ * time (16 with AVX-512, 8 with AVX2 + FMA), the same operations as step_block.
+ *
+ * Written once over a few vector operations, each the same bits on both instruction sets; only
+ * these wrappers differ. A lane mask (VM) is an AVX-512 mask register, or with AVX2 a vector of
+ * all-ones / all-zeros lanes. A table (VT) holds 16 uint32 entries (Ladder's *16 arrays). */
 
-/* dec16 (Ladder.sdec16, udec16): dec[i & 7] - ((i & 7) << 20), so that perm(c, dec16) + ((c & 0xFF or
- * 0x7F) << 20) is Ladder's decode (the permute reads the code's low 4 bits). */
-INLINE __m512 decode16(const uint8_t *codes, __m512i dec16, __m512 absmax, int is_signed) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
-    const __m512i w = _mm512_slli_epi32(c, 20);
-    __m512i b;
-    if (is_signed) {  /* magnitude 0 for c & 127 == 0; the sign from c & 128 */
-        b = _mm512_maskz_add_epi32(_mm512_test_epi32_mask(c, _mm512_set1_epi32(127)), _mm512_permutexvar_epi32(c, dec16),
-                                   _mm512_and_si512(w, _mm512_set1_epi32(127 << 20)));
-        b = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(c, 24), _mm512_set1_epi32((int)0x80000000u), 0xF8);
-    } else {
-        b = _mm512_add_epi32(_mm512_permutexvar_epi32(c, dec16), w);
-    }
-    return _mm512_mul_ps(_mm512_castsi512_ps(b), absmax);
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 VF;
+typedef __m512i VI;
+typedef __mmask16 VM;
+typedef __m512i VT;
+
+INLINE VF vf_load(const float *p) { return _mm512_loadu_ps(p); }
+INLINE void vf_store(float *p, VF a) { _mm512_storeu_ps(p, a); }
+INLINE VF vf_set1(float a) { return _mm512_set1_ps(a); }
+INLINE VF vf_zero(void) { return _mm512_setzero_ps(); }
+INLINE VF vf_add(VF a, VF b) { return _mm512_add_ps(a, b); }
+INLINE VF vf_sub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+INLINE VF vf_mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+INLINE VF vf_div(VF a, VF b) { return _mm512_div_ps(a, b); }
+INLINE VF vf_sqrt(VF a) { return _mm512_sqrt_ps(a); }
+INLINE VF vf_fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+INLINE VF vf_max(VF a, VF b) { return _mm512_max_ps(a, b); }  /* b where either is NaN */
+INLINE VI vf_bits(VF a) { return _mm512_castps_si512(a); }
+INLINE VF vi_float(VI a) { return _mm512_castsi512_ps(a); }
+INLINE VI vi_set1(uint32_t a) { return _mm512_set1_epi32((int)a); }
+INLINE VI vi_zero(void) { return _mm512_setzero_si512(); }
+INLINE VI vi_add(VI a, VI b) { return _mm512_add_epi32(a, b); }
+INLINE VI vi_sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+INLINE VI vi_and(VI a, VI b) { return _mm512_and_si512(a, b); }
+INLINE VI vi_or(VI a, VI b) { return _mm512_or_si512(a, b); }
+INLINE VI vi_xor(VI a, VI b) { return _mm512_xor_si512(a, b); }
+INLINE VI vi_shl(VI a, unsigned n) { return _mm512_slli_epi32(a, n); }
+INLINE VI vi_shr(VI a, unsigned n) { return _mm512_srli_epi32(a, n); }
+INLINE VI vi_min_i32(VI a, VI b) { return _mm512_min_epi32(a, b); }
+INLINE VI vi_max_i32(VI a, VI b) { return _mm512_max_epi32(a, b); }
+INLINE VI vi_max_u32(VI a, VI b) { return _mm512_max_epu32(a, b); }
+INLINE uint32_t vi_reduce_max_u32(VI a) { return (uint32_t)_mm512_reduce_max_epu32(a); }
+
+INLINE VM vm_nonzero(VI a) { return _mm512_test_epi32_mask(a, a); }
+INLINE VM vm_gt_u32(VI a, VI b) { return _mm512_cmpgt_epu32_mask(a, b); }
+INLINE VM vm_le_u32(VI a, VI b) { return _mm512_cmple_epu32_mask(a, b); }
+INLINE VM vm_gt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+INLINE VM vm_lt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+INLINE VM vm_nan(VF a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+INLINE VM vm_and(VM a, VM b) { return a & b; }
+INLINE VM vm_or(VM a, VM b) { return a | b; }
+INLINE int vm_any(VM a) { return a != 0; }
+INLINE VI vi_keep(VM m, VI a) { return _mm512_maskz_mov_epi32(m, a); }     /* a where m, else 0 */
+INLINE VI vi_inc(VM m, VI a) { return _mm512_mask_sub_epi32(a, m, a, vi_set1(0xFFFFFFFFu)); }  /* a + 1 where m */
+INLINE VF vf_select(VM m, VF a, VF b) { return _mm512_mask_mov_ps(b, m, a); }  /* a where m, else b */
+
+INLINE VT vt_load(const uint32_t *table16) { return _mm512_loadu_si512(table16); }
+/* t[i & 15] */
+INLINE VI vt_lookup16(VI i, VT t) { return _mm512_permutexvar_epi32(i, t); }
+/* t[i & 7], for a table whose entries repeat with period 8 */
+INLINE VI vt_lookup8(VI i, VT t) { return _mm512_permutexvar_epi32(i, t); }
+
+INLINE VI load_codes(const uint8_t *codes) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes)); }
+/* n in 0..255 */
+INLINE void store_codes(uint8_t *codes, VI n) { _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(n)); }
+
+#else  /* AVX2 + FMA */
+#define LANES 8
+typedef __m256 VF;
+typedef __m256i VI;
+typedef __m256i VM;
+typedef struct { __m256i lo, hi; } VT;  /* entries 0-7, 8-15 */
+
+INLINE VF vf_load(const float *p) { return _mm256_loadu_ps(p); }
+INLINE void vf_store(float *p, VF a) { _mm256_storeu_ps(p, a); }
+INLINE VF vf_set1(float a) { return _mm256_set1_ps(a); }
+INLINE VF vf_zero(void) { return _mm256_setzero_ps(); }
+INLINE VF vf_add(VF a, VF b) { return _mm256_add_ps(a, b); }
+INLINE VF vf_sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+INLINE VF vf_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+INLINE VF vf_div(VF a, VF b) { return _mm256_div_ps(a, b); }
+INLINE VF vf_sqrt(VF a) { return _mm256_sqrt_ps(a); }
+INLINE VF vf_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+INLINE VF vf_max(VF a, VF b) { return _mm256_max_ps(a, b); }  /* b where either is NaN */
+INLINE VI vf_bits(VF a) { return _mm256_castps_si256(a); }
+INLINE VF vi_float(VI a) { return _mm256_castsi256_ps(a); }
+INLINE VI vi_set1(uint32_t a) { return _mm256_set1_epi32((int)a); }
+INLINE VI vi_zero(void) { return _mm256_setzero_si256(); }
+INLINE VI vi_add(VI a, VI b) { return _mm256_add_epi32(a, b); }
+INLINE VI vi_sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+INLINE VI vi_and(VI a, VI b) { return _mm256_and_si256(a, b); }
+INLINE VI vi_or(VI a, VI b) { return _mm256_or_si256(a, b); }
+INLINE VI vi_xor(VI a, VI b) { return _mm256_xor_si256(a, b); }
+INLINE VI vi_shl(VI a, unsigned n) { return _mm256_slli_epi32(a, (int)n); }
+INLINE VI vi_shr(VI a, unsigned n) { return _mm256_srli_epi32(a, (int)n); }
+INLINE VI vi_min_i32(VI a, VI b) { return _mm256_min_epi32(a, b); }
+INLINE VI vi_max_i32(VI a, VI b) { return _mm256_max_epi32(a, b); }
+INLINE VI vi_max_u32(VI a, VI b) { return _mm256_max_epu32(a, b); }
+INLINE uint32_t vi_reduce_max_u32(VI a) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));  /* swap the 64-bit halves */
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));  /* swap neighbours */
+    return (uint32_t)_mm_cvtsi128_si32(m);
 }
 
-/* Per code (Ladder.sadj, uadj, bnd9): perm(bucket, adj) = cbase[bucket] - (bucket >> 1) + K - 1016 (+ 1 signed, for s0), so that
+INLINE VM vm_nonzero(VI a) { return _mm256_andnot_si256(_mm256_cmpeq_epi32(a, vi_zero()), vi_set1(0xFFFFFFFFu)); }
+/* no unsigned compare: flipping the sign bits orders unsigned as signed */
+INLINE VM vm_gt_u32(VI a, VI b) {
+    const VI flip = vi_set1(0x80000000u);
+    return _mm256_cmpgt_epi32(vi_xor(a, flip), vi_xor(b, flip));
+}
+INLINE VM vm_le_u32(VI a, VI b) { return _mm256_cmpeq_epi32(_mm256_min_epu32(a, b), a); }
+INLINE VM vm_gt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+INLINE VM vm_lt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+INLINE VM vm_nan(VF a) { return _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
+INLINE VM vm_and(VM a, VM b) { return _mm256_and_si256(a, b); }
+INLINE VM vm_or(VM a, VM b) { return _mm256_or_si256(a, b); }
+INLINE int vm_any(VM a) { return !_mm256_testz_si256(a, a); }
+INLINE VI vi_keep(VM m, VI a) { return _mm256_and_si256(m, a); }     /* a where m, else 0 */
+INLINE VI vi_inc(VM m, VI a) { return _mm256_sub_epi32(a, m); }      /* a + 1 where m (m = -1) */
+INLINE VF vf_select(VM m, VF a, VF b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+
+INLINE VT vt_load(const uint32_t *table16) {
+    VT t;
+    t.lo = _mm256_loadu_si256((const __m256i *)table16);
+    t.hi = _mm256_loadu_si256((const __m256i *)(table16 + 8));
+    return t;
+}
+/* t[i & 15]: both halves' t[i & 7], chosen by bit 3 of i (moved to the sign bit, which blendv reads) */
+INLINE VI vt_lookup16(VI i, VT t) {
+    const __m256 lo = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(t.lo, i));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(t.hi, i));
+    return _mm256_castps_si256(_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28))));
+}
+/* t[i & 7], for a table whose entries repeat with period 8 */
+INLINE VI vt_lookup8(VI i, VT t) { return _mm256_permutevar8x32_epi32(t.lo, i); }
+
+INLINE VI load_codes(const uint8_t *codes) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes)); }
+/* n in 0..255, so that the saturating packs (to u16, then u8) change nothing */
+INLINE void store_codes(uint8_t *codes, VI n) {
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+    _mm_storel_epi64((__m128i *)codes, _mm_packus_epi16(w, w));
+}
+#endif
+
+/* dec16 (Ladder.sdec16, udec16): dec[i & 7] - ((i & 7) << 20), so that dec16[c & 7] + ((c & 0xFF or
+ * 0x7F) << 20) is Ladder's decode. */
+INLINE VF decode_vec(const uint8_t *codes, VT dec16, VF absmax, int is_signed) {
+    const VI c = load_codes(codes);
+    const VI w = vi_shl(c, 20);
+    VI b;
+    if (is_signed) {  /* magnitude 0 for c & 127 == 0; the sign from c & 128 */
+        b = vi_keep(vm_nonzero(vi_and(c, vi_set1(127))), vi_add(vt_lookup8(c, dec16), vi_and(w, vi_set1(127u << 20))));
+        b = vi_or(b, vi_and(vi_shl(c, 24), vi_set1(0x80000000u)));
+    } else {
+        b = vi_add(vt_lookup8(c, dec16), w);
+    }
+    return vf_mul(vi_float(b), absmax);
+}
+
+/* Per code (Ladder.sadj, uadj, bnd9): adj[bucket] = cbase[bucket] - (bucket >> 1) + K - 1016 (+ 1 signed, for s0), so that
  * (b >> 20) + adj + (u > bnd) is Ladder's 8E + c + K - 1016; bnd9 = bnd << 9 (compared with u << 9). */
 typedef struct {
-    __m512i adj, bnd9;
-    __m512 s0;
-} Enc16;
+    VT adj, bnd9;
+    VF s0;
+} Enc;
 
-INLINE Enc16 enc16_tables(const Ladder *L, int is_signed) {
-    Enc16 e;
-    e.adj = _mm512_loadu_si512(is_signed ? L->sadj : L->uadj);
-    e.bnd9 = _mm512_loadu_si512(L->bnd9);
-    e.s0 = _mm512_set1_ps(L->s0);
+INLINE Enc enc_tables(const Ladder *L, int is_signed) {
+    Enc e;
+    e.adj = vt_load(is_signed ? L->sadj : L->uadj);
+    e.bnd9 = vt_load(L->bnd9);
+    e.s0 = vf_set1(L->s0);
     return e;
 }
 
-/* The codes of y (the correctly rounded x / absmax, or what stands for it: encode16_recip), given
+/* The codes of y (the correctly rounded x / absmax, or what stands for it: encode_vec_recip), given
  * b = y's bits (signed: without the sign), t = b << 9 and bn9 = its bucket's bnd9. Ladder's count,
  * clamped: for y <= 0 or NaN (signed: |y| <= s0) the count is 0; signed codes add 128 for any y < 0. */
-INLINE __m128i codes16(__m512 y, __m512i b, __m512i t, __m512i bn9, const Enc16 *e, int is_signed) {
-    __m512i n = _mm512_add_epi32(_mm512_srli_epi32(b, 20), _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->adj));
-    n = _mm512_mask_sub_epi32(n, _mm512_cmpgt_epu32_mask(t, bn9), n, _mm512_set1_epi32(-1));
+INLINE void codes_vec(uint8_t *codes, VF y, VI b, VI t, VI bn9, const Enc *e, int is_signed) {
+    VI n = vi_add(vi_shr(b, 20), vt_lookup16(vi_shr(b, 19), e->adj));
+    n = vi_inc(vm_gt_u32(t, bn9), n);
     if (is_signed) {
-        const __mmask16 big = _mm512_cmp_ps_mask(_mm512_castsi512_ps(b), e->s0, _CMP_GT_OQ);
-        n = _mm512_maskz_min_epi32(big, _mm512_max_epi32(n, _mm512_set1_epi32(1)), _mm512_set1_epi32(SIGNED_TOP));
-        const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-        n = _mm512_mask_or_epi32(n, neg, n, _mm512_set1_epi32(128));
+        const VM big = vm_gt(vi_float(b), e->s0);
+        n = vi_keep(big, vi_min_i32(vi_max_i32(n, vi_set1(1)), vi_set1(SIGNED_TOP)));
+        n = vi_or(n, vi_keep(vm_lt(y, vf_zero()), vi_set1(128)));
     } else {
-        const __mmask16 pos = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ);
-        n = _mm512_maskz_min_epi32(pos, _mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_set1_epi32(UNSIGNED_TOP));
+        const VM pos = vm_gt(y, vf_zero());
+        n = vi_keep(pos, vi_min_i32(vi_max_i32(n, vi_zero()), vi_set1(UNSIGNED_TOP)));
     }
-    return _mm512_cvtepi32_epi8(n);
+    store_codes(codes, n);
 }
 
-INLINE __m512i magnitude_bits(__m512 y, int is_signed) {
-    const __m512i yb = _mm512_castps_si512(y);
-    return is_signed ? _mm512_and_si512(yb, _mm512_set1_epi32(0x7FFFFFFF)) : yb;
+INLINE VI magnitude_bits(VF y, int is_signed) {
+    const VI yb = vf_bits(y);
+    return is_signed ? vi_and(yb, vi_set1(0x7FFFFFFFu)) : yb;
 }
 
-INLINE __m128i encode16_div(__m512 x, __m512 safe, const Enc16 *e, int is_signed) {
-    const __m512 y = _mm512_div_ps(x, safe);
-    const __m512i b = magnitude_bits(y, is_signed), t = _mm512_slli_epi32(b, 9);
-    return codes16(y, b, t, _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->bnd9), e, is_signed);
+INLINE void encode_vec_div(uint8_t *codes, VF x, VF safe, const Enc *e, int is_signed) {
+    const VF y = vf_div(x, safe);
+    const VI b = magnitude_bits(y, is_signed), t = vi_shl(b, 9);
+    codes_vec(codes, y, b, t, vt_lookup16(vi_shr(b, 19), e->bnd9), e, is_signed);
 }
 
 /* Without the division where that gives the same codes: q0 = x * (1/absmax) (both rounded) is within
@@ -394,36 +535,36 @@ INLINE __m128i encode16_div(__m512 x, __m512 safe, const Enc16 *e, int is_signed
  * same count, sign and code. Near a midpoint, and for the signed code below 2^-15 (s0, and the sign
  * of an underflow), the vector is recomputed with the division. The unsigned code needs no such
  * check: below 2^-100 both counts are 0. */
-INLINE __m128i encode16_recip(__m512 x, __m512 safe, __m512 recip, const Enc16 *e, int is_signed) {
-    const __m512 q0 = _mm512_mul_ps(x, recip);
-    const __m512i b = magnitude_bits(q0, is_signed), t = _mm512_slli_epi32(b, 9);
-    const __m512i bn9 = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 19), e->bnd9);
-    const __m512i window = _mm512_set1_epi32(NEAR_ULPS << 9);
-    __mmask16 redo = _mm512_cmple_epu32_mask(_mm512_add_epi32(_mm512_sub_epi32(t, bn9), window),
-                                             _mm512_add_epi32(window, window));
+INLINE void encode_vec_recip(uint8_t *codes, VF x, VF safe, VF recip, const Enc *e, int is_signed) {
+    const VF q0 = vf_mul(x, recip);
+    const VI b = magnitude_bits(q0, is_signed), t = vi_shl(b, 9);
+    const VI bn9 = vt_lookup16(vi_shr(b, 19), e->bnd9);
+    const VI window = vi_set1(NEAR_ULPS << 9);
+    VM redo = vm_le_u32(vi_add(vi_sub(t, bn9), window), vi_add(window, window));
     if (is_signed) {
-        const __mmask16 nonzero = _mm512_test_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
-        redo |= _mm512_mask_cmplt_epu32_mask(nonzero, b, _mm512_set1_epi32(0x38000000));  /* 2^-15 */
+        const VM nonzero = vm_nonzero(vi_and(vf_bits(x), vi_set1(0x7FFFFFFFu)));
+        redo = vm_or(redo, vm_and(nonzero, vm_gt_u32(vi_set1(0x38000000u), b)));  /* 2^-15 */
     }
-    if (__builtin_expect(redo != 0, 0)) return encode16_div(x, safe, e, is_signed);
-    return codes16(q0, b, t, bn9, e, is_signed);
-}
-
-INLINE void encode_block16(uint8_t *codes, const float *x, float absmax, const Ladder *L, int is_signed) {
-    const __m512 safe = _mm512_set1_ps(absmax > 0 ? absmax : 1.0f);
-    const Enc16 e = enc16_tables(L, is_signed);
-    const uint32_t ex = bits_of(absmax) >> 23;  /* absmax >= 0 */
-    if (L->near_ok && ex >= 1 && ex <= 252) {   /* normal, with a normal reciprocal */
-        const __m512 recip = _mm512_set1_ps(1.0f / absmax);
-        for (int i = 0; i < QBLOCK; i += 16)
-            _mm_storeu_si128((__m128i *)(codes + i), encode16_recip(_mm512_load_ps(x + i), safe, recip, &e, is_signed));
+    if (__builtin_expect(vm_any(redo), 0)) {
+        encode_vec_div(codes, x, safe, e, is_signed);
         return;
     }
-    for (int i = 0; i < QBLOCK; i += 16)
-        _mm_storeu_si128((__m128i *)(codes + i), encode16_div(_mm512_load_ps(x + i), safe, &e, is_signed));
+    codes_vec(codes, q0, b, t, bn9, e, is_signed);
 }
 
-INLINE float absmax16(__m512i m) { return float_of((uint32_t)_mm512_reduce_max_epu32(m)); }
+INLINE void encode_block_vec(uint8_t *codes, const float *x, float absmax, const Ladder *L, int is_signed) {
+    const VF safe = vf_set1(absmax > 0 ? absmax : 1.0f);
+    const Enc e = enc_tables(L, is_signed);
+    const uint32_t ex = bits_of(absmax) >> 23;  /* absmax >= 0 */
+    if (L->near_ok && ex >= 1 && ex <= 252) {   /* normal, with a normal reciprocal */
+        const VF recip = vf_set1(1.0f / absmax);
+        for (int i = 0; i < QBLOCK; i += LANES) encode_vec_recip(codes + i, vf_load(x + i), safe, recip, &e, is_signed);
+        return;
+    }
+    for (int i = 0; i < QBLOCK; i += LANES) encode_vec_div(codes + i, vf_load(x + i), safe, &e, is_signed);
+}
+
+INLINE float absmax_vec(VI m) { return float_of(vi_reduce_max_u32(m)); }
 
 INLINE void fast_block(const LowBitTensor *t, const Group *gr, int64_t start, int amsgrad) {
     /* float32 params (other than Kahan's) and grads in place; others through buffers, as step_block */
@@ -445,51 +586,51 @@ INLINE void fast_block(const LowBitTensor *t, const Group *gr, int64_t start, in
     uint8_t *codes[3];
     for (int w = 0; w < 3; w++) codes[w] = t->moment[w] ? (uint8_t *)t->moment[w] + start : NULL;
     const int64_t blk = start / QBLOCK;
-    const __m512 am = _mm512_set1_ps(t->absmax[0][blk]), av = _mm512_set1_ps(t->absmax[1][blk]);
-    const __m512 ax = amsgrad ? _mm512_set1_ps(t->absmax[2][blk]) : am;
-    const __m512i sdec = _mm512_loadu_si512(gr->ladder.sdec16), udec = _mm512_loadu_si512(gr->ladder.udec16);
-    const __m512 decay = _mm512_set1_ps(gr->decay), coeff = _mm512_set1_ps(gr->lerp_coeff);
-    const __m512 beta2 = _mm512_set1_ps(gr->beta2), omb2 = _mm512_set1_ps(gr->one_minus_beta2);
-    const __m512 eps = _mm512_set1_ps(gr->eps), scale = _mm512_set1_ps(gr->grad_scale);
-    const __m512 nss = _mm512_set1_ps((float)t->neg_step_size), bc2s = _mm512_set1_ps((float)t->bc2_sqrt);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), sign = _mm512_set1_epi32((int)0x80000000u);
+    const VF am = vf_set1(t->absmax[0][blk]), av = vf_set1(t->absmax[1][blk]);
+    const VF ax = amsgrad ? vf_set1(t->absmax[2][blk]) : am;
+    const VT sdec = vt_load(gr->ladder.sdec16), udec = vt_load(gr->ladder.udec16);
+    const VF decay = vf_set1(gr->decay), coeff = vf_set1(gr->lerp_coeff);
+    const VF beta2 = vf_set1(gr->beta2), omb2 = vf_set1(gr->one_minus_beta2);
+    const VF eps = vf_set1(gr->eps), scale = vf_set1(gr->grad_scale);
+    const VF nss = vf_set1((float)t->neg_step_size), bc2s = vf_set1((float)t->bc2_sqrt);
+    const VI abs_mask = vi_set1(0x7FFFFFFFu), sign = vi_set1(0x80000000u);
     const int unscale = t->unscale, maximize = gr->maximize, wd = gr->weight_decay, small = gr->lerp_small;
     float m_out[QBLOCK] __attribute__((aligned(64))), v_out[QBLOCK] __attribute__((aligned(64)));
     float x_out[QBLOCK] __attribute__((aligned(64)));
-    __m512i mmax = _mm512_setzero_si512(), vmax = mmax, xmax = mmax;
-    for (int i = 0; i < QBLOCK; i += 16) {
-        __m512 p = _mm512_loadu_ps(param + i), g = _mm512_loadu_ps(grad + i);
-        if (unscale) g = _mm512_div_ps(g, scale);
-        if (maximize) g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));
-        __m512 m = decode16(codes[0] + i, sdec, am, 1);
-        __m512 v = decode16(codes[1] + i, udec, av, 0);
-        if (wd) p = _mm512_mul_ps(p, decay);
-        m = _mm512_fmadd_ps(coeff, _mm512_sub_ps(g, m), small ? m : g);
-        v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, g), g, _mm512_mul_ps(v, beta2));
-        __m512 d = v;
+    VI mmax = vi_zero(), vmax = mmax, xmax = mmax;
+    for (int i = 0; i < QBLOCK; i += LANES) {
+        VF p = vf_load(param + i), g = vf_load(grad + i);
+        if (unscale) g = vf_div(g, scale);
+        if (maximize) g = vi_float(vi_xor(vf_bits(g), sign));
+        VF m = decode_vec(codes[0] + i, sdec, am, 1);
+        VF v = decode_vec(codes[1] + i, udec, av, 0);
+        if (wd) p = vf_mul(p, decay);
+        m = vf_fmadd(coeff, vf_sub(g, m), small ? m : g);
+        v = vf_fmadd(vf_mul(omb2, g), g, vf_mul(v, beta2));
+        VF d = v;
         if (amsgrad) {
-            const __m512 a = decode16(codes[2] + i, udec, ax, 0);
-            d = _mm512_mask_mov_ps(_mm512_max_ps(a, v), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
-            _mm512_store_ps(x_out + i, d);
-            xmax = _mm512_max_epu32(xmax, _mm512_and_si512(_mm512_castps_si512(d), abs_mask));
+            const VF a = decode_vec(codes[2] + i, udec, ax, 0);
+            d = vf_select(vm_nan(a), a, vf_max(a, v));  /* torch.maximum: NaN propagates */
+            vf_store(x_out + i, d);
+            xmax = vi_max_u32(xmax, vi_and(vf_bits(d), abs_mask));
         }
-        p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(nss, m), _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(d), bc2s), eps)));
-        _mm512_storeu_ps(param + i, p);
-        _mm512_store_ps(m_out + i, m);
-        _mm512_store_ps(v_out + i, v);
-        mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(m), abs_mask));
-        vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+        p = vf_add(p, vf_div(vf_mul(nss, m), vf_add(vf_div(vf_sqrt(d), bc2s), eps)));
+        vf_store(param + i, p);
+        vf_store(m_out + i, m);
+        vf_store(v_out + i, v);
+        mmax = vi_max_u32(mmax, vi_and(vf_bits(m), abs_mask));
+        vmax = vi_max_u32(vmax, vi_and(vf_bits(v), abs_mask));
     }
     if (!direct) store_param(t, p_buf, start, QBLOCK);
-    const float amax_m = absmax16(mmax), amax_v = absmax16(vmax);
+    const float amax_m = absmax_vec(mmax), amax_v = absmax_vec(vmax);
     t->absmax[0][blk] = amax_m;
     t->absmax[1][blk] = amax_v;
-    encode_block16(codes[0], m_out, amax_m, &gr->ladder, 1);
-    encode_block16(codes[1], v_out, amax_v, &gr->ladder, 0);
+    encode_block_vec(codes[0], m_out, amax_m, &gr->ladder, 1);
+    encode_block_vec(codes[1], v_out, amax_v, &gr->ladder, 0);
     if (amsgrad) {
-        const float amax_x = absmax16(xmax);
+        const float amax_x = absmax_vec(xmax);
         t->absmax[2][blk] = amax_x;
-        encode_block16(codes[2], x_out, amax_x, &gr->ladder, 0);
+        encode_block_vec(codes[2], x_out, amax_x, &gr->ladder, 0);
     }
 }
 

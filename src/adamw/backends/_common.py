@@ -38,6 +38,14 @@ class Hyper:
         """lr, beta1, beta2 with 1-element Tensors squeezed to 0-d (as torch does)."""
         return _squeeze(self.lr), _squeeze(self.beta1), _squeeze(self.beta2)
 
+    def refuse_grad_scaling(self, backend: str) -> None:
+        """Raise for GradScaler's tensors on a torch-op backend: GradScaler unscales for those itself."""
+        if self.grad_scale is not None or self.found_inf is not None:
+            raise RuntimeError(
+                f"the {backend} backend does not take grad_scale/found_inf; GradScaler unscales "
+                "gradients itself for it (use fused=True for in-kernel unscaling)"
+            )
+
 
 def _squeeze(x: float | Tensor) -> float | Tensor:
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x

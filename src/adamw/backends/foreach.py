@@ -28,11 +28,7 @@ def step(
 ) -> None:
     if not params:
         return
-    if hyper.grad_scale is not None or hyper.found_inf is not None:
-        raise RuntimeError(
-            "the foreach backend does not take grad_scale/found_inf; GradScaler unscales "
-            "gradients itself for it (use fused=True for in-kernel unscaling)"
-        )
+    hyper.refuse_grad_scaling("foreach")
     if hyper.differentiable:
         raise RuntimeError("foreach=True does not support differentiable=True: _foreach ops have no autograd")
     if hyper.capturable:

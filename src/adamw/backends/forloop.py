@@ -52,11 +52,7 @@ def step(
     hyper: Hyper,
 ) -> None:
     """The full-precision format: the moments are the lists' tensors, of the params' dtypes."""
-    if hyper.grad_scale is not None or hyper.found_inf is not None:
-        raise RuntimeError(
-            "the for-loop backend does not take grad_scale/found_inf; GradScaler unscales "
-            "gradients itself for it (use fused=True for in-kernel unscaling)"
-        )
+    hyper.refuse_grad_scaling("for-loop")
     lr, beta1, beta2 = hyper.scalar_lr_betas()
     if hyper.capturable:
         check_capturable_devices(params, state_steps)

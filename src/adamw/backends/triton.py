@@ -67,6 +67,7 @@ from ..states.rounding import (
     PURPOSE_MAX_EXP_AVG_SQ,
     PURPOSE_PARAM,
     hash32,
+    signed32,
     stream_key,
 )
 from ._common import PLAIN_TYPES, Hyper
@@ -498,11 +499,6 @@ _low_bit_codes: dict[torch.device, Tensor] = {}
 _MASK32 = 0xFFFFFFFF
 
 
-def _signed32(word: int) -> int:
-    """The int32 with the bits of the 32-bit word ``word``."""
-    return word - (1 << 32) if word >= 1 << 31 else word
-
-
 @dataclass(eq=False)
 class _LowBitLaunch:
     """One low-bit launch of a group: a static table and chunk map, and where its params sit in the group."""
@@ -647,7 +643,7 @@ def _low_bit_launch(
         addresses = [0 if t is None else t.data_ptr() for t in tensor_columns]
         addresses[int(kernels.COL_GRAD)] = 0  # filled per step
         rows.append([*addresses, numel, first_chunk])
-        stream_keys.append([_signed32(stream_key(seed, streams[position], p)) for p in _KEY_PURPOSES])
+        stream_keys.append([signed32(stream_key(seed, streams[position], p)) for p in _KEY_PURPOSES])
     table = torch.zeros((len(rows), int(kernels.ROW)), dtype=torch.int64)
     if rows:
         table[:, : len(rows[0])] = torch.tensor(rows, dtype=torch.int64)

@@ -71,7 +71,7 @@ def hash32_int(x: int) -> int:
     return x
 
 
-def _signed32(c: int) -> int:
+def signed32(c: int) -> int:
     """The int32 with the bits of the 32-bit word ``c``."""
     c &= _MASK32
     return c - (1 << 32) if c >= 1 << 31 else c
@@ -87,9 +87,9 @@ def hash32(x: Tensor) -> Tensor:
     if x.dtype != torch.int32:
         raise TypeError(f"hash32 takes int32 words, got {x.dtype}")
     x = x ^ _shift_right(x, 16)
-    x = x * _signed32(_MUL1)
+    x = x * signed32(_MUL1)
     x = x ^ _shift_right(x, 15)
-    x = x * _signed32(_MUL2)
+    x = x * signed32(_MUL2)
     return x ^ _shift_right(x, 16)
 
 
@@ -113,7 +113,7 @@ def random_bits(numel: int, key: int, device: torch.device | str = "cpu") -> Ten
         index = torch.arange(numel, dtype=torch.int32, device=device)
     else:  # counters wrap at 2^32
         index = (torch.arange(numel, dtype=torch.int64, device=device) & _MASK32).to(torch.int32)
-    return hash32(hash32(index) ^ _signed32(key))
+    return hash32(hash32(index) ^ signed32(key))
 
 
 def stochastic_round_to_bf16(x: Tensor, key: int) -> Tensor:
@@ -123,7 +123,7 @@ def stochastic_round_to_bf16(x: Tensor, key: int) -> Tensor:
     bits = x.contiguous().view(torch.int32).reshape(-1)
     noise = random_bits(bits.numel(), key, x.device) & 0xFFFF
     # Two's-complement addition is the unsigned one: a carry out of the low 16 bits rounds |x| up.
-    rounded = (bits + noise) & _signed32(0xFFFF0000)
+    rounded = (bits + noise) & signed32(0xFFFF0000)
     out = rounded.view(torch.float32).view(x.shape).to(torch.bfloat16)  # exact: low 16 bits are 0
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
 

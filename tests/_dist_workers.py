@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import adamw
 from adamw.in_backward import step_in_backward
-from adamw.states.checkpoint import decode_8bit_moments
+from adamw.states.checkpoint import decode_quantized_moments
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -41,6 +41,7 @@ STATE_FORMATS: dict[str, dict[str, Any]] = {
     "param": {},
     "bf16": {"state_precision": "bf16"},
     "8bit": {"state_precision": "8bit"},
+    "4bit": {"state_precision": "4bit"},
     "bf16-stochastic": {"param_update": "stochastic"},
     "bf16-kahan": {"param_update": "kahan"},
 }
@@ -141,7 +142,7 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     names = {p: name for name, p in model.named_parameters()}
     return {
         "params": {names[p]: full(p) for p in names},
-        "state": {names[p]: {k: full(v) for k, v in decode_8bit_moments(s, p).items()} for p, s in opt.state.items()},
+        "state": {names[p]: {k: full(v) for k, v in decode_quantized_moments(s, p).items()} for p, s in opt.state.items()},
     }
 
 

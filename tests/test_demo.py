@@ -84,7 +84,7 @@ def test_a_failed_check_is_exit_code_1(monkeypatch: pytest.MonkeyPatch, capsys: 
     passed = capsys.readouterr().out
     assert "PASS  8-bit moments: state bytes" in passed and "FAIL" not in passed
 
-    monkeypatch.setattr(train, "INT8_STATE_RATIO", 0.01)  # 8-bit state cannot be 1% of torch's
+    monkeypatch.setitem(train.STATE_RATIOS, "8-bit moments", 0.01)  # 8-bit state cannot be 1% of torch's
     assert main(["demo", *TINY, "--modes", "torch,8bit"]) == 1
     out, err = capsys.readouterr()
     assert "FAIL  8-bit moments: state bytes" in out
@@ -103,7 +103,7 @@ def _missing_cuda() -> tuple[str, str]:
     ("argv", "expected"),
     [
         (["--modes", "nope"], "argument --modes: unknown mode 'nope'; valid: " + ", ".join(train.MODE_KEYS)),
-        (["--modes", "torch,,4bit"], "argument --modes: unknown mode '4bit'; valid: torch, adamw, bf16, 8bit,"),
+        (["--modes", "torch,,2bit"], "argument --modes: unknown mode '2bit'; valid: torch, adamw, bf16, 8bit,"),
         (["--device", _missing_cuda()[0]], _missing_cuda()[1]),
         (["--device", "nope"], "argument --device: unknown device 'nope'; valid: cpu, cuda, cuda:N"),
         (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
@@ -138,7 +138,7 @@ def test_modes_can_be_chosen_and_unknown_ones_fail() -> None:
     )
     assert [r["mode"] for r in results["results"]] == ["torch", "8-bit moments"]
     with pytest.raises(ValueError, match="unknown mode"):
-        train.run_demo(steps=1, out_png=None, modes=["4bit"], show_progress=False)
+        train.run_demo(steps=1, out_png=None, modes=["2bit"], show_progress=False)
 
 
 def test_the_shipped_text_is_there_and_plain() -> None:

@@ -65,6 +65,7 @@ CASES: dict[str, tuple[str, torch.dtype, torch.dtype, Tol | None]] = {
     ),
     "8bit-float32": ("8bit", torch.float32, torch.float16, None),
     "8bit-stochastic-bfloat16": ("8bit-stochastic", torch.bfloat16, torch.bfloat16, None),
+    "4bit-float32": ("4bit", torch.float32, torch.float16, None),
 }
 
 
@@ -83,10 +84,10 @@ def _cases() -> list[Any]:
 
 
 def _weights(storage: str, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-    """A two-layer model's weights. For 8-bit moments the first layer's weight is just large enough
-    (4096 values); the overflow lands in it. Otherwise small: Triton's interpreter steps slowly."""
+    """A two-layer model's weights. For 8-bit and 4-bit moments the first layer's weight is just large
+    enough (4096 values); the overflow lands in it. Otherwise small: Triton's interpreter steps slowly."""
     gen = torch.Generator().manual_seed(0)
-    width = 64 if storage.startswith("8bit") else 24
+    width = 64 if storage.startswith(("8bit", "4bit")) else 24
     shapes = [(width, 64), (width,), (4, width), (4,)]
     return leaves([(torch.randn(s, generator=gen) / 8).to(dtype) for s in shapes], device)
 
@@ -159,8 +160,8 @@ def test_grad_scaler_unscales_and_skips_an_overflow(backend: str, case: str, pat
 
     assert scales[OVERFLOW] == scales[OVERFLOW - 1] / 2, f"the inf was seen: the scale backs off ({scales})"
     assert all(ours.opt.state[p]["step"].item() == STEPS - 1 for p in ours.params)
-    if storage.startswith("8bit"):
-        assert ours.opt.state[ours.params[0]]["exp_avg"].dtype == torch.uint8, "8-bit moments were stepped"
+    if storage.startswith(("8bit", "4bit")):
+        assert ours.opt.state[ours.params[0]]["exp_avg"].dtype == torch.uint8, "quantized moments were stepped"
     if storage == "param":
         declared = [getattr(run.opt, "_step_supports_amp_scaling", False) for run in (ours, theirs)]
         assert declared[0] == declared[1] == (backend in FUSED_BACKENDS), declared

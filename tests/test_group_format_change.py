@@ -14,7 +14,7 @@ from torch import Tensor
 import adamw
 import adamw.states.checkpoint
 from _helpers import assert_same_run, assert_unchanged, snapshot
-from adamw.states.formats import BF16, FLOAT32, INT8, PARAM, StateFormat
+from adamw.states.formats import BF16, FLOAT32, INT4, INT8, PARAM, StateFormat
 
 LR = 1e-2
 
@@ -71,7 +71,7 @@ def test_changed_format_converts_the_state_as_a_load_does(
 @pytest.mark.parametrize(
     "options, change, match",
     [
-        ({}, {"state_precision": "int8"}, r"param group 1: state_precision must be one of \['param', 'bf16', '8bit'\]"),
+        ({}, {"state_precision": "int8"}, r"param group 1: state_precision must be one of \['param', 'bf16', '8bit', '4bit'\]"),
         (
             {},
             {"param_update": "nearest"},
@@ -155,7 +155,7 @@ def test_changed_format_in_a_step_in_backward() -> None:
     assert_same_run(in_backward, standard, list(models[1].parameters()), list(models[0].parameters()))
 
 
-@pytest.mark.parametrize("fmt", [PARAM, FLOAT32, BF16, INT8], ids=str)
+@pytest.mark.parametrize("fmt", [PARAM, FLOAT32, BF16, INT8, INT4], ids=str)
 @pytest.mark.parametrize(
     "param",
     [

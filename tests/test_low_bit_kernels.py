@@ -17,6 +17,7 @@ kept launches and its GPU compilation.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import gc
 import os
@@ -27,6 +28,7 @@ import textwrap
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +45,8 @@ from _helpers import (
     leaves,
     one_thread,
 )
-from adamw.states import SIGNED_CODE, quantize
+from adamw.states.formats import INT4, INT8, BlockwiseFormat
+from adamw.states.quantize import Code, unpack_nibbles
 
 STEPS = 3
 SEED = 1234
@@ -106,9 +109,11 @@ class Kernel:
 
 
 # Shapes: 4196 values (8-bit: a short last block; for Triton the last program has a short block and
-# one wholly past the end), a transposed 64x72, a 7x5 (float32 moments under "8bit": a group mixing
-# 8-bit and float32 moments), and a fourth param. Extras test what the kernels route elsewhere: a
-# float64 param (the reference steps it) and a complex64 one (its real view, 8-bit).
+# one wholly past the end), a transposed 64x72, a 7x5 (float32 moments under "8bit" and "4bit": a group
+# mixing quantized and float32 moments), and a fourth param (on the CPU of an odd size, 5003: its last
+# 256 values are a whole 4-bit block and a short one, whose last byte holds one code). Extras test
+# what the kernels route elsewhere: a float64 param (the reference steps it) and a complex64 one (its
+# real view, quantized).
 KERNELS = {
     "cpu": Kernel(
         "cpu",
@@ -121,10 +126,15 @@ KERNELS = {
             "param-kahan": ("param", "kahan", [bf16, bf16, f32, bf16]),  # float32: plain, float32 moments
             "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16, bf16]),
             "8bit-kahan": ("8bit", "kahan", [bf16, f16, bf16, f32]),  # float16: rounded to nearest
+            "4bit": ("4bit", "round", [f32, c64, f32, f32]),  # the complex64 one transposed
+            "4bit-stochastic": ("4bit", "stochastic", [bf16, f32, bf16, bf16]),
+            "4bit-kahan": ("4bit", "kahan", [bf16, f16, bf16, f16]),
         },
-        [(4196,), (72, 64), (7, 5), (5000,)],
+        [(4196,), (72, 64), (7, 5), (5003,)],
     ),
-    # The interpreter is slow: three params where the fourth adds no route, and no 8bit-kahan.
+    # The interpreter is slow: three params where the fourth adds no route, and no 8bit-kahan or
+    # 4bit-kahan. The first param has 4197 values: odd, so its last 4-bit block is short and its last
+    # byte holds one code.
     "triton": Kernel(
         "triton",
         {"backend": "triton"},
@@ -135,13 +145,32 @@ KERNELS = {
             "param-stochastic": ("param", "stochastic", [bf16, bf16, f16]),
             "param-kahan": ("param", "kahan", [bf16, bf16, f32]),
             "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16]),
+            "4bit": ("4bit", "round", [f32, f32, f32]),
+            "4bit-stochastic": ("4bit", "stochastic", [bf16, f16, bf16]),  # float16: rounded to nearest
         },
-        [(4196,), (72, 64), (7, 5), (2100,)],
+        [(4197,), (72, 64), (7, 5), (2100,)],
     ),
 }
 
 # Kernels for the exhaustive code checks: Triton's interpreter would take minutes over them.
 EXHAUSTIVE = ["cpu", "triton"] if CUDA else ["cpu"]
+
+# The quantized formats the code checks run over, by state_precision.
+QUANTIZED: dict[str, BlockwiseFormat] = {"8bit": INT8, "4bit": INT4}
+
+
+def stored_codes(precision: str, x: Tensor, key: str = "exp_avg") -> tuple[Tensor, Tensor]:
+    """Moment ``key``'s codes and absmaxes as the state holds them for the float32 values ``x``: the
+    definition (:mod:`adamw.states.quantize`), through the format's own encoder."""
+    fmt = QUANTIZED[precision]
+    entries = fmt.zeros(x, key)
+    fmt.encode(entries, key, x)
+    return entries[key], entries[key + "_absmax"]
+
+
+def code_numbers(precision: str, codes: Tensor, numel: int) -> Tensor:
+    """One code per value, flat (4-bit codes unpacked)."""
+    return unpack_nibbles(codes.reshape(-1), numel) if precision == "4bit" else codes.reshape(-1)
 
 
 def kernel_params(names: list[str], each: Callable[[Kernel], list[tuple[Any, ...]]] = lambda k: [()]) -> list[Any]:
@@ -186,6 +215,20 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.fixture
+def no_fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C kernel steps every param itself: a param handed to the reference fails the test (where
+    the reference's run would agree with itself trivially)."""
+    if request.getfixturevalue("kernel").name != "cpu":
+        return
+    from adamw.backends import cpu_low_bit
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the C kernel handed a param to the reference")
+
+    monkeypatch.setattr(cpu_low_bit, "reference_step", refuse)
+
+
+@pytest.fixture
 def builds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of params of each table (C) or launch (Triton) built: a kept one is not built again."""
     kernel: Kernel = request.getfixturevalue("kernel")
@@ -225,60 +268,71 @@ def _case_flags(kernel: Kernel) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu", "triton"], _case_flags))
 def test_matches_reference(kernel: Kernel, case: str, flags: str, request: pytest.FixtureRequest) -> None:
-    counted = request.getfixturevalue("calls") if kernel.name == "cpu" else None
+    counted = request.getfixturevalue("calls" if kernel.name == "cpu" else "builds")
     state_precision, param_update, dtypes = kernel.cases[case]
     init = kernel.make_params(dtypes)
     ours, ref, params, ref_params = kernel.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
     for step, step_grads in enumerate(make_grads(init, STEPS), 1):
         kernel.step_both(ours, ref, params, ref_params, step_grads)
         kernel.assert_same_run(ours, ref, params, ref_params, step)
-    if counted is not None:
-        expected = sum(p.dtype != f64 for p in params)
+    expected = sum(p.dtype != f64 for p in params)
+    if kernel.name == "cpu":
         assert counted == [expected] * STEPS, "one kernel call per step, for every param it takes"
+    else:  # launches built anew every step (the transposed param is staged: nothing is kept)
+        assert sum(counted) == expected * STEPS, "launched every step for every param it takes"
 
 
-@pytest.mark.parametrize("kernel", kernel_params(["cpu", "triton"]))
-def test_codes_on_midpoints(kernel: Kernel) -> None:
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize(("kernel", "precision"), kernel_params(["cpu", "triton"], lambda k: [(p,) for p in QUANTIZED]))
+def test_codes_on_midpoints(kernel: Kernel, precision: str) -> None:
     """Values exactly on the signed code's float32 midpoints (which take the smaller magnitude) and
     one float32 step either side: the kernel's codes are quantize()'s, the definition. With beta1 = 0
     the new exp_avg is the grad itself, in the kernel and in the reference."""
-    _, mids = SIGNED_CODE.tables()
+    _, mids = QUANTIZED[precision].codes["exp_avg"].tables()
     up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))
     one, zero = torch.ones(1), torch.zeros(1)
-    blocks = [  # 256 values each, whose largest magnitude is a power of two: y = x / absmax is exact
+    pieces = [  # each a block of 256 (8-bit) or 16 (4-bit, so that every block of 128 holds all four)
         torch.cat([one, mids, up, zero]),
         torch.cat([-one, -mids, -down, -zero]),
         torch.cat([one, down, -mids, -one]),
         torch.cat([one / 2, up / 2, -down / 2, one / 4]),
-    ]
-    grad = torch.cat(blocks * 5)[:4100]  # 17 blocks, the last one short
+    ]  # every block's largest magnitude is 1: y = x / absmax is exact
+    grad = torch.cat(pieces * (4100 // (4 * len(pieces[0])) + 1))[:4100]  # the last block short
     init = [torch.randn(grad.numel())]
-    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", betas=(0.0, 0.999), weight_decay=0.0)
+    ours, ref, params, ref_params = kernel.pair(init, precision, "round", betas=(0.0, 0.999), weight_decay=0.0)
     kernel.step_both(ours, ref, params, ref_params, [grad])
-    codes, absmax = quantize(grad, SIGNED_CODE)
+    codes, absmax = stored_codes(precision, grad)
     assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, "codes")
     assert_bitwise(ours.state[params[0]]["exp_avg_absmax"].cpu(), absmax, "absmax")
     kernel.assert_same_run(ours, ref, params, ref_params, 1)
 
 
-@pytest.mark.parametrize("kernel", kernel_params(EXHAUSTIVE))
-def test_unsigned_codes_over_the_range(kernel: Kernel) -> None:
-    """exp_avg_sq's codes over its whole ladder (2^-32 .. 1 of the absmax, and below): with beta1 = 0
-    and beta2 = 0 the new exp_avg_sq is g*g, and grads spread over 2^-17 .. 1 hit every code."""
-    n = 32 * 256
-    block = torch.exp2(torch.linspace(-17.0, 0.0, 256))  # the largest is 1: the absmax of its block
-    jitter = torch.exp2(torch.rand(32, 256, generator=torch.Generator().manual_seed(2)) / 8)  # within a step
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize(("kernel", "precision"), kernel_params(EXHAUSTIVE, lambda k: [(p,) for p in QUANTIZED]))
+def test_unsigned_codes_over_the_range(kernel: Kernel, precision: str) -> None:
+    """exp_avg_sq's codes over its whole ladder (8-bit: 2^-32 .. 1 of the absmax, 4-bit: 2^-15 .. 1,
+    and below): with beta1 = 0 and beta2 = 0 the new exp_avg_sq is g*g, and grads spread over
+    2^-17 .. 1 hit every code."""
+    n, size = 32 * 256, QUANTIZED[precision].block_size
+    block = torch.exp2(torch.linspace(-17.0, 0.0, size))  # the largest is 1: the absmax of its block
+    jitter = torch.exp2(torch.rand(n // size, size, generator=torch.Generator().manual_seed(2)) / 8)  # within a step
     grad = (block * jitter).clamp(max=1.0).reshape(-1)
     grad = grad * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
     init = [torch.randn(n)]
-    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", betas=(0.0, 0.0), weight_decay=0.0)
+    ours, ref, params, ref_params = kernel.pair(init, precision, "round", betas=(0.0, 0.0), weight_decay=0.0)
     kernel.step_both(ours, ref, params, ref_params, [grad])
-    assert len(torch.unique(ref.state[ref_params[0]]["exp_avg_sq"])) > 200
+    codes = code_numbers(precision, ref.state[ref_params[0]]["exp_avg_sq"], n)
+    assert len(torch.unique(codes)) > (200 if precision == "8bit" else 15)
     kernel.assert_same_run(ours, ref, params, ref_params, 1)
 
 
-@pytest.mark.parametrize(("kernel", "flags"), kernel_params(EXHAUSTIVE, lambda k: [(f,) for f in LOW_BIT_FLAGS]))
-def test_codes_of_random_bit_patterns(kernel: Kernel, flags: str) -> None:
+def _flags_and_formats(kernel: Kernel) -> list[tuple[str, str]]:
+    return [(flags, precision) for flags in LOW_BIT_FLAGS for precision in QUANTIZED]
+
+
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize(("kernel", "flags", "precision"), kernel_params(EXHAUSTIVE, _flags_and_formats))
+def test_codes_of_random_bit_patterns(kernel: Kernel, flags: str, precision: str) -> None:
     """Whole blocks of arbitrary float32 magnitudes in [0, 1] (random bit patterns: every exponent,
     subnormals and zeros included), each block's absmax 1 so that y = x: the kernel's codes are
     quantize()'s, over three steps (decoding what it encoded)."""
@@ -288,22 +342,24 @@ def test_codes_of_random_bit_patterns(kernel: Kernel, flags: str) -> None:
     for _ in range(STEPS):
         raw = torch.randint(0, 0x3F800001, (n,), generator=gen, dtype=torch.int32).view(torch.float32)
         sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-        g = (raw * sign).reshape(-1, 256)
+        g = (raw * sign).reshape(-1, QUANTIZED[precision].block_size)
         g[:, 0] = 1.0
         g[1::7] = 0.0  # whole zero blocks
         grads.append([g.reshape(-1)])
     init = [torch.randn(n, generator=gen)]
-    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", **{**LOW_BIT_FLAGS[flags], "betas": (0.0, 0.0)})
+    options = {**LOW_BIT_FLAGS[flags], "betas": (0.0, 0.0)}
+    ours, ref, params, ref_params = kernel.pair(init, precision, "round", **options)
     for step, step_grads in enumerate(grads, 1):
         kernel.step_both(ours, ref, params, ref_params, step_grads)
         kernel.assert_same_run(ours, ref, params, ref_params, step)
         if not LOW_BIT_FLAGS[flags]["maximize"]:
-            codes, _ = quantize(step_grads[0], SIGNED_CODE)
+            codes, _ = stored_codes(precision, step_grads[0])
             assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, f"step {step}, codes")
 
 
-@pytest.mark.parametrize(("kernel", "flags"), kernel_params(EXHAUSTIVE, lambda k: [(f,) for f in LOW_BIT_FLAGS]))
-def test_non_finite_and_extreme_values(kernel: Kernel, flags: str) -> None:
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize(("kernel", "flags", "precision"), kernel_params(EXHAUSTIVE, _flags_and_formats))
+def test_non_finite_and_extreme_values(kernel: Kernel, flags: str, precision: str) -> None:
     """NaN, infinities, huge (v overflows), tiny and subnormal grads and signed zeros in whole blocks
     (and a short last one): a NaN or infinity propagates to the block's absmax as in the reference,
     and every output stays bitwise."""
@@ -318,34 +374,38 @@ def test_non_finite_and_extreme_values(kernel: Kernel, flags: str) -> None:
         g[5 * 256 : 6 * 256] = 0.0
         g[7 * 256 : 8 * 256] = -0.0
         g[9 * 256 : 10 * 256] *= 1e-30
+        g[11 * 256 : 12 * 256] *= 1e-39  # subnormal moments, and a subnormal absmax
         grads.append([g])
     init = [torch.randn(n, generator=gen)]
-    ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", **LOW_BIT_FLAGS[flags])
+    ours, ref, params, ref_params = kernel.pair(init, precision, "round", **LOW_BIT_FLAGS[flags])
     for step, step_grads in enumerate(grads, 1):
         kernel.step_both(ours, ref, params, ref_params, step_grads)
         kernel.assert_same_run(ours, ref, params, ref_params, step)
 
 
-@pytest.mark.parametrize("kernel", kernel_params(EXHAUSTIVE))
-def test_codes_near_midpoints_of_any_absmax(kernel: Kernel) -> None:
+@pytest.mark.usefixtures("no_fallback")
+@pytest.mark.parametrize(("kernel", "precision"), kernel_params(EXHAUSTIVE, lambda k: [(p,) for p in QUANTIZED]))
+def test_codes_near_midpoints_of_any_absmax(kernel: Kernel, precision: str) -> None:
     """Blocks whose absmax is not a power of two (y = x / absmax is rounded) with values a few ulps
     either side of midpoint * absmax: the codes of the correctly rounded quotient, as quantize()."""
     gen = torch.Generator().manual_seed(5)
-    _, mids = SIGNED_CODE.tables()
+    fmt = QUANTIZED[precision]
+    _, mids = fmt.codes["exp_avg"].tables()
+    size = fmt.block_size - 1  # values beside each block's absmax
     blocks = []
-    for _ in range(48):
+    for _ in range(48 * 256 // fmt.block_size):
         absmax = 1.0 + torch.rand(1, generator=gen) * (1 - 2**-20)
         absmax = absmax * 2.0 ** torch.randint(-20, 20, (1,), generator=gen).float()
-        pick = mids[torch.randint(0, len(mids), (255,), generator=gen)]
-        x = (pick * absmax).view(torch.int32) + torch.randint(-4, 5, (255,), generator=gen, dtype=torch.int32)
-        x = x.view(torch.float32) * torch.where(torch.rand(255, generator=gen) < 0.5, -1.0, 1.0)
+        pick = mids[torch.randint(0, len(mids), (size,), generator=gen)]
+        x = (pick * absmax).view(torch.int32) + torch.randint(-4, 5, (size,), generator=gen, dtype=torch.int32)
+        x = x.view(torch.float32) * torch.where(torch.rand(size, generator=gen) < 0.5, -1.0, 1.0)
         blocks.append(torch.cat([absmax, x]))
     grad = torch.cat(blocks)
     init = [torch.randn(grad.numel(), generator=gen)]
     for flags in ({"betas": (0.0, 0.0), "amsgrad": True}, {"betas": (0.0, 0.999)}):
-        ours, ref, params, ref_params = kernel.pair(init, "8bit", "round", weight_decay=0.0, **flags)
+        ours, ref, params, ref_params = kernel.pair(init, precision, "round", weight_decay=0.0, **flags)
         kernel.step_both(ours, ref, params, ref_params, [grad])
-        codes, absmax = quantize(grad, SIGNED_CODE)
+        codes, absmax = stored_codes(precision, grad)
         assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, "codes")
         assert_bitwise(ours.state[params[0]]["exp_avg_absmax"].cpu(), absmax, "absmax")
         kernel.assert_same_run(ours, ref, params, ref_params, 1)
@@ -401,7 +461,7 @@ MOVES: dict[str, Callable[[Any, list[Tensor]], Any]] = {
 
 def _move_cases(kernel: Kernel) -> list[tuple[str, str]]:
     if kernel.name == "cpu":
-        return [(case, move) for case in ("8bit", "8bit-kahan", "param-stochastic") for move in MOVES]
+        return [(case, move) for case in ("8bit", "8bit-kahan", "4bit", "param-stochastic") for move in MOVES]
     return [("8bit-stochastic", move) for move in MOVES if move != "float64 steps"]
 
 
@@ -464,8 +524,120 @@ def test_kept_tables_hold_no_tensors() -> None:
     assert all(ref() is None for ref in watched)
 
 
+@pytest.mark.parametrize("kernel", kernel_params(["cpu"]))
+@pytest.mark.usefixtures("no_fallback")
+def test_any_4bit_table(kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel takes the 4-bit tables at run time and encodes any ascending table exactly: here
+    tables that are no ladder (several midpoints an octave), values on and beside their midpoints, a
+    NaN, a block whose absmax is infinite and one of subnormals (the last two take the quotients)."""
+    from adamw.backends import cpu_low_bit
+
+    signed = Code("test-signed", (0.0, 0.07, 0.15, 0.25, 0.33, 0.5, 0.7, 1.0), signed=True, bits=4)
+    unsigned = Code("test-unsigned", tuple((k + 1) / 16 for k in range(16)), signed=False, bits=4)
+    for key, code in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (signed, unsigned, unsigned), strict=True):
+        monkeypatch.setitem(INT4.codes, key, code)
+    monkeypatch.setattr(cpu_low_bit, "_CODES", cpu_low_bit.code_tables())
+    gen = torch.Generator().manual_seed(6)
+    _, mids = signed.tables()
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))])
+    n = 40 * 128 + 77
+    grads = []
+    for _ in range(STEPS):
+        g = torch.randn(n, generator=gen).clamp(-1.0, 1.0)
+        on = near[torch.randint(0, len(near), (n,), generator=gen)]
+        on = on * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        g = torch.where(torch.rand(n, generator=gen) < 0.5, on, g)
+        g[::128] = 1.0  # every block's absmax is 1 (y = x: values exactly on midpoints)
+        g[: 3 * 128] = 0.0
+        g[5 * 128 + 7], g[7 * 128 + 3] = float("nan"), float("inf")
+        g[9 * 128 : 10 * 128] *= 1e-40
+        grads.append([g])
+    for betas in ((0.0, 0.0), (0.9, 0.999)):
+        init = [torch.randn(n, generator=gen)]
+        ours, ref, params, ref_params = kernel.pair(init, "4bit", "round", betas=betas, amsgrad=True)
+        for step, step_grads in enumerate(grads, 1):
+            kernel.step_both(ours, ref, params, ref_params, step_grads)
+            kernel.assert_same_run(ours, ref, params, ref_params, step)
+            if betas == (0.0, 0.0) and step == 1:  # exp_avg is the grad: inf is NaN (lerp's 0 * inf)
+                grad = step_grads[0]
+                codes, _ = stored_codes("4bit", torch.where(grad.isinf(), float("nan"), grad))
+                assert_bitwise(ours.state[params[0]]["exp_avg"], codes, f"step {step}, codes")
+                assert len(torch.unique(code_numbers("4bit", codes, n))) == 16
+
+
+@pytest.fixture
+def without_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C kernel built as it is but without its vector fast path: every block through step_block."""
+    from adamw.backends import _native, cpu_low_bit
+
+    library = cpu_low_bit.library()
+    target = tmp_path / "adamw_cpu_low_bit-no-fast-path.so"
+    flags = (*library.flags, "-DADAMW_NO_FAST_PATH")
+    error = _native._compile(_native.compiler(cpu_low_bit.KERNEL), flags, target, cpu_low_bit.SOURCE)
+    assert error is None, error
+    step_fn = cpu_low_bit.KERNEL.bind(ctypes.CDLL(str(target)))
+    monkeypatch.setattr(cpu_low_bit, "library", lambda: dataclasses.replace(library, step_fn=step_fn))
+
+
+def _quantized_cases(kernel: Kernel) -> list[tuple[str, str]]:
+    quantized = [case for case, (precision, _, _) in kernel.cases.items() if precision in QUANTIZED]
+    return [(case, flags) for case in quantized for flags in LOW_BIT_FLAGS]
+
+
+@pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu"], _quantized_cases))
+@pytest.mark.usefixtures("without_fast_path")
+def test_step_block_alone_matches_reference(kernel: Kernel, case: str, flags: str, calls: list[int]) -> None:
+    """step_block, the generic path (the fast path's fallback, and what steps the blocks it leaves),
+    holds on whole blocks too: the kernel's fast path and its generic path give the same bits."""
+    state_precision, param_update, dtypes = kernel.cases[case]
+    init = kernel.make_params(dtypes)
+    ours, ref, params, ref_params = kernel.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
+    for step, step_grads in enumerate(make_grads(init, STEPS), 1):
+        kernel.step_both(ours, ref, params, ref_params, step_grads)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    assert calls == [sum(p.dtype != f64 for p in params)] * STEPS
+
+
 # --------------------------------------------------------------------------------------------------
-# the Triton kernel's own: compiled for a GPU (no GPU needed: Triton compiles to PTX on the CPU)
+# the Triton kernel's own: its 4-bit tables read at run time, and compiled for a GPU (no GPU needed:
+# Triton compiles to PTX on the CPU)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(["triton"]))
+def test_triton_4bit_codes_follow_the_tables_it_is_given(
+    kernel: Kernel, builds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 4-bit tables are the kernel's input, not compiled in: with other ascending tables installed
+    in the format (no ladder; the unsigned one linear), values on the signed table's midpoints and one
+    float32 step either side encode as quantize() does, and every moment (amsgrad) decodes and steps
+    bitwise as the reference."""
+    from adamw.backends import triton as backend
+    from adamw.states.formats import MOMENTS
+    from adamw.states.quantize import Code
+
+    signed = Code("signed-test", (0.0, 0.03, 0.1, 0.2, 0.3, 0.55, 0.8, 1.0), signed=True, bits=4)
+    unsigned = Code("unsigned-test", tuple((k + 1) / 16 for k in range(16)), signed=False, bits=4)
+    for key, code in zip(MOMENTS, (signed, unsigned, unsigned), strict=True):
+        monkeypatch.setitem(INT4.codes, key, code)
+    monkeypatch.setattr(backend, "_low_bit_codes", {})
+    _, mids = signed.tables()
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(0.0))
+    one, zero = torch.ones(1), torch.zeros(1)
+    pieces = [torch.cat([one, mids, up, zero]), torch.cat([-one, -down, -mids, -zero])]  # 16 values each
+    grads = [torch.cat(pieces * 132)[:4197]]  # every block's absmax is 1: y = x / absmax is exact
+    grads += [step_grads[0] for step_grads in make_grads(grads, 2)]
+    init = [torch.randn(4197)]
+    ours, ref, params, ref_params = kernel.pair(init, "4bit", "round", betas=(0.0, 0.9), amsgrad=True)
+    for step, grad in enumerate(grads, 1):
+        kernel.step_both(ours, ref, params, ref_params, [grad])
+        if step == 1:
+            codes, _ = stored_codes("4bit", grad)
+            assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, "codes")
+            for opt in (ours, ref):  # from now on exp_avg's decoded values count
+                opt.param_groups[0]["betas"] = (0.5, 0.9)
+        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    assert sum(builds) == 1, "the kernel stepped the param"
+
 
 _COMPILE_CHECK = textwrap.dedent(
     r"""
@@ -475,8 +647,9 @@ _COMPILE_CHECK = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from adamw.backends import _triton_low_bit_kernels as K, triton as backend
 
-    def low_bit_ptx(param, grad, moments, update, amsgrad, flags):
-        constants = dict(BLOCKS=backend.LOW_BIT_CUDA_BLOCKS, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments,
+    def low_bit_ptx(param, grad, moments, bits, update, amsgrad, flags):
+        blocks = backend.LOW_BIT_CUDA_BLOCKS * (2 if bits == 4 else 1)  # as the host: blocks of 128 for 4-bit
+        constants = dict(BLOCKS=blocks, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments, CODE_BITS=bits,
                          PARAM_UPDATE=update, AMSGRAD=amsgrad, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
                          HAS_GRAD_SCALE=flags)
         floats = {n: "fp32" for n in ["decay", "lerp_coeff", "beta2", "one_minus_beta2", "eps"]}
@@ -488,11 +661,13 @@ _COMPILE_CHECK = textwrap.dedent(
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     variants = [
-        (tl.float32, tl.float32, tl.uint8, 0, True, True),
-        (tl.bfloat16, tl.bfloat16, tl.uint8, 1, True, False),
-        (tl.bfloat16, tl.bfloat16, tl.bfloat16, 2, True, True),
-        (tl.float16, tl.float16, tl.float16, 0, False, False),
-        (tl.bfloat16, tl.float32, tl.float32, 1, False, True),
+        (tl.float32, tl.float32, tl.uint8, 8, 0, True, True),
+        (tl.bfloat16, tl.bfloat16, tl.uint8, 8, 1, True, False),
+        (tl.float32, tl.float32, tl.uint8, 4, 0, True, True),
+        (tl.bfloat16, tl.bfloat16, tl.uint8, 4, 2, False, False),
+        (tl.bfloat16, tl.bfloat16, tl.bfloat16, 8, 2, True, True),
+        (tl.float16, tl.float16, tl.float16, 8, 0, False, False),
+        (tl.bfloat16, tl.float32, tl.float32, 8, 1, False, True),
     ]
     for variant in variants:
         ptx = low_bit_ptx(*variant)

@@ -21,7 +21,7 @@ from torch import Tensor
 import adamw
 from _helpers import DRIFT, FORMATS, ROUND_TRIP, assert_same_run
 from adamw.backends.forloop import sqrt_rn
-from adamw.states import KAHAN_KEY, UNSIGNED_CODE, Code
+from adamw.states import KAHAN_KEY, Code
 from adamw.states import formats as formats_module
 
 # Small tensors: one thread is faster by far.
@@ -35,6 +35,8 @@ MODES = [
     ("param-stochastic", torch.bfloat16),
     ("param-kahan", torch.bfloat16),
     ("8bit-stochastic", torch.bfloat16),
+    ("4bit", torch.float32),
+    ("4bit-stochastic", torch.bfloat16),
 ]
 
 
@@ -151,14 +153,14 @@ def test_plain_bf16_params_lose_the_updates_that_stochastic_and_kahan_keep() -> 
     assert displacement_error("kahan") < 0.01  # the param itself, without its compensation
 
 
-def _largest_steps(steps: int, monkeypatch: pytest.MonkeyPatch | None = None) -> float:
-    """The largest change of any element in one 8-bit step, over a history built to break a code for
-    v with a zero: element 0 of each block sees one huge gradient at step 1 and nothing after (it
+def _largest_steps(storage: str, steps: int) -> float:
+    """The largest change of any element in one quantized step, over a history built to break a code
+    for v with a zero: element 0 of each block sees one huge gradient at step 1 and nothing after (it
     holds its block's v absmax for long); element 1 sees a tiny gradient every other step (its v is
-    ~1e-13 of that absmax, below any 8-bit ladder) while its m is the largest of the block once element
-    0's m has decayed. A v decoded to 0 would make element 1's step lr * m / eps."""
+    ~1e-13 of that absmax, below any ladder) while its m is the largest of the block once element 0's
+    m has decayed. A v decoded to 0 would make element 1's step lr * m / eps."""
     param = torch.zeros(16, 256, requires_grad=True)
-    opt = _low_bit([param], "8bit", lr=LR, weight_decay=0.0)
+    opt = _low_bit([param], storage, lr=LR, weight_decay=0.0)
     largest = 0.0
     for t in range(steps):
         param.grad = torch.zeros(16, 256)
@@ -171,13 +173,51 @@ def _largest_steps(steps: int, monkeypatch: pytest.MonkeyPatch | None = None) ->
     return largest
 
 
-def test_8bit_step_never_blows_up(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("storage", ["8bit", "4bit"])
+def test_quantized_step_never_blows_up(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Adam's own bound is about 3.2 lr with these betas; allow the ladder's error on top.
-    assert _largest_steps(200) <= 3.5 * LR
+    assert _largest_steps(storage, 200) <= 3.5 * LR
     # The same history with a zero code for v blows up: the check above can fail.
-    with_zero = Code("with-zero", (0.0, *UNSIGNED_CODE.magnitudes[1:]), signed=False)
-    monkeypatch.setitem(formats_module._CODES, "exp_avg_sq", with_zero)
-    assert _largest_steps(200) > 100 * LR
+    fmt = formats_module.INT8 if storage == "8bit" else formats_module.INT4
+    unsigned = fmt.codes["exp_avg_sq"]
+    with_zero = Code("with-zero", (0.0, *unsigned.magnitudes[1:]), signed=False, bits=unsigned.bits)
+    monkeypatch.setitem(fmt.codes, "exp_avg_sq", with_zero)
+    assert _largest_steps(storage, 200) > 100 * LR
+
+
+@pytest.mark.parametrize("backend", ["forloop", "cpu"])
+@pytest.mark.parametrize("storage", ["8bit", "4bit"])
+def test_quantized_moments_add_no_nan_or_inf(storage: str, backend: str) -> None:
+    """Grads scaled from 1e-30 to 1e30 (g^2 overflows float32 at the top, in torch's AdamW too), then
+    1000 steps of zero grads: our params are finite wherever float32 AdamW's are, and our moments in
+    every row (a whole number of blocks) where all of torch's are (an inf v spreads to its block)."""
+    g = torch.Generator().manual_seed(11)
+    init = torch.randn(8, 1024, generator=g)
+    ours, theirs = init.clone().requires_grad_(), init.clone().requires_grad_()
+    opt = adamw.AdamW([ours], lr=LR, backend=backend, state_precision=storage)
+    torch_opt = torch.optim.AdamW([theirs], lr=LR)
+
+    def check(when: str) -> None:
+        assert bool(torch.isfinite(ours[torch.isfinite(theirs)]).all()), f"{when}: param not finite where torch's is"
+        state = formats_module.convert_state(opt.state[ours], ours, "param")
+        for key in ("exp_avg", "exp_avg_sq"):
+            rows = torch.isfinite(torch_opt.state[theirs][key]).all(dim=1)
+            assert bool(torch.isfinite(state[key][rows]).all()), f"{when}: {key} not finite where torch's is"
+
+    for exponent in range(-30, 31, 6):
+        # each row at its own scale around 10^exponent, each element's sign and size random
+        scale = 10.0 ** (exponent + torch.randint(-3, 4, (8, 1), generator=g).float())
+        grad = torch.randn(8, 1024, generator=g) * scale
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+        check(f"grads ~1e{exponent}")
+    for _ in range(1000):
+        ours.grad, theirs.grad = torch.zeros_like(ours), torch.zeros_like(theirs)
+        opt.step()
+        torch_opt.step()
+    check("after 1000 zero-grad steps")
+    assert bool(torch.isfinite(theirs).all())  # the check above compared something
 
 
 def test_bf16_moments_decay_without_gradient() -> None:
@@ -193,13 +233,15 @@ def test_bf16_moments_decay_without_gradient() -> None:
     assert abs(float(opt.state[param]["exp_avg_sq"].float().mean()) / 0.999**steps - 1) < 0.01
 
 
-def test_8bit_state_is_codes_and_absmax_only_for_large_params() -> None:
+@pytest.mark.parametrize(("storage", "codes", "block"), [("8bit", 64 * 96, 256), ("4bit", 64 * 96 // 2, 128)])
+def test_quantized_state_is_codes_and_absmax_only_for_large_params(storage: str, codes: int, block: int) -> None:
     params = _params(torch.float32)
-    opt = _low_bit(params, "8bit", amsgrad=True)
+    opt = _low_bit(params, storage, amsgrad=True)
     _train(opt, params, 1)
     big, small = opt.state[params[0]], opt.state[params[2]]
-    assert big["exp_avg"].dtype == torch.uint8 and big["exp_avg_absmax"].numel() == 64 * 96 // 256
-    assert big["max_exp_avg_sq"].dtype == torch.uint8
+    assert big["exp_avg"].dtype == torch.uint8 and big["exp_avg"].numel() == codes
+    assert big["exp_avg_absmax"].numel() == 64 * 96 // block
+    assert big["max_exp_avg_sq"].dtype == torch.uint8 and big["max_exp_avg_sq"].numel() == codes
     assert small["exp_avg"].dtype == torch.float32  # under 4096 values: full precision
 
 
@@ -249,6 +291,7 @@ def test_param_update_leaves_other_params_to_torchs_step(
 CHECKPOINT_CASES = [(storage, torch.bfloat16) for storage in FORMATS] + [
     ("bf16", torch.float32),
     ("8bit", torch.float32),
+    ("4bit", torch.float32),
 ]
 
 
@@ -273,7 +316,7 @@ def test_checkpoint_round_trip_resumes_exactly(storage: str, dtype: torch.dtype)
     assert_same_run(resumed, opt, resumed_params, params, "resumed")
 
 
-@pytest.mark.parametrize("storage", ["bf16", "8bit"])
+@pytest.mark.parametrize("storage", ["bf16", "8bit", "4bit"])
 def test_torch_checkpoint_converts_into_low_bit_state_and_back(storage: str) -> None:
     params = _params(torch.float32)
     theirs = torch.optim.AdamW(params, lr=LR)
@@ -283,7 +326,7 @@ def test_torch_checkpoint_converts_into_low_bit_state_and_back(storage: str) -> 
     low_bit = _low_bit(low_bit_params, storage, lr=LR)
     low_bit.load_state_dict(theirs.state_dict())
     stored = low_bit.state[low_bit_params[0]]["exp_avg"].dtype
-    assert stored == (torch.uint8 if storage == "8bit" else torch.bfloat16)
+    assert stored == (torch.bfloat16 if storage == "bf16" else torch.uint8)
     assert low_bit.param_groups[0]["state_precision"] == storage  # the live format wins over the checkpoint's
 
     # Back to torch: full precision, torch's keys, values within the format's rounding of torch's own.

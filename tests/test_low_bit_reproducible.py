@@ -3,11 +3,11 @@
 The same params, grads, options and ``seed`` stepped by the for-loop backend (the low-bit reference,
 :func:`adamw.backends.forloop.reference_step`), the foreach backend, the low-bit CPU kernel (``fused=True``) and, where
 Triton imports, the low-bit Triton kernel (under Triton's interpreter without a GPU): after every step
-the params and every state entry (moments, 8-bit codes and absmaxes, Kahan buffers, step counters)
-must be equal bit for bit, with no tolerance. Over every low-bit format, the flags, GradScaler's
-``grad_scale`` and every param dtype, on random data and a group of odd shapes: one past 4096 values
-(8-bit codes, a short last block), a non-contiguous one large enough to be 8-bit, a small transposed
-one, a 0-d one and an empty one.
+the params and every state entry (moments, 8-bit or 4-bit codes and absmaxes, Kahan buffers, step
+counters) must be equal bit for bit, with no tolerance. Over every low-bit format, the flags,
+GradScaler's ``grad_scale`` (and a step its ``found_inf`` skips), a Tensor lr and every param dtype,
+on random data and a group of odd shapes: one past 4096 values (quantized, a short last block), a
+non-contiguous one large enough to be quantized, a small transposed one, a 0-d one and an empty one.
 
 The Triton interpreter is slow, so it runs a cut of the grid (every format once, every flag set, and
 float32, float16, bfloat16 and complex64 params; float64 ones both kernels hand to the reference);
@@ -39,7 +39,7 @@ f32, f16, bf16, f64, c64 = torch.float32, torch.float16, torch.bfloat16, torch.f
 # param_update applies to bfloat16 params; params of other dtypes are written back to nearest.
 FORMATS = [
     (precision, update)
-    for precision, update in itertools.product(("param", "bf16", "8bit"), ("round", "stochastic", "kahan"))
+    for precision, update in itertools.product(("param", "bf16", "8bit", "4bit"), ("round", "stochastic", "kahan"))
     if (precision, update) != ("param", "round")
 ]
 
@@ -47,11 +47,16 @@ FLAGS: dict[str, dict[str, Any]] = {
     **LOW_BIT_FLAGS,
     # GradScaler's in-step unscaling: grads 1024 times too large, divided by grad_scale in the step
     "grad-scale": dict(amsgrad=False, maximize=True, weight_decay=0.1, betas=(0.9, 0.999), grad_scale=1024.0),
+    # A Tensor lr, and GradScaler's found_inf (per step) skipping the second step: counters included
+    "tensor-lr-skip": dict(
+        amsgrad=True, weight_decay=0.1, lr=torch.tensor(0.02), grad_scale=64.0, found_inf=[0.0, 1.0, 0.0]
+    ),
 }
 
 DTYPES = [f32, f16, bf16, f64, c64]
 
-# (shape, stepped as a transposed view): 8-bit applies to the first two (>= 4096 values).
+# (shape, stepped as a transposed view): 8-bit and 4-bit apply to the first two (>= 4096 values); 4099
+# is odd (4-bit: the last byte holds one code) and neither is a whole number of blocks.
 SHAPES: list[tuple[tuple[int, ...], bool]] = [
     ((4099,), False),
     ((70, 65), True),
@@ -110,21 +115,21 @@ def run_against_forloop(
     """Steps each of ``backends`` and the for-loop reference side by side, comparing after every step."""
     flags = dict(flags)
     grad_scale = flags.pop("grad_scale", None)
+    found_inf = flags.pop("found_inf", [0.0] * STEPS)
     init = make_params(dtype)
     assert not init[1].is_contiguous() and init[1].numel() > 4096
-    options = dict(lr=1e-2, state_precision=precision, param_update=update, seed=SEED, **flags)
+    options = {"lr": 1e-2, "state_precision": precision, "param_update": update, "seed": SEED, **flags}
     ref_params = leaves(init, CPU)
     ref = adamw.AdamW(ref_params, **options, backend="forloop")
     runs = []
     for backend in backends:
         params = leaves(init, CPU)
         runs.append((adamw.AdamW(params, **options, **BACKENDS[backend]), params))
-    if grad_scale is not None:
-        for opt in [ref] + [opt for opt, _ in runs]:
-            opt.grad_scale, opt.found_inf = torch.tensor(grad_scale), torch.tensor(0.0)
     fallbacks = count_fallbacks(backends, monkeypatch)
     for step, grads in enumerate(make_grads(init, grad_scale or 1.0), 1):
         for opt, params in [(ref, ref_params), *runs]:
+            if grad_scale is not None:
+                opt.grad_scale, opt.found_inf = torch.tensor(grad_scale), torch.tensor(found_inf[step - 1])
             for p, g in zip(params, grads, strict=True):
                 p.grad = g.clone()
             opt.step()
@@ -133,7 +138,7 @@ def run_against_forloop(
     # The params moved (a run that stepped nothing would agree trivially).
     assert not torch.equal(as_real(ref_params[0].detach()), as_real(init[0]))
     # The kernels stepped every param they take (float64 ones are the reference's, by design).
-    expected = STEPS * len(init) if dtype == f64 else 0
+    expected = sum(f == 0 for f in found_inf) * len(init) if dtype == f64 else 0
     assert all(n == expected for n in fallbacks.values()), fallbacks
 
 
@@ -161,7 +166,8 @@ def count_fallbacks(backends: list[str], monkeypatch: pytest.MonkeyPatch) -> dic
 def test_cpu_backends_are_the_forloop_run(
     precision: str, update: str, flags: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_against_forloop(["foreach", "cpu"], precision, update, flags, dtype, monkeypatch)
+    backends = ["cpu"] if isinstance(flags.get("lr"), Tensor) else ["foreach", "cpu"]  # foreach: no Tensor lr, as torch
+    run_against_forloop(backends, precision, update, flags, dtype, monkeypatch)
 
 
 # The Triton interpreter's cut of the grid: every format once, each with its own flag set and dtype

@@ -34,24 +34,40 @@ from adamw.states import (
     state_nbytes,
     stochastic_round_to_bf16,
 )
-from adamw.states.quantize import LADDER_STEPS_PER_OCTAVE, quantization_error_bound
+from adamw.states.quantize import (
+    BLOCK_SIZE_4BIT,
+    SIGNED_CODE_4BIT,
+    UNSIGNED_CODE_4BIT,
+    pack_nibbles,
+    quantization_error_bound,
+    unpack_nibbles,
+)
 from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
 
 # These tensors are small: one thread is faster, and immune to a busy machine's other jobs.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HYPER: dict[str, Any] = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-# |decoded - x| / |x| for x inside the ladder's range, with nearest rounding on arithmetic midpoints:
-# at worst (r - 1) / (r + 1) for a ladder ratio r (a value on a midpoint, either way).
-_RATIO = 2.0 ** (1 / LADDER_STEPS_PER_OCTAVE)
-RELATIVE_BOUND = (_RATIO - 1) / (_RATIO + 1)
 SHAPES = [(5,), (256,), (257,), (3, 300), (7, 11, 13), (4096,)]
+# Every code table with the block size its format uses.
+CODES = [(SIGNED_CODE, BLOCK_SIZE), (UNSIGNED_CODE, BLOCK_SIZE), (SIGNED_CODE_4BIT, 128), (UNSIGNED_CODE_4BIT, 128)]
+CODE_IDS = ["signed", "unsigned", "signed-4bit", "unsigned-4bit"]
+SIGNED_CODES = [case for case in CODES if case[0].signed]
+UNSIGNED_CODES = [case for case in CODES if not case[0].signed]
 
 
-def _blocks_of(x: torch.Tensor) -> torch.Tensor:
+def _relative_bound(code: Code) -> float:
+    """|decoded - x| / |x| for x inside the ladder's range, with nearest rounding on arithmetic
+    midpoints: at worst (r - 1) / (r + 1) for a ladder ratio r (a value on a midpoint, either way)."""
+    assert code.ladder_steps is not None
+    ratio = 2.0 ** (1 / code.ladder_steps)
+    return (ratio - 1) / (ratio + 1)
+
+
+def _blocks_of(x: torch.Tensor, block: int = BLOCK_SIZE) -> torch.Tensor:
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK_SIZE
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK_SIZE)
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
 
 
 def _signed_data(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -69,26 +85,29 @@ def _signed_data(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 # code tables
 
 
-def test_signed_code_is_sign_symmetric_with_sign_bit() -> None:
-    values, mids = SIGNED_CODE.tables()
-    assert values.shape == (256,) and mids.shape == (127,)
-    assert torch.equal(values[128:], -values[:128])
-    assert values[0] == 0 and values[127] == 1.0
-    assert bool((values[1:128] > 0).all()) and bool((values[1:128].diff() > 0).all())
+@pytest.mark.parametrize("code", [SIGNED_CODE, SIGNED_CODE_4BIT], ids=["8bit", "4bit"])
+def test_signed_code_is_sign_symmetric_with_sign_bit(code: Code) -> None:
+    values, mids = code.tables()
+    half = code.sign_bit
+    assert values.shape == (2 * half,) and mids.shape == (half - 1,)
+    assert torch.equal(values[half:], -values[:half])
+    assert values[0] == 0 and values[half - 1] == 1.0
+    assert bool((values[1:half] > 0).all()) and bool((values[1:half].diff() > 0).all())
 
 
-def test_unsigned_code_has_no_zero() -> None:
-    values, mids = UNSIGNED_CODE.tables()
-    assert values.shape == (256,) and mids.shape == (255,)
+@pytest.mark.parametrize("code", [UNSIGNED_CODE, UNSIGNED_CODE_4BIT], ids=["8bit", "4bit"])
+def test_unsigned_code_has_no_zero(code: Code) -> None:
+    values, mids = code.tables()
+    assert values.shape == (2**code.bits,) and mids.shape == (2**code.bits - 1,)
     assert float(values.min()) > 0, "a zero code would let v decode to 0 and the step become lr*m/eps"
     assert values[-1] == 1.0 and bool((values.diff() > 0).all())
 
 
-@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
-def test_ladder_search_is_the_binary_search(code: Code) -> None:
+@pytest.mark.parametrize(("code", "block"), CODES, ids=CODE_IDS)
+def test_ladder_search_is_the_binary_search(code: Code, block: int) -> None:
     """The log2 guess plus one correction gives bucketize's codes, midpoints and their neighbours included."""
     values, mids = code.tables()
-    mags = values[:128] if code.signed else values
+    mags = values[: code.sign_bit] if code.signed else values
     edges = torch.cat([mids, mags, torch.tensor([0.0, 1e-45, 1e-38, 1.0])])
     neighbours = torch.cat(
         [torch.nextafter(edges, torch.tensor(0.0)), edges, torch.nextafter(edges, torch.tensor(2.0))]
@@ -96,7 +115,7 @@ def test_ladder_search_is_the_binary_search(code: Code) -> None:
     dense = torch.logspace(-40, 0, 200_000, base=2.0)
     y = torch.cat([neighbours, dense]).clamp(0, 1)
     assert torch.equal(code.magnitude_index(y).long(), torch.bucketize(y, mids))
-    plain = Code("no-ladder", code.magnitudes, signed=code.signed)  # the binary search itself
+    plain = Code("no-ladder", code.magnitudes, signed=code.signed, bits=code.bits)  # the binary search itself
     assert torch.equal(plain.magnitude_index(y), torch.bucketize(y, mids))
 
 
@@ -114,18 +133,18 @@ def test_code_rejects_bad_tables() -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
-def test_quantize_error_bound_per_block(shape: tuple[int, ...], code: Code) -> None:
+@pytest.mark.parametrize(("code", "block"), CODES, ids=CODE_IDS)
+def test_quantize_error_bound_per_block(shape: tuple[int, ...], code: Code, block: int) -> None:
     x = _signed_data(shape, seed=len(shape) * 1000 + shape[-1])
     if not code.signed:
         x = x.abs()
-    codes, absmax = quantize(x, code)
-    assert codes.shape == x.shape and codes.dtype == torch.uint8
-    assert absmax.shape == (-(-x.numel() // BLOCK_SIZE),) and absmax.dtype == torch.float32
-    decoded = dequantize(codes, absmax, code)
+    codes, absmax = quantize(x, code, block)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8 and int(codes.max()) < 2**code.bits
+    assert absmax.shape == (-(-x.numel() // block),) and absmax.dtype == torch.float32
+    decoded = dequantize(codes, absmax, code, block)
     assert decoded.shape == x.shape and decoded.dtype == torch.float32
 
-    xb, db = _blocks_of(x), _blocks_of(decoded)
+    xb, db = _blocks_of(x, block), _blocks_of(decoded, block)
     # absmax is each block's max |x|: nothing clips.
     assert torch.equal(absmax, xb.abs().amax(dim=1))
     # absolute bound: half the code's largest gap, times the block's absmax (plus float32 rounding).
@@ -135,60 +154,73 @@ def test_quantize_error_bound_per_block(shape: tuple[int, ...], code: Code) -> N
     smallest = code.magnitudes[1] if code.signed else code.magnitudes[0]
     inside = xb.abs() >= absmax[:, None] * smallest
     rel = err[inside] / xb.abs()[inside]
-    assert float(rel.max()) <= RELATIVE_BOUND * (1 + 1e-5)
+    assert float(rel.max()) <= _relative_bound(code) * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
-def test_largest_value_round_trips_to_the_max_code(code: Code) -> None:
-    x = _signed_data((10, 256), seed=3)
+@pytest.mark.parametrize(("code", "block"), CODES, ids=CODE_IDS)
+def test_largest_value_round_trips_to_the_max_code(code: Code, block: int) -> None:
+    x = _signed_data((10, block), seed=3)
     if not code.signed:
         x = x.abs()
-    codes, absmax = quantize(x, code)
-    decoded = dequantize(codes, absmax, code)
+    codes, absmax = quantize(x, code, block)
+    decoded = dequantize(codes, absmax, code, block)
     at_max = x.abs().argmax(dim=1)
     rows = torch.arange(10)
     assert torch.equal(decoded[rows, at_max], x[rows, at_max])
-    max_magnitude_code = 127 if code.signed else 255
-    assert torch.equal(
-        codes[rows, at_max].long() % 128 if code.signed else codes[rows, at_max].long(),
-        torch.full((10,), max_magnitude_code),
-    )
+    top = len(code.magnitudes) - 1
+    magnitude_code = codes[rows, at_max].long() % code.sign_bit if code.signed else codes[rows, at_max].long()
+    assert torch.equal(magnitude_code, torch.full((10,), top))
 
 
-def test_signed_code_never_flips_the_sign() -> None:
-    x = _signed_data((64, 256), seed=4)
+@pytest.mark.parametrize(("code", "block"), SIGNED_CODES, ids=["8bit", "4bit"])
+def test_signed_code_never_flips_the_sign(code: Code, block: int) -> None:
+    x = _signed_data((64, block), seed=4)
     # tiny, denormal, signed-zero and below-the-ladder values next to a large one in the same block
     tiny = torch.tensor([1e-30, -1e-30, 1e-44, -1e-44, 0.0, -0.0, 1e-7, -1e-7, 3e-6, -3e-6])
     x.view(-1)[: tiny.numel()] = tiny
-    codes, absmax = quantize(x, SIGNED_CODE)
-    decoded = dequantize(codes, absmax, SIGNED_CODE)
+    codes, absmax = quantize(x, code, block)
+    decoded = dequantize(codes, absmax, code, block)
     assert bool((torch.sign(decoded) * torch.sign(x) >= 0).all())
     # and nonzero values inside the range keep their sign exactly
-    big = x.abs() >= _blocks_of(x).abs().amax(dim=1).repeat_interleave(BLOCK_SIZE).view(x.shape) * 1e-4
+    smallest = absmax.repeat_interleave(block).view(x.shape) * code.magnitudes[1]
+    big = x.abs() >= smallest
+    assert bool(big.any()) and bool((~big).any())
     assert torch.equal(torch.sign(decoded[big]), torch.sign(x[big]))
 
 
-def test_unsigned_code_never_decodes_nonzero_to_zero() -> None:
+@pytest.mark.parametrize(("code", "block"), UNSIGNED_CODES, ids=["8bit", "4bit"])
+def test_unsigned_code_never_decodes_nonzero_to_zero(code: Code, block: int) -> None:
     g = torch.Generator().manual_seed(5)
-    x = 10 ** (torch.rand(8 * 256, generator=g) * 40 - 30)  # 1e-30 .. 1e10 in every block
-    codes, absmax = quantize(x, UNSIGNED_CODE)
-    decoded = dequantize(codes, absmax, UNSIGNED_CODE)
+    x = 10 ** (torch.rand(8 * block, generator=g) * 40 - 30)  # 1e-30 .. 1e10 in every block
+    codes, absmax = quantize(x, code, block)
+    decoded = dequantize(codes, absmax, code, block)
     assert bool((decoded > 0).all())
     # values below the ladder round *up* (the step shrinks), never down
-    below = x < absmax.repeat_interleave(BLOCK_SIZE) * UNSIGNED_CODE.magnitudes[0]
+    below = x < absmax.repeat_interleave(block) * code.magnitudes[0]
     assert bool(below.any()) and bool((decoded[below] >= x[below]).all())
 
 
-@pytest.mark.parametrize("code", [SIGNED_CODE, UNSIGNED_CODE], ids=["signed", "unsigned"])
-def test_zero_blocks_decode_to_zero_and_nan_propagates(code: Code) -> None:
-    x = torch.zeros(3 * 256 + 7)
-    x[300] = float("nan")
-    x[600] = 1.0
-    codes, absmax = quantize(x, code)
-    decoded = dequantize(codes, absmax, code)
-    assert bool((decoded[:256] == 0).all()) and bool((decoded[768:] == 0).all())
-    assert bool(decoded[256:512].isnan().all())
-    assert decoded[600] == 1.0
+@pytest.mark.parametrize(("code", "block"), CODES, ids=CODE_IDS)
+def test_zero_blocks_decode_to_zero_and_nan_propagates(code: Code, block: int) -> None:
+    x = torch.zeros(3 * block + 7)
+    x[block + 44] = float("nan")
+    x[2 * block + 88] = 1.0
+    codes, absmax = quantize(x, code, block)
+    decoded = dequantize(codes, absmax, code, block)
+    assert bool((decoded[:block] == 0).all()) and bool((decoded[3 * block :] == 0).all())
+    assert bool(decoded[block : 2 * block].isnan().all())
+    assert decoded[2 * block + 88] == 1.0
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 4096, 4097])
+def test_nibbles_pack_two_codes_to_a_byte_and_unpack(numel: int) -> None:
+    codes = torch.randint(0, 16, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(numel))
+    packed = pack_nibbles(codes)
+    assert packed.shape == ((numel + 1) // 2,) and packed.dtype == torch.uint8
+    assert int(packed[0]) == int(codes[0]) + 16 * (int(codes[1]) if numel > 1 else 0)  # low nibble first
+    if numel % 2:
+        assert int(packed[-1]) >> 4 == 0  # past an odd end: zero
+    assert torch.equal(unpack_nibbles(packed, numel), codes)
 
 
 def test_quantize_checks_its_inputs() -> None:
@@ -309,25 +341,34 @@ def test_the_4096_rule_and_bytes_per_element() -> None:
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_absmax"].shape == (16,)
     assert state_nbytes(state) == 3 * (4096 + 16 * 4)
     assert format_for(large, "8bit").nbytes(state, "exp_avg") == 4096 + 16 * 4
+    assert format_for(small, "4bit").name == "float32"
+    assert format_for(large, "4bit").bytes_per_element(large) == 0.5 + 4 / BLOCK_SIZE_4BIT
+    state = init_low_bit_state(large, amsgrad=True, state_precision="4bit", param_update="round")
+    assert state["exp_avg"].shape == (2048,) and state["exp_avg_absmax"].shape == (4096 // BLOCK_SIZE_4BIT,)
+    assert state_nbytes(state) == 3 * (2048 + 4096 // BLOCK_SIZE_4BIT * 4)
     with pytest.raises(ValueError, match="state_precision"):
-        format_for(large, "4bit")
+        format_for(large, "2bit")
 
 
-def test_8bit_state_is_at_most_2_1_bytes_per_param_on_gpt2_small() -> None:
+# Bytes per param on GPT-2-small shapes: of the state alone (float32 params), and of bf16 params with
+# stochastic rounding and their state together (the leanest setup).
+@pytest.mark.parametrize(("precision", "state_alone", "leanest"), [("8bit", 2.1, 4.1), ("4bit", 1.1, 3.1)])
+def test_quantized_state_bytes_per_param_on_gpt2_small(precision: str, state_alone: float, leanest: float) -> None:
     params = [torch.empty(s, device="meta") for s in gpt2_shapes()]
     numel = sum(p.numel() for p in params)
     assert 124_000_000 < numel < 125_000_000
     moments = sum(
-        state_nbytes(init_low_bit_state(p, amsgrad=False, state_precision="8bit", param_update="round")) for p in params
+        state_nbytes(init_low_bit_state(p, amsgrad=False, state_precision=precision, param_update="round"))
+        for p in params
     )
-    assert moments / numel <= 2.1
+    assert moments / numel <= state_alone
     low_bit = sum(
         state_nbytes(
-            init_low_bit_state(p.to(torch.bfloat16), amsgrad=False, state_precision="8bit", param_update="stochastic")
+            init_low_bit_state(p.to(torch.bfloat16), amsgrad=False, state_precision=precision, param_update="stochastic")
         )
         for p in params
     )
-    assert (low_bit + 2 * numel) / numel <= 4.1  # bf16 params + 8-bit moments: about 4 bytes per param
+    assert (low_bit + 2 * numel) / numel <= leanest
 
 
 def test_options_are_checked() -> None:
@@ -373,13 +414,16 @@ def _torch_adamw_state(param: torch.Tensor, steps: int = 5) -> tuple[torch.optim
     return opt, opt.state[param]
 
 
-@pytest.mark.parametrize("state_precision", ["bf16", "8bit"])
+LADDERS = {"8bit": (SIGNED_CODE, UNSIGNED_CODE), "4bit": (SIGNED_CODE_4BIT, UNSIGNED_CODE_4BIT)}
+
+
+@pytest.mark.parametrize("state_precision", ["bf16", "8bit", "4bit"])
 def test_torch_checkpoint_converts_to_low_bit_and_back(state_precision: str) -> None:
     param = torch.randn(64, 80)
     opt, torch_state = _torch_adamw_state(param)
     low_bit = convert_state(torch_state, param, state_precision)
     assert low_bit["step"] is torch_state["step"]
-    stored = torch.uint8 if state_precision == "8bit" else torch.bfloat16
+    stored = torch.bfloat16 if state_precision == "bf16" else torch.uint8
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         assert low_bit[key].dtype == stored
     back = full_precision_state(low_bit, param)
@@ -387,8 +431,13 @@ def test_torch_checkpoint_converts_to_low_bit_and_back(state_precision: str) -> 
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         original = torch_state[key]
         assert back[key].dtype == param.dtype and back[key].shape == param.shape
-        tolerance = RELATIVE_BOUND if state_precision == "8bit" else 2**-8
-        inside = original.abs() >= original.abs().max() * 1e-3
+        if state_precision == "bf16":
+            tolerance, inside_from = 2**-8, 1e-3
+        else:  # inside the ladders' range (4 bits: m under 1/16 of its block's absmax is stored as 0)
+            signed, unsigned = LADDERS[state_precision]
+            tolerance = _relative_bound(signed if key == "exp_avg" else unsigned)
+            inside_from = 1e-3 if state_precision == "8bit" else 1 / 8
+        inside = original.abs() >= original.abs().max() * inside_from
         rel = (back[key] - original).abs()[inside] / original.abs()[inside]
         assert float(rel.max()) <= tolerance * 1.001, key
     # torch.optim.AdamW loads the full-precision state and steps from it

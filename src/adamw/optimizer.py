@@ -37,34 +37,28 @@ class AdamW(Optimizer):
     Args:
         params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups.
         lr: learning rate, a float or a 1-element Tensor (default 1e-3).
-        betas: decay rates of the first and second moment averages, both floats or both
-            1-element Tensors (default (0.9, 0.999)).
+        betas: decay rates of the two moment averages, both floats or both 1-element Tensors.
         eps: added to the denominator after the bias-corrected root (default 1e-8).
         weight_decay: decoupled weight decay coefficient (default 1e-2).
         amsgrad: use the maximum of past second moments (AMSGrad).
         maximize: maximize the objective instead of minimizing it.
         foreach: torch's flag: run the foreach backend (None: on CUDA only).
-        capturable: keep step counters on the device and never sync with the host, so the step
-            can be captured in a CUDA graph.
+        capturable: keep step counters on the device and never sync with the host (CUDA graphs).
         differentiable: let autograd run through ``step``.
         fused: torch's flag: run our fused kernel (C on the CPU, Triton on CUDA).
-        backend: name one backend explicitly instead of the flags: ``"forloop"``, ``"foreach"``,
-            ``"cpu"`` (the C kernel) or ``"triton"`` (the Triton kernel; on CPU tensors under
-            ``TRITON_INTERPRET=1``).
+        backend: one backend by name instead of the flags: ``"forloop"``, ``"foreach"``, ``"cpu"``
+            (the C kernel) or ``"triton"`` (on CPU tensors under ``TRITON_INTERPRET=1``).
         state_precision: how the moments are stored: ``"param"`` (the param's dtype, as torch),
-            ``"bf16"``, or ``"8bit"`` (blockwise-quantized; params under 4096 values keep float32).
-            The math always runs in float32 (float64 for float64 params).
+            ``"bf16"``, ``"8bit"`` or ``"4bit"`` (blockwise-quantized; params under 4096 values keep
+            float32). The math always runs in float32 (float64 for float64 params).
         param_update: how a new bfloat16 param is written: ``"round"`` (to nearest, as torch),
-            ``"stochastic"`` (stochastic rounding, unbiased) or ``"kahan"`` (a bfloat16 compensation
-            buffer in the state). Lets bfloat16 params train without a float32 master copy; params of
-            other dtypes are written as usual. Both may be set in a live param group: the next step
-            converts that group's state first, as ``load_state_dict`` does.
+            ``"stochastic"`` (unbiased stochastic rounding) or ``"kahan"`` (a bfloat16 compensation
+            buffer in the state): bfloat16 params train without a float32 master copy. Both options
+            may be changed in a live param group: the next step converts that group's state first.
         seed: seeds stochastic rounding, so runs reproduce (any backend draws the same bits).
-        reshardable_state_dict: ``state_dict()`` writes 8-bit moments as float32 tensors shaped like
-            their params instead of codes and absmaxes, so that ``torch.distributed.checkpoint``
-            can reshard them (loading re-quantizes). Always done for DTensor params (FSDP2), whose
-            absmaxes belong to one shard; set it where such a checkpoint is loaded into plain params
-            (e.g. a 2-rank FSDP2 checkpoint resumed in one process).
+        reshardable_state_dict: ``state_dict()`` writes 8-bit and 4-bit moments decoded, in float32,
+            so that ``torch.distributed.checkpoint`` can reshard them (always done for DTensor
+            params, whose absmaxes belong to one shard).
 
     Example::
 
@@ -207,7 +201,6 @@ class AdamW(Optimizer):
     ) -> bool:
         """Collect the group's params that have a grad and their state (created on first use); return
         whether any param is complex."""
-        low_bit = is_low_bit(group)
         amsgrad = group["amsgrad"]
         state_of = self.state
         for p in group["params"]:
@@ -223,8 +216,6 @@ class AdamW(Optimizer):
                 state = state_of[p] = checkpoint.adopt_for_group(checkpoint.from_checkpoint(state, p), p, group)
             if len(state) == 0:
                 state = state_of[p] = checkpoint.new_state(p, group)
-            if low_bit:
-                continue
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if amsgrad:
@@ -248,57 +239,35 @@ class AdamW(Optimizer):
             self._formats.convert_changed(self.param_groups, self.state)
 
         for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+            # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: torch's lists
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
+            has_complex = self._init_group(group, *lists)
             if is_low_bit(group):
-                self._low_bit_step(group, params, grads)
-                continue
-            adamw(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                state_steps,
-                has_complex=has_complex,
-                **self._adamw_options(group),
-            )
+                self._low_bit_step(group, lists[0], lists[1], lists[5])
+            else:
+                adamw(*lists, has_complex=has_complex, **self._adamw_options(group))
         return loss
 
     # Eager: it looks up the params' state dicts and streams (see run_eagerly).
     @run_eagerly
-    def _low_bit_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _low_bit_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], steps: list[Tensor]
+    ) -> None:
         """The step of a group in a low-bit format, whose moments live in the params' state dicts."""
         states = [self.state[p] for p in params]
         # A param's number keys its stochastic rounding: stable across steps and checkpoints, and distinct.
         streams = [self._streams[p] for p in params]
-        steps = [state["step"] for state in states]
         adamw(params, grads, [], [], [], steps, states=states, streams=streams, **self._adamw_options(group))
 
     def _adamw_options(self, group: dict[str, Any]) -> dict[str, Any]:
         """``functional.adamw``'s keyword arguments from ``group``'s options and GradScaler's tensors."""
         beta1, beta2 = group["betas"]
-        return {
-            "lr": group["lr"],
-            "beta1": beta1,
-            "beta2": beta2,
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "amsgrad": group["amsgrad"],
-            "maximize": group["maximize"],
-            "foreach": group["foreach"],
-            "fused": group["fused"],
-            "capturable": group["capturable"],
-            "differentiable": group["differentiable"],
-            "grad_scale": getattr(self, "grad_scale", None),
-            "found_inf": getattr(self, "found_inf", None),
-            "backend": group["backend"],
-            "state_precision": group["state_precision"],
-            "param_update": group["param_update"],
-            "seed": group["seed"],
-        }
+        scaler = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        return {**{key: group[key] for key in _FUNCTIONAL_OPTIONS}, "beta1": beta1, "beta2": beta2, **scaler}
+
+
+# The group options that functional.adamw takes as they are (betas it takes as beta1 and beta2).
+_FUNCTIONAL_OPTIONS = (
+    "lr eps weight_decay amsgrad maximize foreach fused capturable differentiable backend state_precision "
+    "param_update seed"
+).split()

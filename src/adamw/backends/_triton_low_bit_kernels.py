@@ -24,10 +24,23 @@ the two agree bit for bit.
 
 Storage, per constexpr switch:
 
-* ``MOMENT_DTYPE``: float32, bfloat16 (stochastic rounding), float16 (to nearest) or uint8: 8-bit
-  blockwise codes (:mod:`adamw.states.quantize`). Each program owns ``BLOCKS`` whole blocks of 256
-  values, a row of its tile each, so a block's new absmax is a ``tl.max`` over its row, taken after
-  the update.
+* ``MOMENT_DTYPE``: float32, bfloat16 (stochastic rounding), float16 (to nearest) or uint8: blockwise
+  codes of ``CODE_BITS`` bits (:mod:`adamw.states.quantize`). Each program owns ``BLOCKS`` whole
+  blocks, a row of its tile each (256 values, or 128 for 4-bit codes), so a block's new absmax is a
+  ``tl.max`` over its row, taken after the update (NaN where the row holds one, as torch's ``amax``;
+  values past the end count as zeros, as the reference pads them). A code is that of
+  ``y = x / absmax`` (``div_rn``; the absmax taken as 1 where it is 0 or NaN), decoded as
+  ``values[code] * absmax``.
+* ``CODE_BITS``, for uint8 moments (8 for the others). The index of ``|y|`` (signed code) or ``y``
+  (unsigned) is the number of midpoints strictly below it (0 for NaN); the signed code adds its
+  sign bit (128 or 8) where ``y < 0``.
+
+  - 8: a code per byte. The index is guessed from the logarithm on the 8-bit ladder, then
+    corrected by one comparison with each neighbouring midpoint.
+  - 4: two codes per byte, value ``2i`` in the low nibble of byte ``i`` and ``2i + 1`` in the high
+    one (0 past an odd end). The index counts the midpoints with one comparison each (7 signed, 15
+    unsigned): exact for any ascending table. A row's 64 bytes are read once, split into nibbles
+    and interleaved (``tl.join``); its new codes are paired (``tl.split``) and written once.
 * ``PARAM_UPDATE``: round to nearest, stochastic rounding, or Kahan (``comp`` holds what the last
   rounding lost).
 
@@ -36,8 +49,10 @@ Stochastic rounding draws ``hash32(hash32(i) ^ key)`` per flat element ``i`` (``
 
 Couplings with the host side (:func:`adamw.backends.triton.step_low_bit`): ``table`` has ``ROW`` int64
 per tensor (columns below; an address of 0 is never read); ``chunk_tensor`` names the tensor of
-every program; ``codes`` is the float32 concatenation of the signed code's values and midpoints and
-the unsigned code's values and midpoints (``CODE_*`` offsets).
+every program; ``codes`` is the float32 concatenation of the values and midpoints of the 8-bit
+signed code, the 8-bit unsigned code, the 4-bit signed code and the 4-bit unsigned code (``CODE_*``
+and ``CODE4_*`` offsets): the tables are read at run time, never compiled in. A chunk of the chunk
+map is ``BLOCKS`` blocks of the launch's format.
 """
 
 # No `from __future__ import annotations`: Triton reads the annotations.
@@ -47,6 +62,7 @@ import triton.language as tl
 from ._triton_kernels import address, locate, round_bf16, to_storage
 
 QBLOCK = tl.constexpr(256)  # adamw.states.quantize.BLOCK_SIZE (checked on the host)
+QBLOCK_4BIT = tl.constexpr(128)  # adamw.states.quantize.BLOCK_SIZE_4BIT (checked on the host)
 
 ROW = tl.constexpr(16)
 COL_PARAM = tl.constexpr(0)
@@ -77,7 +93,11 @@ CODE_SIGNED_VALUES = tl.constexpr(0)
 CODE_SIGNED_MIDS = tl.constexpr(256)
 CODE_UNSIGNED_VALUES = tl.constexpr(383)
 CODE_UNSIGNED_MIDS = tl.constexpr(639)
-CODE_SIZE = tl.constexpr(894)
+CODE4_SIGNED_VALUES = tl.constexpr(894)
+CODE4_SIGNED_MIDS = tl.constexpr(910)
+CODE4_UNSIGNED_VALUES = tl.constexpr(917)
+CODE4_UNSIGNED_MIDS = tl.constexpr(933)
+CODE_SIZE = tl.constexpr(948)
 LADDER_STEPS = tl.constexpr(8)  # adamw.states.quantize.LADDER_STEPS_PER_OCTAVE
 
 
@@ -112,30 +132,37 @@ def _round(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _encode(y, codes_ptr, SIGNED: tl.constexpr):
-    """Codes of normalized values: the number of midpoints strictly below each magnitude.
+def _encode(y, codes_ptr, SIGNED: tl.constexpr, CODE_BITS: tl.constexpr):
+    """Codes of normalized values: the number of midpoints strictly below each magnitude (a NaN's is
+    0), plus the sign bit for negative values of the signed code.
 
-    As adamw.states.quantize.Code.magnitude_index: a guess from the logarithm (on the ladder it is
-    the answer or one off it), then one comparison with each neighbouring midpoint. The guess may
-    come from any log2 (the GPU's is approximate): the midpoints decide.
+    8-bit, as adamw.states.quantize.Code.magnitude_index: a guess from the logarithm (on the ladder it
+    is the answer or one off it), then one comparison with each neighbouring midpoint. The guess may
+    come from any log2 (the GPU's is approximate): the midpoints decide. 4-bit: a comparison with
+    every midpoint (as ``torch.bucketize``), whatever the table.
     """
-    if SIGNED:
-        magnitude = tl.abs(y)
-        mids_ptr = codes_ptr + CODE_SIGNED_MIDS
-        TOP = SIGNED_TOP
+    magnitude = tl.abs(y) if SIGNED else y
+    if CODE_BITS == 4:
+        mids_ptr = codes_ptr + (CODE4_SIGNED_MIDS if SIGNED else CODE4_UNSIGNED_MIDS)
+        index = tl.zeros(magnitude.shape, tl.int32)
+        for j in tl.static_range(7 if SIGNED else 15):
+            index += (magnitude > tl.load(mids_ptr + j)).to(tl.int32)
     else:
-        magnitude = y
-        mids_ptr = codes_ptr + CODE_UNSIGNED_MIDS
-        TOP = UNSIGNED_TOP
-    # max(., 1e-30): no log of 0 (it would clamp to index 0 anyway); a NaN guess becomes 0 below.
-    guess = tl.floor(tl.log2(tl.maximum(magnitude, 1e-30)) * LADDER_STEPS + 0.5) + TOP
-    guess = tl.where(guess == guess, guess, 0.0)
-    guess = tl.minimum(tl.maximum(guess, 0.0), TOP * 1.0).to(tl.int32)
-    below = tl.load(mids_ptr + guess - 1, mask=guess > 0, other=float("-inf"))
-    above = tl.load(mids_ptr + guess, mask=guess < TOP, other=float("inf"))
-    index = guess - (magnitude <= below).to(tl.int32) + (magnitude > above).to(tl.int32)
+        if SIGNED:
+            mids_ptr = codes_ptr + CODE_SIGNED_MIDS
+            TOP = SIGNED_TOP
+        else:
+            mids_ptr = codes_ptr + CODE_UNSIGNED_MIDS
+            TOP = UNSIGNED_TOP
+        # max(., 1e-30): no log of 0 (it would clamp to index 0 anyway); a NaN guess becomes 0 below.
+        guess = tl.floor(tl.log2(tl.maximum(magnitude, 1e-30)) * LADDER_STEPS + 0.5) + TOP
+        guess = tl.where(guess == guess, guess, 0.0)
+        guess = tl.minimum(tl.maximum(guess, 0.0), TOP * 1.0).to(tl.int32)
+        below = tl.load(mids_ptr + guess - 1, mask=guess > 0, other=float("-inf"))
+        above = tl.load(mids_ptr + guess, mask=guess < TOP, other=float("inf"))
+        index = guess - (magnitude <= below).to(tl.int32) + (magnitude > above).to(tl.int32)
     if SIGNED:
-        index = index + tl.where(y < 0, 128, 0)
+        index = index + tl.where(y < 0, 8 if CODE_BITS == 4 else 128, 0)
     return index
 
 
@@ -156,21 +183,50 @@ def _store(ptr, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_moment(row_ptr, codes_ptr, tile, MOMENT: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
-    offsets, mask, blocks, block_mask = tile
+def _values_ptr(codes_ptr, MOMENT: tl.constexpr, CODE_BITS: tl.constexpr):
+    if CODE_BITS == 4:
+        return codes_ptr + (CODE4_SIGNED_VALUES if MOMENT == 0 else CODE4_UNSIGNED_VALUES)
+    else:
+        return codes_ptr + (CODE_SIGNED_VALUES if MOMENT == 0 else CODE_UNSIGNED_VALUES)
+
+
+@triton.jit
+def _load_moment(
+    row_ptr,
+    codes_ptr,
+    tile,
+    MOMENT: tl.constexpr,
+    DTYPE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    offsets, mask, blocks, block_mask, pairs, pair_mask = tile
     ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
     if DTYPE == tl.uint8:
-        codes = _load(ptr + offsets, mask, MASKED).to(tl.int32)
+        if CODE_BITS == 4:
+            packed = _load(ptr + pairs, pair_mask, MASKED)
+            codes = tl.reshape(tl.join(packed & 15, packed >> 4), offsets.shape).to(tl.int32)
+        else:
+            codes = _load(ptr + offsets, mask, MASKED).to(tl.int32)
         absmax = _load(address(row_ptr, COL_EXP_AVG_ABSMAX + MOMENT, tl.float32, False) + blocks, block_mask, MASKED)
-        values_ptr = codes_ptr + (CODE_SIGNED_VALUES if MOMENT == 0 else CODE_UNSIGNED_VALUES)
-        return tl.load(values_ptr + codes) * absmax[:, None]  # codes < 256: always inside the table
+        # codes < 2^CODE_BITS: always inside the table
+        return tl.load(_values_ptr(codes_ptr, MOMENT, CODE_BITS) + codes) * absmax[:, None]
     else:
         return _load(ptr + offsets, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
-def _store_moment(x, row_ptr, codes_ptr, tile, MOMENT: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
-    offsets, mask, blocks, block_mask = tile
+def _store_moment(
+    x,
+    row_ptr,
+    codes_ptr,
+    tile,
+    MOMENT: tl.constexpr,
+    DTYPE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    offsets, mask, blocks, block_mask, pairs, pair_mask = tile
     ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
     if DTYPE == tl.uint8:
         magnitude = tl.abs(x)
@@ -182,8 +238,14 @@ def _store_moment(x, row_ptr, codes_ptr, tile, MOMENT: tl.constexpr, DTYPE: tl.c
         absmax = tl.where(has_nan > 0, float("nan"), absmax)
         _store(address(row_ptr, COL_EXP_AVG_ABSMAX + MOMENT, tl.float32, False) + blocks, absmax, block_mask, MASKED)
         safe = tl.where(absmax > 0, absmax, 1.0)
-        codes = _encode(tl.div_rn(x, safe[:, None]), codes_ptr, MOMENT == 0)
-        _store(ptr + offsets, codes.to(tl.uint8), mask, MASKED)
+        codes = _encode(tl.div_rn(x, safe[:, None]), codes_ptr, MOMENT == 0, CODE_BITS)
+        if CODE_BITS == 4:
+            if MASKED:
+                codes = tl.where(mask, codes, 0)  # the high nibble past an odd end is 0
+            low, high = tl.split(tl.reshape(codes.to(tl.uint8), (codes.shape[0], codes.shape[1] // 2, 2)))
+            _store(ptr + pairs, low | (high << 4), pair_mask, MASKED)
+        else:
+            _store(ptr + offsets, codes.to(tl.uint8), mask, MASKED)
     else:
         key = tl.load(row_ptr + COL_KEY_EXP_AVG + MOMENT).to(tl.uint32)
         _store(ptr + offsets, _round(x, offsets, key, DTYPE, True), mask, MASKED)
@@ -211,6 +273,8 @@ def _low_bit_tile(
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     MOMENT_DTYPE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
     PARAM_UPDATE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -218,8 +282,10 @@ def _low_bit_tile(
     HAS_GRAD_SCALE: tl.constexpr,
 ):
     mask = offsets < numel
-    block_mask = blocks * QBLOCK < numel
-    tile = (offsets, mask, blocks, block_mask)
+    block_mask = blocks * BLOCK < numel
+    # the byte of each two 4-bit codes (unused by other formats)
+    pairs = blocks[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+    tile = (offsets, mask, blocks, block_mask, pairs, pairs * 2 < numel)
     scalars = tl.load(row_ptr + COL_SCALARS)
     neg_step_size = scalars.to(tl.int32).to(tl.float32, bitcast=True)
     bias_correction2_sqrt = (scalars >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -237,12 +303,12 @@ def _low_bit_tile(
     if HAS_WEIGHT_DECAY:
         p = p * decay
 
-    m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, MASKED)
-    v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, MASKED)
+    m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED)
+    v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED)
     m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
-        v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, MASKED)
+        v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED)
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
     else:
         v_max = v
@@ -255,10 +321,10 @@ def _low_bit_tile(
     if PARAM_UPDATE == UPDATE_KAHAN:
         _store(comp_ptr + offsets, to_storage(p - stored.to(tl.float32), tl.bfloat16), mask, MASKED)
 
-    _store_moment(m, row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, MASKED)
-    _store_moment(v, row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, MASKED)
+    _store_moment(m, row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED)
+    _store_moment(v, row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED)
     if AMSGRAD:
-        _store_moment(v_max, row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, MASKED)
+        _store_moment(v_max, row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED)
 
 
 @triton.jit
@@ -277,17 +343,20 @@ def low_bit_kernel(
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     MOMENT_DTYPE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
     PARAM_UPDATE: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One low-bit AdamW step on the ``BLOCKS`` blocks of 256 values of program ``program_id``."""
+    """One low-bit AdamW step on the ``BLOCKS`` blocks (of 128 values for 4-bit codes, else 256) of
+    program ``program_id``."""
+    BLOCK: tl.constexpr = QBLOCK_4BIT if CODE_BITS == 4 else QBLOCK
     row_ptr, numel, chunk = locate(table_ptr, chunk_tensor_ptr, ROW, COL_NUMEL, COL_FIRST_CHUNK)
     first_block = chunk * BLOCKS
     blocks = first_block + tl.arange(0, BLOCKS)
-    offsets = blocks[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
     else:
@@ -308,13 +377,15 @@ def low_bit_kernel(
         tl.full([], one_minus_beta2, tl.float32),
         tl.full([], eps, tl.float32),
     )
-    if (first_block + BLOCKS) * QBLOCK <= numel:  # unmasked: vector loads on full chunks
+    if (first_block + BLOCKS) * BLOCK <= numel:  # unmasked: vector loads on full chunks
         _low_bit_tile(
             *tile_args,
             MASKED=False,
             PARAM_DTYPE=PARAM_DTYPE,
             GRAD_DTYPE=GRAD_DTYPE,
             MOMENT_DTYPE=MOMENT_DTYPE,
+            CODE_BITS=CODE_BITS,
+            BLOCK=BLOCK,
             PARAM_UPDATE=PARAM_UPDATE,
             AMSGRAD=AMSGRAD,
             MAXIMIZE=MAXIMIZE,
@@ -328,6 +399,8 @@ def low_bit_kernel(
             PARAM_DTYPE=PARAM_DTYPE,
             GRAD_DTYPE=GRAD_DTYPE,
             MOMENT_DTYPE=MOMENT_DTYPE,
+            CODE_BITS=CODE_BITS,
+            BLOCK=BLOCK,
             PARAM_UPDATE=PARAM_UPDATE,
             AMSGRAD=AMSGRAD,
             MAXIMIZE=MAXIMIZE,

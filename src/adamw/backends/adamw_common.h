@@ -14,8 +14,9 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* As the hosts number them (_DTYPE_CODES in backends/cpu.py and backends/cpu_low_bit.py). */
-enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4 };
+/* As the hosts number them (_DTYPE_CODES in backends/cpu.py and backends/cpu_low_bit.py). UINT4X2:
+ * 4-bit codes two to a byte, a moment storage of the low-bit kernel (no torch dtype of its own). */
+enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3, DTYPE_UINT8 = 4, DTYPE_UINT4X2 = 5 };
 
 /* ---------------------------------------------------------------------------------------------
  * bit casts and low-precision conversions (branch-free, so loops vectorize) */

@@ -1,5 +1,5 @@
-/* The low-bit CPU kernel of adamw: one AdamW step with bf16 or 8-bit moments (and bf16 params written
- * by stochastic rounding or Kahan compensation) over a whole group of tensors in one call.
+/* The low-bit CPU kernel of adamw: one AdamW step with bf16, 8-bit or 4-bit moments (and bf16 params
+ * written by stochastic rounding or Kahan compensation) over a whole group of tensors in one call.
  *
  * Mirrors adamw/backends/forloop.py (reference_step) operation for operation, in float32, as torch's CPU
  * ops evaluate it, so the two agree bit for bit (as _triton_low_bit_kernels.py does on GPUs):
@@ -16,22 +16,32 @@
  * double as the reference computes them in Python (-(lr / (1 - pow(beta1, t))) and
  * pow(1 - pow(beta2, t), 0.5): the same libm calls), then rounded to float32.
  *
- * Storage (adamw/states/quantize.py, rounding.py), per tensor:
- *   moments float32, float16 (to nearest), bfloat16 (stochastic rounding) or uint8: 8-bit blockwise
- *   codes of 256 values with a float32 absmax per block, taken after the update; y = x / absmax
- *   (absmax 0 or NaN: 1); code = number of float32 midpoints strictly below |y| (+128 when y < 0
- *   for the signed code). The index is guessed from the float's exponent and top mantissa bits
- *   (within one of the answer on the 2^(-k/8) ladder), then fixed by comparing with the two
- *   neighbouring midpoints: the same answer as quantize.Code.magnitude_index.
+ * Storage (adamw/states/quantize.py, formats.py, rounding.py), per tensor:
+ *   moments float32, float16 (to nearest), bfloat16 (stochastic rounding), or blockwise codes with a
+ *   float32 absmax per block, taken after the update (max |x|, a NaN propagating); y = x / absmax,
+ *   correctly rounded (absmax 0 or NaN: 1); code = number of float32 midpoints strictly below |y|
+ *   (signed code, exp_avg; plus the sign bit when y < 0) or y (unsigned code, the others); NaN: 0.
+ *   Decoded as values[code] * absmax. The tables (values and midpoints) are the host's, passed each
+ *   call, so any ascending table is encoded exactly.
+ *   - 8-bit (uint8): one code a byte, blocks of 256, sign bit 128. The index is guessed from the
+ *     float's exponent and top mantissa bits (within one of the answer on the 2^(-k/8) ladder), then
+ *     fixed by comparing with the two neighbouring midpoints: quantize.Code.magnitude_index's answer.
+ *   - 4-bit (DTYPE_UINT4X2): blocks of 128, sign bit 8, codes two to a byte in flat order: value 2i
+ *     in the low nibble of byte i, 2i + 1 in its high nibble, 0 past an odd end. The index counts
+ *     the midpoints below y with one compare each (7 signed, 15 unsigned); the fast path compares x
+ *     with per-block thresholds instead (the least x whose quotient passes each midpoint, found in
+ *     double; Block4): both exact for any ascending table.
  *   Stochastic rounding draws hash32(hash32(i) ^ key), i the element's flat index in its tensor
  *   (lowbias32); key = hash32(stream_key ^ lo32(t) ^ hi32(t)) at step t, the stream keys (per
  *   tensor and purpose, the same every step) computed on the host (rounding.py).
  *
- * Work split: each tensor is a run of 256-value blocks; the group's blocks are one range, cut into
- * one contiguous piece per thread (one OpenMP region per call). A block is processed in phases over
- * 256-float stack buffers (load, math, store), each a branch-free loop the compiler vectorizes.
- * Where every moment is 8-bit, whole blocks instead take the fast path (fast_block: the same
- * operations in explicit vectors, with the ladder's arithmetic form in place of table lookups),
+ * Work split: each tensor is a run of 256-value blocks (a 4-bit one's are two of its blocks of 128,
+ * and start on a whole byte); the group's blocks are one range, cut into one contiguous piece per
+ * thread (one OpenMP region per call). A block is processed in phases over 256-float stack buffers
+ * (load, math, store), each a branch-free loop the compiler vectorizes. Where every moment is 8-bit
+ * (and the tables pass ladder_init's check) or 4-bit, whole blocks instead take the fast path
+ * (fast_block, fast4_range: the same operations in explicit vectors; for 8-bit codes the ladder's
+ * arithmetic form in place of table lookups, for 4-bit codes thresholds in place of the division),
  * built for AVX-512 (16 lanes) or AVX2 + FMA (8 lanes).
  */
 #include <math.h>
@@ -44,8 +54,11 @@ enum { UPDATE_ROUND = 0, UPDATE_STOCHASTIC = 1, UPDATE_KAHAN = 2 };
 enum { PURPOSE_PARAM = 0, PURPOSE_EXP_AVG = 1, PURPOSE_EXP_AVG_SQ = 2, PURPOSE_MAX = 3 };
 
 #define QBLOCK 256          /* adamw.states.quantize.BLOCK_SIZE (checked by the host) */
+#define QBLOCK4 128         /* adamw.states.quantize.BLOCK_SIZE_4BIT (checked by the host); divides QBLOCK */
 #define SIGNED_TOP 127
 #define UNSIGNED_TOP 255
+#define SIGNED4_MIDS 7      /* midpoints of the 4-bit codes: 8 signed magnitudes, 16 unsigned values */
+#define UNSIGNED4_MIDS 15
 #define GUESS_BITS 6        /* mantissa bits that index the log guess table */
 #define MIN_PARALLEL_BLOCKS 128
 
@@ -56,7 +69,7 @@ typedef struct {
     void *param;
     const void *grad;      /* set here, from the call's grads */
     void *moment[3];       /* exp_avg, exp_avg_sq, max_exp_avg_sq (NULL without amsgrad) */
-    float *absmax[3];      /* 8-bit only */
+    float *absmax[3];      /* 8-bit and 4-bit only */
     uint16_t *comp;        /* Kahan only (bfloat16) */
     void *step;            /* the step counter, a float32 or float64 scalar: incremented here */
     int64_t numel;
@@ -85,14 +98,28 @@ typedef struct {
     uint32_t sdec16[16], udec16[16], sadj[16], uadj[16], bnd9[16];
 } Ladder;
 
+/* A 4-bit code's midpoints as bounds on the quotient, for the fast path's thresholds (Block4):
+ * y = x / s rounds above midpoint k exactly when x / s > bound[k], or equals it and not tie_down[k]
+ * (ties to even). bound[k], halfway from the midpoint to the next float32, has at most 25
+ * significant bits, so bound[k] * s is exact in double. The top `run` midpoints are mids[count - 1] * 2^-j (normal
+ * floats an octave apart; run 0 for fewer than 2), the `explicit` ones below them are compared one
+ * by one. `thresholds`: every midpoint is 0 or more (else the fast path divides). */
+typedef struct {
+    double bound[16];  /* past count: 1 (unused) */
+    uint32_t tie_down[16];
+    int count, run, explicit, thresholds;
+} Code4;
+
 typedef struct {
     float decay, lerp_coeff, beta2, one_minus_beta2, eps, grad_scale;
     int lerp_small, amsgrad, maximize, weight_decay;
     /* bounds[i], bounds[i + 1]: magnitude i's interval (-inf, the midpoints, +inf) */
     float signed_values[256], signed_bounds[SIGNED_TOP + 2];
     float unsigned_values[256], unsigned_bounds[UNSIGNED_TOP + 2];
+    float signed4_values[16], signed4_mids[SIGNED4_MIDS], unsigned4_values[16], unsigned4_mids[UNSIGNED4_MIDS];
     int32_t guess[1 << GUESS_BITS];  /* round(8 * log2(mantissa)) at each bucket's centre */
     Ladder ladder;
+    Code4 signed4, unsigned4;
 } Group;
 
 /* ---------------------------------------------------------------------------------------------
@@ -129,12 +156,27 @@ INLINE void load_values(float *out, const void *src, int dtype, int64_t start, i
     }
 }
 
-INLINE void load_moment(float *out, const LowBitTensor *t, int which, const float *values, int64_t start,
-                        int len) {
+/* Moment `which` (0: exp_avg, signed codes; else unsigned) of values start .. start + len, as float32. */
+INLINE void load_moment(float *out, const LowBitTensor *t, int which, const Group *gr, int64_t start, int len) {
     if (t->moment_dtype == DTYPE_UINT8) {
+        const float *values = which == 0 ? gr->signed_values : gr->unsigned_values;
         const uint8_t *codes = (const uint8_t *)t->moment[which] + start;
         const float absmax = t->absmax[which][start / QBLOCK];
         for (int i = 0; i < len; i++) out[i] = values[codes[i]] * absmax;
+    } else if (t->moment_dtype == DTYPE_UINT4X2) {
+        const float *values = which == 0 ? gr->signed4_values : gr->unsigned4_values;
+        const uint8_t *bytes = (const uint8_t *)t->moment[which] + start / 2;  /* start is even */
+        for (int h = 0; h < len; h += QBLOCK4) {
+            const float absmax = t->absmax[which][(start + h) / QBLOCK4];
+            const int part = len - h < QBLOCK4 ? len - h : QBLOCK4;
+            const uint8_t *b = bytes + h / 2;
+            float *o = out + h;
+            for (int j = 0; j < part / 2; j++) {
+                o[2 * j] = values[b[j] & 15] * absmax;
+                o[2 * j + 1] = values[b[j] >> 4] * absmax;
+            }
+            if (part & 1) o[part - 1] = values[b[part / 2] & 15] * absmax;
+        }
     } else {
         load_values(out, t->moment[which], t->moment_dtype, start, len);
     }
@@ -162,6 +204,29 @@ INLINE void encode_block(uint8_t *codes, const float *x, int len, float absmax, 
     for (int i = 0; i < len; i++) codes[i] = (uint8_t)index[i];
 }
 
+/* 4-bit codes (bytes below 16) two to a byte: code 2i in the low nibble of byte i, 0 past an odd end. */
+INLINE void pack_nibbles(uint8_t *packed, const uint8_t *codes, int len) {
+    for (int i = 0; i < len / 2; i++) packed[i] = (uint8_t)(codes[2 * i] | codes[2 * i + 1] << 4);
+    if (len & 1) packed[len / 2] = codes[len - 1];
+}
+
+/* The 4-bit codes of a block: the number of midpoints strictly below the normalized value, by one
+ * compare each (false for NaN), plus the sign bit; packed. */
+INLINE void encode_block4(uint8_t *packed, const float *x, int len, float absmax, const float *mids, int count,
+                          int is_signed) {
+    const float safe = absmax > 0 ? absmax : 1.0f;
+    uint8_t codes[QBLOCK4];
+    for (int i = 0; i < len; i++) {
+        const float y = x[i] / safe;
+        const float magnitude = is_signed ? fabsf(y) : y;
+        int32_t k = 0;
+        for (int j = 0; j < count; j++) k += magnitude > mids[j];
+        if (is_signed) k += y < 0 ? 8 : 0;
+        codes[i] = (uint8_t)k;
+    }
+    pack_nibbles(packed, codes, len);
+}
+
 /* max |x| as integers: the bits of non-negative floats order as their values, and a NaN's above
  * infinity's, so a NaN propagates as torch's amax propagates it. */
 INLINE float block_absmax(const float *x, int len) {
@@ -183,6 +248,17 @@ INLINE void store_moment(const LowBitTensor *t, int which, const Group *gr, cons
             encode_block((uint8_t *)dst + start, x, len, absmax, gr->signed_bounds, SIGNED_TOP, 1, gr->guess);
         else
             encode_block((uint8_t *)dst + start, x, len, absmax, gr->unsigned_bounds, UNSIGNED_TOP, 0, gr->guess);
+    } else if (t->moment_dtype == DTYPE_UINT4X2) {
+        uint8_t *bytes = (uint8_t *)dst + start / 2;
+        for (int h = 0; h < len; h += QBLOCK4) {
+            const int part = len - h < QBLOCK4 ? len - h : QBLOCK4;
+            const float absmax = block_absmax(x + h, part);
+            t->absmax[which][(start + h) / QBLOCK4] = absmax;
+            if (which == 0)
+                encode_block4(bytes + h / 2, x + h, part, absmax, gr->signed4_mids, SIGNED4_MIDS, 1);
+            else
+                encode_block4(bytes + h / 2, x + h, part, absmax, gr->unsigned4_mids, UNSIGNED4_MIDS, 0);
+        }
     } else if (t->moment_dtype == DTYPE_BFLOAT16) {
         uint16_t *d = (uint16_t *)dst + start;
         for (int i = 0; i < len; i++) d[i] = stochastic_bf16(x[i], (uint32_t)(start + i), key);
@@ -234,9 +310,9 @@ static void step_block(const LowBitTensor *t, const Group *gr, int64_t start, in
     }
     if (gr->maximize)
         for (int i = 0; i < len; i++) g[i] = -g[i];
-    load_moment(m, t, 0, gr->signed_values, start, len);
-    load_moment(v, t, 1, gr->unsigned_values, start, len);
-    if (gr->amsgrad) load_moment(vmax, t, 2, gr->unsigned_values, start, len);
+    load_moment(m, t, 0, gr, start, len);
+    load_moment(v, t, 1, gr, start, len);
+    if (gr->amsgrad) load_moment(vmax, t, 2, gr, start, len);
 
     const float decay = gr->decay, coeff = gr->lerp_coeff, beta2 = gr->beta2, omb2 = gr->one_minus_beta2;
     const float eps = gr->eps, nss = (float)t->neg_step_size, bc2s = (float)t->bc2_sqrt;
@@ -323,7 +399,27 @@ static void ladder_init(Ladder *L, const float *codes) {
     }
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+static void code4_init(Code4 *c, const float *mids, int count) {
+    c->count = count;
+    c->thresholds = 1;
+    for (int k = 0; k < 16; k++) {
+        const float up = k < count ? nextafterf(mids[k], INFINITY) : 1.0f;
+        c->bound[k] = k < count ? ((double)mids[k] + (double)up) / 2 : 1.0;
+        c->tie_down[k] = bits_of(up) & 1u;
+        if (k < count && !(mids[k] >= 0)) c->thresholds = 0;
+    }
+    int run = 0;
+    while (run < count) {
+        const float m = mids[count - 1 - run];
+        if (!(m >= 0x1p-126f && m <= 0x1p127f) || (run > 0 && m * 2 != mids[count - run])) break;
+        run++;
+    }
+    c->run = run >= 2 ? run : 0;
+    c->explicit = count - c->run;
+}
+
+/* ADAMW_NO_FAST_PATH (a test's build) leaves every block to step_block. */
+#if !defined(ADAMW_NO_FAST_PATH) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
 #include <immintrin.h>
 
 /* ---------------------------------------------------------------------------------------------
@@ -363,6 +459,7 @@ INLINE VI vi_or(VI a, VI b) { return _mm512_or_si512(a, b); }
 INLINE VI vi_xor(VI a, VI b) { return _mm512_xor_si512(a, b); }
 INLINE VI vi_shl(VI a, unsigned n) { return _mm512_slli_epi32(a, n); }
 INLINE VI vi_shr(VI a, unsigned n) { return _mm512_srli_epi32(a, n); }
+INLINE VI vi_sra(VI a, unsigned n) { return _mm512_srai_epi32(a, n); }
 INLINE VI vi_min_i32(VI a, VI b) { return _mm512_min_epi32(a, b); }
 INLINE VI vi_max_i32(VI a, VI b) { return _mm512_max_epi32(a, b); }
 INLINE VI vi_max_u32(VI a, VI b) { return _mm512_max_epu32(a, b); }
@@ -373,6 +470,8 @@ INLINE VM vm_gt_u32(VI a, VI b) { return _mm512_cmpgt_epu32_mask(a, b); }
 INLINE VM vm_le_u32(VI a, VI b) { return _mm512_cmple_epu32_mask(a, b); }
 INLINE VM vm_gt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 INLINE VM vm_lt(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+INLINE VM vm_ge(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+INLINE VM vm_le(VF a, VF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
 INLINE VM vm_nan(VF a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
 INLINE VM vm_and(VM a, VM b) { return a & b; }
 INLINE VM vm_or(VM a, VM b) { return a | b; }
@@ -382,6 +481,10 @@ INLINE VI vi_inc(VM m, VI a) { return _mm512_mask_sub_epi32(a, m, a, vi_set1(0xF
 INLINE VF vf_select(VM m, VF a, VF b) { return _mm512_mask_mov_ps(b, m, a); }  /* a where m, else b */
 
 INLINE VT vt_load(const uint32_t *table16) { return _mm512_loadu_si512(table16); }
+/* bits(values[i] * s) */
+INLINE VT vt_scaled(const float *values16, float s) {
+    return _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(values16), _mm512_set1_ps(s)));
+}
 /* t[i & 15] */
 INLINE VI vt_lookup16(VI i, VT t) { return _mm512_permutexvar_epi32(i, t); }
 /* t[i & 7], for a table whose entries repeat with period 8 */
@@ -390,6 +493,21 @@ INLINE VI vt_lookup8(VI i, VT t) { return _mm512_permutexvar_epi32(i, t); }
 INLINE VI load_codes(const uint8_t *codes) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes)); }
 /* n in 0..255 */
 INLINE void store_codes(uint8_t *codes, VI n) { _mm_storeu_si128((__m128i *)codes, _mm512_cvtepi32_epi8(n)); }
+/* 32 codes below 16, 16 in each of n[0], n[1], two to a byte: code 2i in the low nibble of byte i
+ * (maddubs: code 2i + 16 * code 2i + 1 in each 16-bit lane) */
+INLINE void store_nibbles32(uint8_t *packed, const VI *n) {
+    const __m128i weights = _mm_set1_epi16(0x1001);
+    const __m128i a = _mm_maddubs_epi16(_mm512_cvtepi32_epi8(n[0]), weights);
+    const __m128i b = _mm_maddubs_epi16(_mm512_cvtepi32_epi8(n[1]), weights);
+    _mm_storeu_si128((__m128i *)packed, _mm_packus_epi16(a, b));
+}
+/* 4-bit codes two to a byte: lane j's low 4 bits are code j (the bits above it are not cleared) */
+INLINE VI load_nibbles(const uint8_t *packed) {
+    const VI word = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)packed));
+    const VI pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const VI shift = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm512_srlv_epi32(_mm512_permutexvar_epi32(pick, word), shift);
+}
 
 #else  /* AVX2 + FMA */
 #define LANES 8
@@ -420,6 +538,7 @@ INLINE VI vi_or(VI a, VI b) { return _mm256_or_si256(a, b); }
 INLINE VI vi_xor(VI a, VI b) { return _mm256_xor_si256(a, b); }
 INLINE VI vi_shl(VI a, unsigned n) { return _mm256_slli_epi32(a, (int)n); }
 INLINE VI vi_shr(VI a, unsigned n) { return _mm256_srli_epi32(a, (int)n); }
+INLINE VI vi_sra(VI a, unsigned n) { return _mm256_srai_epi32(a, (int)n); }
 INLINE VI vi_min_i32(VI a, VI b) { return _mm256_min_epi32(a, b); }
 INLINE VI vi_max_i32(VI a, VI b) { return _mm256_max_epi32(a, b); }
 INLINE VI vi_max_u32(VI a, VI b) { return _mm256_max_epu32(a, b); }
@@ -439,6 +558,8 @@ INLINE VM vm_gt_u32(VI a, VI b) {
 INLINE VM vm_le_u32(VI a, VI b) { return _mm256_cmpeq_epi32(_mm256_min_epu32(a, b), a); }
 INLINE VM vm_gt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
 INLINE VM vm_lt(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+INLINE VM vm_ge(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
+INLINE VM vm_le(VF a, VF b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LE_OQ)); }
 INLINE VM vm_nan(VF a) { return _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); }
 INLINE VM vm_and(VM a, VM b) { return _mm256_and_si256(a, b); }
 INLINE VM vm_or(VM a, VM b) { return _mm256_or_si256(a, b); }
@@ -451,6 +572,13 @@ INLINE VT vt_load(const uint32_t *table16) {
     VT t;
     t.lo = _mm256_loadu_si256((const __m256i *)table16);
     t.hi = _mm256_loadu_si256((const __m256i *)(table16 + 8));
+    return t;
+}
+/* bits(values[i] * s) */
+INLINE VT vt_scaled(const float *values16, float s) {
+    VT t;
+    t.lo = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(values16), _mm256_set1_ps(s)));
+    t.hi = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(values16 + 8), _mm256_set1_ps(s)));
     return t;
 }
 /* t[i & 15]: both halves' t[i & 7], chosen by bit 3 of i (moved to the sign bit, which blendv reads) */
@@ -467,6 +595,23 @@ INLINE VI load_codes(const uint8_t *codes) { return _mm256_cvtepu8_epi32(_mm_loa
 INLINE void store_codes(uint8_t *codes, VI n) {
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
     _mm_storel_epi64((__m128i *)codes, _mm_packus_epi16(w, w));
+}
+/* 32 codes below 16, 8 in each of n[0..3], two to a byte: code 2i in the low nibble of byte i. The
+ * packs interleave the 128-bit lanes (dwords of 4 codes: n0 0-3, n1 0-3, n2 0-3, n3 0-3, then the
+ * 4-7s), the permutation restores their order, and maddubs makes code 2i + 16 * code 2i + 1 of each
+ * pair of bytes. */
+INLINE void store_nibbles32(uint8_t *packed, const VI *n) {
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(n[0], n[1]), _mm256_packus_epi32(n[2], n[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i pairs = _mm256_maddubs_epi16(ordered, _mm256_set1_epi16(0x1001));
+    const __m128i lo = _mm256_castsi256_si128(pairs), hi = _mm256_extracti128_si256(pairs, 1);
+    _mm_storeu_si128((__m128i *)packed, _mm_packus_epi16(lo, hi));
+}
+/* 4-bit codes two to a byte: lane j's low 4 bits are code j (the bits above it are not cleared) */
+INLINE VI load_nibbles(const uint8_t *packed) {
+    uint32_t word;
+    memcpy(&word, packed, 4);
+    return _mm256_srlv_epi32(_mm256_set1_epi32((int)word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
 }
 #endif
 
@@ -566,76 +711,285 @@ INLINE void encode_block_vec(uint8_t *codes, const float *x, float absmax, const
 
 INLINE float absmax_vec(VI m) { return float_of(vi_reduce_max_u32(m)); }
 
-INLINE void fast_block(const LowBitTensor *t, const Group *gr, int64_t start, int amsgrad) {
-    /* float32 params (other than Kahan's) and grads in place; others through buffers, as step_block */
-    float p_buf[QBLOCK] __attribute__((aligned(64))), g_buf[QBLOCK] __attribute__((aligned(64)));
+/* ---------------------------------------------------------------------------------------------
+ * the fast paths' update: step_block's operations on LANES values */
+
+typedef struct {
+    VF decay, coeff, beta2, omb2, eps, scale, nss, bc2s;
+    VI sign;    /* the sign bit with maximize, else 0 */
+    VM small;   /* all lanes with torch's lerp form for |w| < 0.5 */
+    int unscale;
+} Update;
+
+INLINE Update update_init(const LowBitTensor *t, const Group *gr) {
+    Update u;
+    u.decay = vf_set1(gr->weight_decay ? gr->decay : 1.0f);
+    u.coeff = vf_set1(gr->lerp_coeff);
+    u.beta2 = vf_set1(gr->beta2);
+    u.omb2 = vf_set1(gr->one_minus_beta2);
+    u.eps = vf_set1(gr->eps);
+    u.scale = vf_set1(gr->grad_scale);
+    u.nss = vf_set1((float)t->neg_step_size);
+    u.bc2s = vf_set1((float)t->bc2_sqrt);
+    u.sign = vi_set1(gr->maximize ? 0x80000000u : 0);
+    u.small = vm_nonzero(vi_set1(gr->lerp_small ? 1 : 0));
+    u.unscale = t->unscale;
+    return u;
+}
+
+/* The new p from p and g; m, v and (amsgrad) vmax, decoded, are updated in place. */
+INLINE VF update_vec(const Update *u, VF p, VF g, VF *m, VF *v, VF *vmax, int amsgrad) {
+    if (u->unscale) g = vf_div(g, u->scale);
+    g = vi_float(vi_xor(vf_bits(g), u->sign));  /* -g with maximize */
+    p = vf_mul(p, u->decay);                    /* by 1 (exactly p) without weight decay */
+    *m = vf_fmadd(u->coeff, vf_sub(g, *m), vf_select(u->small, *m, g));
+    *v = vf_fmadd(vf_mul(u->omb2, g), g, vf_mul(*v, u->beta2));
+    VF d = *v;
+    if (amsgrad) {
+        const VF a = *vmax;
+        d = *vmax = vf_select(vm_nan(a), a, vf_max(a, *v));  /* torch.maximum: NaN propagates */
+    }
+    return vf_add(p, vf_div(vf_mul(u->nss, *m), vf_add(vf_div(vf_sqrt(d), u->bc2s), u->eps)));
+}
+
+/* One vector of a fast path's block, after its moments are decoded: the param updated in place, the
+ * new moments kept in the block's buffers out[0..2] (max_exp_avg_sq with amsgrad) and their running
+ * max |x| (the block's absmax: a NaN's bits order above infinity's) in max[0..2]. */
+INLINE void update_lanes(const Update *u, float *param, const float *grad, VF m, VF v, VF x, int amsgrad,
+                         float *const out[3], VI max[3]) {
+    vf_store(param, update_vec(u, vf_load(param), vf_load(grad), &m, &v, &x, amsgrad));
+    const VI abs_mask = vi_set1(0x7FFFFFFFu);
+    vf_store(out[0], m);
+    vf_store(out[1], v);
+    max[0] = vi_max_u32(max[0], vi_and(vf_bits(m), abs_mask));
+    max[1] = vi_max_u32(max[1], vi_and(vf_bits(v), abs_mask));
+    if (amsgrad) {
+        vf_store(out[2], x);
+        max[2] = vi_max_u32(max[2], vi_and(vf_bits(x), abs_mask));
+    }
+}
+
+/* Values start .. start + len of the param and grad as float32: float32 params (other than Kahan's)
+ * and grads in place, others loaded into the buffers, as step_block does. Returns whether the param
+ * is in place (else store_param writes p_buf back). */
+INLINE int stage(const LowBitTensor *t, int64_t start, int len, float *p_buf, float *g_buf, float **param,
+                 const float **grad) {
     const int direct = t->param_dtype == DTYPE_FLOAT32 && t->param_update != UPDATE_KAHAN;
-    float *param = direct ? (float *)t->param + start : p_buf;
+    *param = direct ? (float *)t->param + start : p_buf;
     if (!direct) {
-        load_values(p_buf, t->param, t->param_dtype, start, QBLOCK);
+        load_values(p_buf, t->param, t->param_dtype, start, len);
         if (t->param_update == UPDATE_KAHAN) {
             const uint16_t *c = t->comp + start;
-            for (int i = 0; i < QBLOCK; i++) p_buf[i] = p_buf[i] + bf16_to_float(c[i]);
+            for (int i = 0; i < len; i++) p_buf[i] = p_buf[i] + bf16_to_float(c[i]);
         }
     }
-    const float *grad = (const float *)t->grad + start;
+    *grad = (const float *)t->grad + start;
     if (t->grad_dtype != DTYPE_FLOAT32) {
-        load_values(g_buf, t->grad, t->grad_dtype, start, QBLOCK);
-        grad = g_buf;
+        load_values(g_buf, t->grad, t->grad_dtype, start, len);
+        *grad = g_buf;
     }
+    return direct;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the 8-bit fast path: a whole block of a tensor whose moments are all 8-bit */
+
+INLINE void fast_block(const LowBitTensor *t, const Group *gr, int64_t start, int amsgrad) {
+    float p_buf[QBLOCK] __attribute__((aligned(64))), g_buf[QBLOCK] __attribute__((aligned(64)));
+    float *param;
+    const float *grad;
+    const int direct = stage(t, start, QBLOCK, p_buf, g_buf, &param, &grad);
     uint8_t *codes[3];
     for (int w = 0; w < 3; w++) codes[w] = t->moment[w] ? (uint8_t *)t->moment[w] + start : NULL;
     const int64_t blk = start / QBLOCK;
     const VF am = vf_set1(t->absmax[0][blk]), av = vf_set1(t->absmax[1][blk]);
     const VF ax = amsgrad ? vf_set1(t->absmax[2][blk]) : am;
     const VT sdec = vt_load(gr->ladder.sdec16), udec = vt_load(gr->ladder.udec16);
-    const VF decay = vf_set1(gr->decay), coeff = vf_set1(gr->lerp_coeff);
-    const VF beta2 = vf_set1(gr->beta2), omb2 = vf_set1(gr->one_minus_beta2);
-    const VF eps = vf_set1(gr->eps), scale = vf_set1(gr->grad_scale);
-    const VF nss = vf_set1((float)t->neg_step_size), bc2s = vf_set1((float)t->bc2_sqrt);
-    const VI abs_mask = vi_set1(0x7FFFFFFFu), sign = vi_set1(0x80000000u);
-    const int unscale = t->unscale, maximize = gr->maximize, wd = gr->weight_decay, small = gr->lerp_small;
+    const Update u = update_init(t, gr);
     float m_out[QBLOCK] __attribute__((aligned(64))), v_out[QBLOCK] __attribute__((aligned(64)));
     float x_out[QBLOCK] __attribute__((aligned(64)));
-    VI mmax = vi_zero(), vmax = mmax, xmax = mmax;
+    VI max[3] = {vi_zero(), vi_zero(), vi_zero()};
     for (int i = 0; i < QBLOCK; i += LANES) {
-        VF p = vf_load(param + i), g = vf_load(grad + i);
-        if (unscale) g = vf_div(g, scale);
-        if (maximize) g = vi_float(vi_xor(vf_bits(g), sign));
-        VF m = decode_vec(codes[0] + i, sdec, am, 1);
-        VF v = decode_vec(codes[1] + i, udec, av, 0);
-        if (wd) p = vf_mul(p, decay);
-        m = vf_fmadd(coeff, vf_sub(g, m), small ? m : g);
-        v = vf_fmadd(vf_mul(omb2, g), g, vf_mul(v, beta2));
-        VF d = v;
-        if (amsgrad) {
-            const VF a = decode_vec(codes[2] + i, udec, ax, 0);
-            d = vf_select(vm_nan(a), a, vf_max(a, v));  /* torch.maximum: NaN propagates */
-            vf_store(x_out + i, d);
-            xmax = vi_max_u32(xmax, vi_and(vf_bits(d), abs_mask));
-        }
-        p = vf_add(p, vf_div(vf_mul(nss, m), vf_add(vf_div(vf_sqrt(d), bc2s), eps)));
-        vf_store(param + i, p);
-        vf_store(m_out + i, m);
-        vf_store(v_out + i, v);
-        mmax = vi_max_u32(mmax, vi_and(vf_bits(m), abs_mask));
-        vmax = vi_max_u32(vmax, vi_and(vf_bits(v), abs_mask));
+        VF m = decode_vec(codes[0] + i, sdec, am, 1), v = decode_vec(codes[1] + i, udec, av, 0);
+        VF x = amsgrad ? decode_vec(codes[2] + i, udec, ax, 0) : v;
+        float *const out[3] = {m_out + i, v_out + i, x_out + i};
+        update_lanes(&u, param + i, grad + i, m, v, x, amsgrad, out, max);
     }
     if (!direct) store_param(t, p_buf, start, QBLOCK);
-    const float amax_m = absmax_vec(mmax), amax_v = absmax_vec(vmax);
+    const float amax_m = absmax_vec(max[0]), amax_v = absmax_vec(max[1]);
     t->absmax[0][blk] = amax_m;
     t->absmax[1][blk] = amax_v;
     encode_block_vec(codes[0], m_out, amax_m, &gr->ladder, 1);
     encode_block_vec(codes[1], v_out, amax_v, &gr->ladder, 0);
     if (amsgrad) {
-        const float amax_x = absmax_vec(xmax);
+        const float amax_x = absmax_vec(max[2]);
         t->absmax[2][blk] = amax_x;
         encode_block_vec(codes[2], x_out, amax_x, &gr->ladder, 0);
     }
 }
 
-static void fast_block_plain(const LowBitTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 0); }
-static void fast_block_amsgrad(const LowBitTensor *t, const Group *gr, int64_t start) { fast_block(t, gr, start, 1); }
+/* ---------------------------------------------------------------------------------------------
+ * the 4-bit fast path: whole blocks of a tensor whose moments are all 4-bit, each block updated into
+ * buffers, then encoded. Decoding looks each code up in the block's table scaled by its absmax
+ * (values[c] * absmax, step_block's product). Encoding compares each value with the block's
+ * thresholds instead of dividing it (see Block4): the same codes as encode_block4's, for any table. */
+
+INLINE VF decode4_vec(const uint8_t *packed, VT scaled) { return vi_float(vt_lookup16(load_nibbles(packed), scaled)); }
+
+/* A block's thresholds: threshold k is the least float32 x with x / s (correctly rounded) above
+ * midpoint k, so that, x / s being non-decreasing in x, the count of midpoints below |y| (signed
+ * code) or y is the count of thresholds at or below |x| or x. The signed code's 7 are searched
+ * (`sorted`, NaN after them: 3 compares). The unsigned code counts its run from the bits,
+ * clamp((bits(x) - run_base) >> 23, 0, run) for x > 0 with run_base = bits(the top threshold) -
+ * (run << 23), and compares x with each threshold below the run (`below`). The run's thresholds are
+ * the top one's times 2^-j: so are their bounds (Code4), and the least float32 above a bound scales
+ * with it while normal, as every threshold here is. y < 0 exactly when x <= sign. */
+typedef struct {
+    VT sorted;
+    VF middle, sign;
+    VI run_base, run;
+    VF below[UNSIGNED4_MIDS];
+} Block4;
+
+/* Threshold k for the safe absmax s: the float32 next above bound * s, or bound * s itself where a
+ * float32 and the tie does not round down. */
+INLINE uint32_t threshold4(const Code4 *c, int k, float s) {
+    const double scaled = c->bound[k] * (double)s;
+    const float f = (float)scaled;
+    const double back = (double)f;
+    return bits_of(f) + ((uint32_t)(back < scaled) | ((uint32_t)(back == scaled) & c->tie_down[k]));
+}
+
+/* Whether a block with this absmax has its Block4: its thresholds are normal floats (else it takes
+ * the quotients, as encode_block4). */
+INLINE int block4_init(Block4 *b, const Code4 *c, float absmax, int is_signed) {
+    const float s = absmax > 0 ? absmax : 1.0f;
+    if (!c->thresholds || s == INFINITY || c->bound[0] * (double)s < 0x1p-126) return 0;
+    uint32_t t[16];
+    if (is_signed) {
+        for (int k = 0; k < 8; k++) t[k] = threshold4(c, k, s);  /* one loop of 8: vectorized */
+        for (int k = SIGNED4_MIDS; k < 16; k++) t[k] = 0x7FC00000u;  /* NaN: never at or below x */
+        b->sorted = vt_load(t);
+        b->middle = vi_float(vi_set1(t[3]));
+        /* zero's: x / s rounds above 0 from 2^-150 * s up (a tie to 0): in units of 2^-149, s / 2 */
+        const uint32_t zero = s < 0x1p24f ? (uint32_t)((double)s * 0.5) + 1 : bits_of((float)(s * 0x1p-150)) + 1;
+        b->sign = vf_set1(-float_of(zero));
+        return 1;
+    }
+    const uint32_t top = threshold4(c, c->count - 1, s);
+    b->run_base = vi_set1(top - ((uint32_t)c->run << 23));
+    b->run = vi_set1((uint32_t)c->run);
+    for (int e = 0; e < c->explicit; e++) b->below[e] = vi_float(vi_set1(threshold4(c, e, s)));
+    return 1;
+}
+
+/* The codes (below 16) of LANES values x. */
+INLINE VI codes4_vec(VF x, const Block4 *b, const Code4 *c, int is_signed) {
+    if (is_signed) {  /* thresholds 0-6: 3 at or below (4), then 1 or 5 (2), then 0, 2, 4 or 6 (1) */
+        const VF magnitude = vi_float(vi_and(vf_bits(x), vi_set1(0x7FFFFFFFu)));
+        VI n = vi_keep(vm_ge(magnitude, b->middle), vi_set1(4));
+        n = vi_or(n, vi_keep(vm_ge(magnitude, vi_float(vt_lookup8(vi_or(n, vi_set1(1)), b->sorted))), vi_set1(2)));
+        n = vi_inc(vm_ge(magnitude, vi_float(vt_lookup8(n, b->sorted))), n);
+        return vi_or(n, vi_keep(vm_le(x, b->sign), vi_set1(8)));
+    }
+    VI n = vi_zero();
+    if (c->run) {  /* max(x, 0) is 0 for NaN (its second operand) */
+        const VI octaves = vi_sra(vi_sub(vf_bits(vf_max(x, vf_zero())), b->run_base), 23);
+        n = vi_min_i32(vi_max_i32(octaves, vi_zero()), b->run);
+    }
+    for (int e = 0; e < c->explicit; e++) n = vi_inc(vm_ge(x, b->below[e]), n);  /* NaN: never */
+    return n;
+}
+
+/* As encode_block4 (the quotients), for a block without thresholds. */
+INLINE VI codes4_div_vec(VF x, VF safe, const float *mids, int count, int is_signed) {
+    const VF y = vf_div(x, safe);
+    const VF magnitude = is_signed ? vi_float(vi_and(vf_bits(y), vi_set1(0x7FFFFFFFu))) : y;
+    VI n = vi_zero();
+    for (int j = 0; j < count; j++) n = vi_inc(vm_gt(magnitude, vf_set1(mids[j])), n);  /* NaN: never */
+    if (is_signed) n = vi_or(n, vi_keep(vm_lt(y, vf_zero()), vi_set1(8)));
+    return n;
+}
+
+#define NIBBLE_VECS (32 / LANES)  /* vectors of codes that store_nibbles32 packs */
+
+/* A block's codes: by its thresholds, or its quotients where it has none. */
+INLINE void encode4_block_vec(uint8_t *packed, const float *x, float absmax, const Code4 *code, const float *mids,
+                              int is_signed) {
+    Block4 b;
+    if (block4_init(&b, code, absmax, is_signed)) {
+        for (int i = 0; i < QBLOCK4; i += 32) {
+            VI n[NIBBLE_VECS];
+            for (int l = 0; l < NIBBLE_VECS; l++) n[l] = codes4_vec(vf_load(x + i + l * LANES), &b, code, is_signed);
+            store_nibbles32(packed + i / 2, n);
+        }
+        return;
+    }
+    const VF safe = vf_set1(absmax > 0 ? absmax : 1.0f);
+    for (int i = 0; i < QBLOCK4; i += 32) {
+        VI n[NIBBLE_VECS];
+        for (int l = 0; l < NIBBLE_VECS; l++)
+            n[l] = codes4_div_vec(vf_load(x + i + l * LANES), safe, mids, code->count, is_signed);
+        store_nibbles32(packed + i / 2, n);
+    }
+}
+
+/* Whole blocks of 4-bit moments from value `start` to `end` (multiples of QBLOCK). */
+INLINE void fast4_range(const LowBitTensor *t, const Group *gr, int64_t start, int64_t end, int amsgrad) {
+    float p_buf[QBLOCK4] __attribute__((aligned(64))), g_buf[QBLOCK4] __attribute__((aligned(64)));
+    float m_out[QBLOCK4] __attribute__((aligned(64))), v_out[QBLOCK4] __attribute__((aligned(64)));
+    float x_out[QBLOCK4] __attribute__((aligned(64)));
+    const Update u = update_init(t, gr);
+    for (int64_t at = start; at < end; at += QBLOCK4) {
+        float *param;
+        const float *grad;
+        const int direct = stage(t, at, QBLOCK4, p_buf, g_buf, &param, &grad);
+        const int64_t blk = at / QBLOCK4;
+        const VT mdec = vt_scaled(gr->signed4_values, t->absmax[0][blk]);
+        const VT vdec = vt_scaled(gr->unsigned4_values, t->absmax[1][blk]);
+        const VT xdec = amsgrad ? vt_scaled(gr->unsigned4_values, t->absmax[2][blk]) : vdec;
+        uint8_t *mc = (uint8_t *)t->moment[0] + at / 2, *vc = (uint8_t *)t->moment[1] + at / 2;
+        uint8_t *xc = amsgrad ? (uint8_t *)t->moment[2] + at / 2 : mc;
+        VI max[3] = {vi_zero(), vi_zero(), vi_zero()};
+        for (int i = 0; i < QBLOCK4; i += LANES) {
+            VF m = decode4_vec(mc + i / 2, mdec), v = decode4_vec(vc + i / 2, vdec);
+            VF x = amsgrad ? decode4_vec(xc + i / 2, xdec) : v;
+            float *const out[3] = {m_out + i, v_out + i, x_out + i};
+            update_lanes(&u, param + i, grad + i, m, v, x, amsgrad, out, max);
+        }
+        if (!direct) store_param(t, p_buf, at, QBLOCK4);
+        const float amax_m = t->absmax[0][blk] = absmax_vec(max[0]), amax_v = t->absmax[1][blk] = absmax_vec(max[1]);
+        encode4_block_vec(mc, m_out, amax_m, &gr->signed4, gr->signed4_mids, 1);
+        encode4_block_vec(vc, v_out, amax_v, &gr->unsigned4, gr->unsigned4_mids, 0);
+        if (amsgrad) {
+            const float amax_x = t->absmax[2][blk] = absmax_vec(max[2]);
+            encode4_block_vec(xc, x_out, amax_x, &gr->unsigned4, gr->unsigned4_mids, 0);
+        }
+    }
+}
+
+/* A tensor's whole blocks begin .. end (of QBLOCK values) on a fast path. */
+typedef void (*FastBlocks)(const LowBitTensor *, const Group *, int64_t, int64_t);
+static void fast8_plain(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) fast_block(t, gr, b * QBLOCK, 0);
+}
+static void fast8_amsgrad(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) fast_block(t, gr, b * QBLOCK, 1);
+}
+static void fast4_plain(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
+    fast4_range(t, gr, begin * QBLOCK, end * QBLOCK, 0);
+}
+static void fast4_amsgrad(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
+    fast4_range(t, gr, begin * QBLOCK, end * QBLOCK, 1);
+}
+
+/* The fast path for tensor t's whole blocks, or NULL where it has none. */
+static FastBlocks fast_path(const LowBitTensor *t, const Group *gr) {
+    if (t->moment_dtype == DTYPE_UINT8 && gr->ladder.ok) return gr->amsgrad ? fast8_amsgrad : fast8_plain;
+    if (t->moment_dtype == DTYPE_UINT4X2) return gr->amsgrad ? fast4_amsgrad : fast4_plain;
+    return NULL;
+}
+
 #define HAVE_FAST_BLOCK 1
 #else
 #define HAVE_FAST_BLOCK 0
@@ -659,9 +1013,10 @@ static void fill_table(float *bounds, const float *mids, int top) {
     bounds[top + 1] = INFINITY;
 }
 
-/* codes: the signed code's 256 values and 127 midpoints, then the unsigned code's 256 values and
- * 255 midpoints (adamw.states.quantize's tables, as the host passes them); grads: each tensor's
- * grad. Returns 0, or -1 for a tensor of an unknown dtype (before anything changed). */
+/* codes: the 8-bit signed code's 256 values and 127 midpoints, the unsigned code's 256 values and
+ * 255 midpoints, then the 4-bit signed code's 16 values and 7 midpoints and the unsigned code's 16
+ * values and 15 midpoints (adamw.states.quantize's tables, as the host passes them); grads: each
+ * tensor's grad. Returns 0, or -1 for a tensor of an unknown dtype (before anything changed). */
 int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, const void *const *grads,
                     const float *codes, double lr, double beta1, double beta2, double decay, double eps,
                     double grad_scale, int amsgrad, int maximize, int weight_decay, int num_threads) {
@@ -671,7 +1026,7 @@ int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, c
             return -1;
         if (t->grad_dtype != DTYPE_FLOAT32 && t->grad_dtype != DTYPE_BFLOAT16 && t->grad_dtype != DTYPE_FLOAT16)
             return -1;
-        if (t->moment_dtype < DTYPE_FLOAT32 || t->moment_dtype > DTYPE_UINT8 || t->moment_dtype == DTYPE_FLOAT64)
+        if (t->moment_dtype < DTYPE_FLOAT32 || t->moment_dtype > DTYPE_UINT4X2 || t->moment_dtype == DTYPE_FLOAT64)
             return -1;
         if (t->step_dtype != DTYPE_FLOAT32 && t->step_dtype != DTYPE_FLOAT64) return -1;
     }
@@ -710,6 +1065,13 @@ int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, c
     for (int i = 0; i < (1 << GUESS_BITS); i++)
         gr.guess[i] = (int32_t)lrint(8.0 * log2(1.0 + (i + 0.5) / (1 << GUESS_BITS)));
     ladder_init(&gr.ladder, codes);
+    const float *codes4 = codes + 512 + SIGNED_TOP + UNSIGNED_TOP;
+    memcpy(gr.signed4_values, codes4, 16 * sizeof(float));
+    memcpy(gr.signed4_mids, codes4 + 16, SIGNED4_MIDS * sizeof(float));
+    memcpy(gr.unsigned4_values, codes4 + 16 + SIGNED4_MIDS, 16 * sizeof(float));
+    memcpy(gr.unsigned4_mids, codes4 + 32 + SIGNED4_MIDS, UNSIGNED4_MIDS * sizeof(float));
+    code4_init(&gr.signed4, gr.signed4_mids, SIGNED4_MIDS);
+    code4_init(&gr.unsigned4, gr.unsigned4_mids, UNSIGNED4_MIDS);
 
     const int threads = team_size(num_threads, total_blocks, MIN_PARALLEL_BLOCKS);
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -721,12 +1083,11 @@ int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, c
                 const Range part = clip(mine, t->first_block, (t->numel + QBLOCK - 1) / QBLOCK);
                 int64_t b = part.begin;
 #if HAVE_FAST_BLOCK
-                if (gr.ladder.ok && t->moment_dtype == DTYPE_UINT8) {
-                    const int64_t whole = part.end < t->numel / QBLOCK ? part.end : t->numel / QBLOCK;
-                    if (gr.amsgrad)
-                        for (; b < whole; b++) fast_block_amsgrad(t, &gr, b * QBLOCK);
-                    else
-                        for (; b < whole; b++) fast_block_plain(t, &gr, b * QBLOCK);
+                const FastBlocks fast = fast_path(t, &gr);
+                const int64_t whole = part.end < t->numel / QBLOCK ? part.end : t->numel / QBLOCK;
+                if (fast && b < whole) {
+                    fast(t, &gr, b, whole);
+                    b = whole;
                 }
 #endif
                 for (; b < part.end; b++) {
@@ -741,4 +1102,4 @@ int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, c
 }
 
 /* The ABI version the Python loader checks, bumped with any change to LowBitTensor or adamw_low_bit_step. */
-int adamw_low_bit_abi_version(void) { return 2; }
+int adamw_low_bit_abi_version(void) { return 3; }

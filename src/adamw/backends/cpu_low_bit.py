@@ -1,5 +1,5 @@
-"""The low-bit CPU kernel (``fused=True`` on CPU with bf16/8-bit moments or bf16 params without a master
-copy): ``adamw_cpu_low_bit.c``, one call per group and step.
+"""The low-bit CPU kernel (``fused=True`` on CPU with bf16, 8-bit or 4-bit moments or bf16 params without a
+master copy): ``adamw_cpu_low_bit.c``, one call per group and step.
 
 Mirrors :func:`adamw.backends.forloop.reference_step` bit for bit (the C source's header states the
 operation order and the storage rules). Built on first use by :mod:`adamw.backends._native`, as the
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, num_blocks
+from ..states.formats import INT4, INT8, MOMENTS, format_for
+from ..states.quantize import num_blocks
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -47,11 +48,12 @@ from .low_bit import (
 )
 
 SOURCE = Path(__file__).with_name("adamw_cpu_low_bit.c")
-ABI_VERSION = 2
-QBLOCK = 256  # the C source's QBLOCK
+ABI_VERSION = 3
+QBLOCK, QBLOCK4 = 256, 128  # the C source's QBLOCK and QBLOCK4
 
 # The kernel's dtype codes (its enum); float64 and complex128 params run the reference.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.uint8: 4}
+_UINT4X2 = 5  # DTYPE_UINT4X2: 4-bit moments, two codes a byte (uint8 tensors, told apart by their format)
 _STEP_CODES = {torch.float32: 0, torch.float64: 1}  # the step counters the kernel increments
 _UPDATE_CODES = {"round": 0, "stochastic": 1, "kahan": 2}
 _PURPOSES = (PURPOSE_PARAM, PURPOSE_EXP_AVG, PURPOSE_EXP_AVG_SQ, PURPOSE_MAX_EXP_AVG_SQ)  # LowBitTensor.key order
@@ -103,9 +105,17 @@ _WHAT = "low-bit CPU kernel (fused=True on CPU tensors with state_precision/para
 KERNEL = _native.Kernel(SOURCE, _bind, _WHAT, "fused=None")
 
 
-# Both code tables, values then midpoints (the C source's layout of ``codes``).
-_CODES = torch.cat([t.to(torch.float32) for t in (*SIGNED_CODE.tables("cpu"), *UNSIGNED_CODE.tables("cpu"))])
-assert _CODES.numel() == 256 + 127 + 256 + 255 and BLOCK_SIZE == QBLOCK
+def code_tables() -> Tensor:
+    """The kernel's ``codes``: each table's values then midpoints, the 8-bit format's exp_avg (signed)
+    and exp_avg_sq (unsigned) codes, then the 4-bit format's; max_exp_avg_sq takes exp_avg_sq's."""
+    assert all(fmt.codes["max_exp_avg_sq"] is fmt.codes["exp_avg_sq"] for fmt in (INT8, INT4))
+    codes = torch.cat([t for fmt in (INT8, INT4) for key in MOMENTS[:2] for t in fmt.codes[key].tables("cpu")])
+    assert codes.dtype == torch.float32 and codes.numel() == 256 + 127 + 256 + 255 + 16 + 7 + 16 + 15
+    return codes
+
+
+_CODES = code_tables()  # the tables are fixed once the formats are made
+assert (INT8.block_size, INT4.block_size) == (QBLOCK, QBLOCK4)
 
 
 def step_low_bit(
@@ -128,11 +138,11 @@ def step_low_bit(
     table = _tables.get(key, memory)
     group = None
     if table is None:
-        group = sort_group(params, grads, states, state_steps, hyper, storage, _takes)
+        group = sort_group(params, grads, states, state_steps, hyper, storage, _takes, quantized=(INT8, INT4))
         reference = [state_steps[i] for i, _ in group.reference]
         for (i, grad), number in zip(group.reference, bump_steps(reference), strict=True):
             reference_step(params[i], grad, states[i], number, streams[i], hyper, storage, *scalars)
-        table = _build(group.kernel, state_steps, streams, storage.seed)
+        table = _build(group.kernel, state_steps, streams, storage)
         if group.reusable:
             _tables.put(key, memory, table, nbytes=ctypes.sizeof(table.rows) + 8 * table.count)
         grads = [kernel_param.grad for kernel_param in group.kernel]  # unscaled or contiguous copies where needed
@@ -167,7 +177,9 @@ class _Table:
 _tables: PlanCache[_Table] = PlanCache()
 
 
-def _build(kernel_params: list[KernelParam], state_steps: list[Tensor], streams: list[int], seed: int) -> _Table:
+def _build(
+    kernel_params: list[KernelParam], state_steps: list[Tensor], streams: list[int], storage: StorageFormat
+) -> _Table:
     """Lay out the row of every param the kernel takes."""
     rows: list[_Tensor] = []
     total_blocks = 0
@@ -185,9 +197,10 @@ def _build(kernel_params: list[KernelParam], state_steps: list[Tensor], streams:
         row.step, row.step_dtype = step_t.data_ptr(), _STEP_CODES[step_t.dtype]
         row.numel, row.first_block = real.numel(), total_blocks
         for j, purpose in enumerate(_PURPOSES):
-            row.stream_key[j] = stream_key(seed, stream, purpose)
+            row.stream_key[j] = stream_key(storage.seed, stream, purpose)
         row.param_dtype, row.grad_dtype = _DTYPE_CODES[real.dtype], _DTYPE_CODES[real_grad.dtype]
-        row.moment_dtype = _DTYPE_CODES[moments[0].dtype]
+        four_bit = format_for(real, storage.state_precision) is INT4  # the format sort_group laid out
+        row.moment_dtype = _UINT4X2 if four_bit else _DTYPE_CODES[moments[0].dtype]
         row.param_update, row.unscale = _UPDATE_CODES[kernel_param.param_update], int(kernel_param.unscale)
         rows.append(row)
         total_blocks += num_blocks(real.numel())

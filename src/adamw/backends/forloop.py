@@ -140,7 +140,8 @@ def reference_step(
         p = real_param.to(dtype)  # the param itself when it is already of the compute dtype
     if hyper.weight_decay != 0:
         p.mul_(1 - lr * hyper.weight_decay)
-    moments = {key: fmt.decode(state, key, dtype) for key in (MOMENTS if hyper.amsgrad else MOMENTS[:2])}
+    keys = MOMENTS if hyper.amsgrad else MOMENTS[:2]
+    moments = {key: fmt.decode(state, key, dtype, tuple(real_param.shape)) for key in keys}
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
     _update(p, grad, exp_avg, exp_avg_sq, moments.get("max_exp_avg_sq"), step, hyper, lr, beta1, beta2, sqrt_rn, beta1)
 

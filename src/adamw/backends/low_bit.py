@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from ..states import KAHAN_KEY
-from ..states.formats import ABSMAX_SUFFIX, MOMENTS, Int8Format, StateFormat, format_for
-from ..states.quantize import num_blocks
+from ..states.formats import ABSMAX_SUFFIX, INT8, MOMENTS, BlockwiseFormat, StateFormat, format_for
 from ..states.rounding import effective_param_update
 from ._common import PLAIN_TYPES, Hyper, host_value
 from ._plans import fingerprint
@@ -83,9 +82,11 @@ def sort_group(
     hyper: Hyper,
     storage: StorageFormat,
     takes: Callable[[Tensor, Tensor], bool],
+    quantized: tuple[BlockwiseFormat, ...] = (INT8,),
 ) -> SortedGroup:
-    """Sort every param to the kernel, where :func:`_kernel_columns` lays it out and ``takes(param,
-    step counter)`` (which may raise for a device the kernel does not run), else to the reference."""
+    """Sort every param to the kernel, where :func:`_kernel_columns` lays it out (in a plain format or
+    one of the blockwise formats ``quantized``) and ``takes(param, step counter)`` (which may raise for
+    a device the kernel does not run), else to the reference."""
     scale = hyper.grad_scale
     sorted_group = SortedGroup([], [], [], reusable=True)
     for i, (param, grad, state, step) in enumerate(zip(params, grads, states, steps, strict=True)):
@@ -98,7 +99,7 @@ def sort_group(
             grad = grad / scale.to(grad.device)
             sorted_group.reusable = False
         fmt = format_for(param, storage.state_precision)
-        columns = _kernel_columns(param, grad, state, fmt, hyper.amsgrad, param_update)
+        columns = _kernel_columns(param, grad, state, fmt, hyper.amsgrad, param_update, quantized)
         if columns is None or not takes(param, step):
             unscaled = grad / scale.to(grad.device) if unscale and scale is not None else grad
             sorted_group.reference.append((i, unscaled))
@@ -118,7 +119,13 @@ def sort_group(
 
 
 def _kernel_columns(
-    param: Tensor, grad: Tensor, state: dict[str, Tensor], fmt: StateFormat, amsgrad: bool, param_update: str
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    fmt: StateFormat,
+    amsgrad: bool,
+    param_update: str,
+    quantized: tuple[BlockwiseFormat, ...],
 ) -> list[Tensor | None] | None:
     """A param's columns (see :class:`KernelParam`: the moments padded to three, laid out as ``fmt``
     says), or None where the kernels do not take it (the reference then steps the param, and raises
@@ -134,18 +141,24 @@ def _kernel_columns(
     if any(key not in state or type(state[key]) not in (Tensor, torch.nn.Parameter) for key in keys):
         return None
     moments = [real_view(state[key]) for key in keys]
-    # The dtype fmt stores a moment in (uint8: 8-bit codes); None for the formats the kernels lack.
-    plain = {"param": real.dtype, "float32": torch.float32, "bf16": torch.bfloat16}
-    stored = torch.uint8 if isinstance(fmt, Int8Format) else plain.get(fmt.name)
-    if any(m.dtype != stored or m.shape != real.shape or m.device != real.device for m in moments):
-        return None
     absmaxes: list[Tensor | None] = [None, None, None]
-    if isinstance(fmt, Int8Format):
+    if isinstance(fmt, BlockwiseFormat):
+        if fmt not in quantized:
+            return None
+        layout = {key: fmt.layout(real, key) for key in keys}
         for j, key in enumerate(keys):
-            absmax = state.get(key + ABSMAX_SUFFIX)
-            if absmax is None or absmax.dtype != torch.float32 or absmax.numel() != num_blocks(real.numel()):
+            codes, absmax = state[key], state.get(key + ABSMAX_SUFFIX)
+            (codes_dtype, codes_shape), (_, absmax_shape) = layout[key].values()
+            if codes.dtype != codes_dtype or tuple(codes.shape) != codes_shape or codes.device != real.device:
+                return None
+            if absmax is None or absmax.dtype != torch.float32 or tuple(absmax.shape) != absmax_shape:
                 return None
             absmaxes[j] = absmax
+    else:
+        # The dtype fmt stores a moment in; None for the formats the kernels lack.
+        stored = {"param": real.dtype, "float32": torch.float32, "bf16": torch.bfloat16}.get(fmt.name)
+        if any(m.dtype != stored or m.shape != real.shape or m.device != real.device for m in moments):
+            return None
     comp = None
     if param_update == "kahan":
         comp = state.get(KAHAN_KEY)

@@ -60,7 +60,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..states.quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE
+from ..states.formats import INT4, INT8, BlockwiseFormat, format_for
+from ..states.quantize import BLOCK_SIZE
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
     PURPOSE_EXP_AVG_SQ,
@@ -481,11 +482,12 @@ def _kernels() -> ModuleType:
 
 
 # --------------------------------------------------------------------------------------------------
-# the low-bit step: bf16 or 8-bit moments, bf16 params written by stochastic rounding or Kahan
+# the low-bit step: bf16, 8-bit or 4-bit moments, bf16 params written by stochastic rounding or Kahan
 
-# Blocks of 256 values per program (a power of two). On GPUs a program streams 1024 values (tune
-# on a GPU). Under the interpreter two blocks per program: fewer (slow) programs, and a test tensor
-# still ends in a program with a short block, or with a block wholly past its end.
+# Values per program, in blocks of 256 (a power of two; 4-bit moments take twice as many blocks of
+# 128). On GPUs a program streams 1024 values (tune on a GPU). Under the interpreter 512: fewer
+# (slow) programs, and a test tensor still ends in a program with a short block, or with a block
+# wholly past its end.
 LOW_BIT_CUDA_BLOCKS = 4
 LOW_BIT_CUDA_NUM_WARPS = 4
 LOW_BIT_INTERPRETER_BLOCKS = 2
@@ -503,7 +505,7 @@ _MASK32 = 0xFFFFFFFF
 class _LowBitLaunch:
     """One low-bit launch of a group: a static table and chunk map, and where its params sit in the group."""
 
-    key: tuple[Any, ...]  # device, param dtype, grad dtype, moment dtype, param_update, unscale
+    key: tuple[Any, ...]  # device, param dtype, grad dtype, moment dtype, code bits, param_update, unscale
     positions: list[int]  # of its params in the group
     table: Tensor  # host int64 [rows, ROW]: addresses (the grad's filled per step), numel, first chunk
     stream_keys: Tensor  # host int32 [rows, 4]: the rounding keys' step-independent part
@@ -548,7 +550,7 @@ def step_low_bit(
         _check_device(param, interpreted)  # raises before anything changes
         return True
 
-    group = sort_group(params, grads, states, state_steps, hyper, storage, takes)
+    group = sort_group(params, grads, states, state_steps, hyper, storage, takes, quantized=(INT8, INT4))
     step_numbers = bump_steps(state_steps)
     for i, grad in group.reference:
         reference_step(params[i], grad, states[i], step_numbers[i], streams[i], hyper, storage, *scalars)
@@ -557,7 +559,9 @@ def step_low_bit(
         real, real_grad, moment = kernel_param.columns[:3]
         assert real is not None and real_grad is not None and moment is not None
         dtypes = (real.dtype, real_grad.dtype, moment.dtype)
-        launch_key = (real.device, *dtypes, kernel_param.param_update, kernel_param.unscale)
+        fmt = format_for(params[kernel_param.position], storage.state_precision)
+        bits = fmt.bits if isinstance(fmt, BlockwiseFormat) else 8  # the kernel's CODE_BITS
+        launch_key = (real.device, *dtypes, bits, kernel_param.param_update, kernel_param.unscale)
         by_launch.setdefault(launch_key, []).append(kernel_param)
     plan = []
     for launch_key, entries in by_launch.items():
@@ -584,7 +588,7 @@ def _launch_low_bit(
 ) -> None:
     if launch.n_chunks == 0:
         return  # empty params only
-    device, dtype, grad_dtype, moment_dtype, param_update, unscale = launch.key
+    device, dtype, grad_dtype, moment_dtype, bits, param_update, unscale = launch.key
     table = _low_bit_step_table(launch, grads, [step_numbers[i] for i in launch.positions], lr, beta1, beta2, kernels)
     table, _ = _to_device(table.reshape(-1), device, capturing=False)
     grad_scale = _on_device(hyper.grad_scale, device) if unscale else None
@@ -599,6 +603,7 @@ def _launch_low_bit(
             PARAM_DTYPE=_triton_dtype(dtype, kernels),
             GRAD_DTYPE=_triton_dtype(grad_dtype, kernels),
             MOMENT_DTYPE=_triton_dtype(moment_dtype, kernels),
+            CODE_BITS=bits,
             PARAM_UPDATE=_UPDATES[param_update],
             AMSGRAD=hyper.amsgrad,
             MAXIMIZE=hyper.maximize,
@@ -632,10 +637,11 @@ def _low_bit_launch(
 ) -> _LowBitLaunch:
     """A launch's static table (a row per tensor; see the kernel module), its stream keys and its chunk
     map on the device."""
-    device = key[0]
-    blocks = LOW_BIT_INTERPRETER_BLOCKS if device.type == "cpu" else LOW_BIT_CUDA_BLOCKS
+    device, bits = key[0], key[4]
+    values = BLOCK_SIZE * (LOW_BIT_INTERPRETER_BLOCKS if device.type == "cpu" else LOW_BIT_CUDA_BLOCKS)
+    blocks = values // (INT4.block_size if bits == 4 else BLOCK_SIZE)  # the kernel's rows
     numels = [tensor_columns[0].numel() for tensor_columns in columns]  # type: ignore[union-attr]
-    first_chunks, chunk_tensor = _chunk_map(numels, blocks * BLOCK_SIZE, "low-bit Triton kernel")
+    first_chunks, chunk_tensor = _chunk_map(numels, values, "low-bit Triton kernel")
     n_chunks = chunk_tensor.numel()
     rows: list[list[int]] = []
     stream_keys: list[list[int]] = []
@@ -690,9 +696,13 @@ def _low_bit_step_table(
 
 
 def _codes_on(device: torch.device) -> Tensor:
-    """Both code tables, values then midpoints, as one float32 tensor (the kernel's CODE_* offsets)."""
+    """The code tables of the 8-bit and 4-bit formats, each signed then unsigned, values then
+    midpoints, as one float32 tensor (the kernel's CODE_* and CODE4_* offsets)."""
     if device not in _low_bit_codes:
-        parts = [*SIGNED_CODE.tables(device), *UNSIGNED_CODE.tables(device)]
+        parts = []
+        for fmt in (INT8, INT4):
+            assert fmt.codes["max_exp_avg_sq"] == fmt.codes["exp_avg_sq"]  # the kernel reads one unsigned table
+            parts += [*fmt.codes["exp_avg"].tables(device), *fmt.codes["exp_avg_sq"].tables(device)]
         _low_bit_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
     return _low_bit_codes[device]
 
@@ -702,4 +712,6 @@ def _low_bit_kernels() -> ModuleType:
     from . import _triton_low_bit_kernels
 
     assert int(_triton_low_bit_kernels.QBLOCK) == BLOCK_SIZE
+    assert int(_triton_low_bit_kernels.QBLOCK_4BIT) == INT4.block_size
+    assert _codes_on(torch.device("cpu")).numel() == int(_triton_low_bit_kernels.CODE_SIZE)
     return _triton_low_bit_kernels

@@ -30,7 +30,6 @@ from ..options import FUSED_BACKENDS, check_storage_options, is_low_bit
 from .entries import KAHAN_KEY, init_low_bit_state, is_dtensor, like_param
 from .formats import (
     ABSMAX_SUFFIX,
-    INT8,
     MOMENTS,
     StateFormat,
     compute_dtype,
@@ -89,8 +88,8 @@ def shield_from_cast(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[s
     return {**state_dict, "state": state}
 
 
-def decode_8bit_moments(state: Mapping[str, Any], param: Tensor) -> dict[str, Any]:
-    """``state`` (a new dict) with its 8-bit moments decoded to the compute dtype, shaped (and, for a
+def decode_quantized_moments(state: Mapping[str, Any], param: Tensor) -> dict[str, Any]:
+    """``state`` (a new dict) with its 8-bit and 4-bit moments decoded to the compute dtype, shaped (and, for a
     DTensor, sharded) like ``param``, so that torch.distributed.checkpoint can reshard them (the
     absmaxes of a shard cannot be); other entries as they are."""
     out = dict(state)
@@ -98,7 +97,10 @@ def decode_8bit_moments(state: Mapping[str, Any], param: Tensor) -> dict[str, An
         if key + ABSMAX_SUFFIX not in state:
             continue
         codes = state[key].to_local() if is_dtensor(state[key]) else state[key]
-        value = INT8.decode({key: codes, key + ABSMAX_SUFFIX: out.pop(key + ABSMAX_SUFFIX)}, key, compute_dtype(param))
+        local = param.to_local() if is_dtensor(param) else param  # type: ignore[attr-defined]
+        moment = {key: codes, key + ABSMAX_SUFFIX: out.pop(key + ABSMAX_SUFFIX)}
+        shape = tuple(torch.view_as_real(local).shape if local.is_complex() else local.shape)
+        value = stored_format(moment, key, local).decode(moment, key, compute_dtype(param), shape)
         out[key] = like_param(key, value, param)
     return out
 
@@ -314,7 +316,7 @@ def write_checkpoint_layout(optimizer: Optimizer, state_dict: dict[str, Any]) ->
 
     def to_checkpoint(entry: dict[str, Any], p: Tensor) -> dict[str, Any]:
         if everywhere or is_dtensor(p):
-            return decode_8bit_moments(entry, p)
+            return decode_quantized_moments(entry, p)
         return {(k + CODES_SUFFIX if k in MOMENTS and k + ABSMAX_SUFFIX in entry else k): v for k, v in entry.items()}
 
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -1,4 +1,4 @@
-"""How the moments are stored: full precision ("param"), bfloat16 ("bf16") or 8-bit blockwise ("8bit").
+"""How the moments are stored: full precision ("param"), bfloat16 ("bf16"), 8-bit or 4-bit blockwise.
 
 A :class:`StateFormat` turns a moment into what the state dict holds (``encode``) and back into the
 float32 values the math runs on (``decode``); the math itself never sees the storage. The rules,
@@ -14,12 +14,14 @@ written down once:
   it unbiased (the key is ``rounding_key(seed, step, stream, purpose)``).
 * ``"8bit"``: ``state[name]`` holds uint8 codes shaped like the param and ``state[name + "_absmax"]``
   one float32 absmax per block of 256 (:mod:`adamw.states.quantize`): ``exp_avg`` with the signed
-  code, ``exp_avg_sq`` and ``max_exp_avg_sq`` with the unsigned one. Params with fewer than
-  :data:`MIN_QUANTIZED_NUMEL` (4096) values keep their moments in the dtype the math runs in: their
-  state is negligible, and a handful of blocks would quantize e.g. a LayerNorm's few scales coarsely
-  for no saving.
+  code, ``exp_avg_sq`` and ``max_exp_avg_sq`` with the unsigned one.
+* ``"4bit"``: the same rules with 16-entry codes and blocks of 128; ``state[name]`` holds the codes
+  two to a byte, flat (``(numel + 1) // 2`` bytes: value ``2i`` in the low nibble of byte ``i``).
+* Under ``"8bit"`` and ``"4bit"``, params with fewer than :data:`MIN_QUANTIZED_NUMEL` (4096) values
+  keep their moments in the dtype the math runs in: their state is negligible, and a handful of
+  blocks would quantize e.g. a LayerNorm's few scales coarsely for no saving.
 
-Complex params are stored as their real view (``torch.view_as_real``) in "bf16" and "8bit".
+Complex params are stored as their real view (``torch.view_as_real``) in "bf16", "8bit" and "4bit".
 The math runs in float64 for float64 params and in float32 for every other dtype.
 """
 
@@ -32,18 +34,30 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .quantize import BLOCK_SIZE, SIGNED_CODE, UNSIGNED_CODE, Code, dequantize, num_blocks, quantize
+from .quantize import (
+    BLOCK_SIZE,
+    BLOCK_SIZE_4BIT,
+    SIGNED_CODE,
+    SIGNED_CODE_4BIT,
+    UNSIGNED_CODE,
+    UNSIGNED_CODE_4BIT,
+    Code,
+    dequantize,
+    num_blocks,
+    pack_nibbles,
+    quantize,
+    unpack_nibbles,
+)
 from .rounding import stochastic_round_to_bf16
 
-StatePrecision = Literal["param", "bf16", "8bit"]
-STATE_PRECISIONS: tuple[str, ...] = ("param", "bf16", "8bit")
+StatePrecision = Literal["param", "bf16", "8bit", "4bit"]
+STATE_PRECISIONS: tuple[str, ...] = ("param", "bf16", "8bit", "4bit")
 
 MIN_QUANTIZED_NUMEL = 4096
-"""Params with fewer values keep unquantized moments under ``state_precision="8bit"``."""
+"""Params with fewer values keep unquantized moments under ``state_precision="8bit"`` or ``"4bit"``."""
 
 MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 ABSMAX_SUFFIX = "_absmax"
-_CODES: dict[str, Code] = {"exp_avg": SIGNED_CODE, "exp_avg_sq": UNSIGNED_CODE, "max_exp_avg_sq": UNSIGNED_CODE}
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -77,8 +91,9 @@ class StateFormat:
             for name, (dtype, shape) in self.layout(param, key).items()
         }
 
-    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
-        """Moment ``key`` as a real tensor of ``dtype``; may be the stored tensor itself."""
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        """Moment ``key`` as a real tensor of ``dtype`` and ``shape`` (its param's real shape); may be
+        the stored tensor itself."""
         raise NotImplementedError
 
     def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
@@ -117,7 +132,7 @@ class PlainFormat(StateFormat):
             return {key: (param.dtype, tuple(param.shape))}
         return {key: (self.dtype, _real_shape(param))}
 
-    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
         return _real(state[key]).to(dtype)  # no copy when the stored dtype is the compute dtype
 
     def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
@@ -128,21 +143,34 @@ class PlainFormat(StateFormat):
             stored.copy_(value)
 
 
-class Int8Format(StateFormat):
-    """uint8 codes shaped like the (real) param, and a float32 absmax per block of 256."""
+class BlockwiseFormat(StateFormat):
+    """Codes of ``bits`` bits and a float32 absmax per block of ``block_size`` flat values
+    (:mod:`adamw.states.quantize`). 8-bit codes are a uint8 tensor shaped like the real param; 4-bit
+    codes are packed two to a byte in a flat uint8 tensor (:func:`~adamw.states.quantize.pack_nibbles`)."""
 
-    name = "8bit"
+    def __init__(self, name: str, bits: int, block_size: int, codes: Mapping[str, Code]) -> None:
+        if bits not in (4, 8) or any(code.bits != bits for code in codes.values()):
+            raise ValueError(f"a blockwise format has 4 or 8 bits, and codes of as many; got {bits}")
+        self.name, self.bits, self.block_size, self.codes = name, bits, block_size, dict(codes)
 
     def layout(self, param: Tensor, key: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         shape = _real_shape(param)
-        return {key: (torch.uint8, shape), key + ABSMAX_SUFFIX: (torch.float32, (num_blocks(math.prod(shape)),))}
+        numel = math.prod(shape)
+        stored = shape if self.bits == 8 else ((numel + 1) // 2,)
+        return {key: (torch.uint8, stored), key + ABSMAX_SUFFIX: (torch.float32, (self.num_blocks(numel),))}
 
-    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
-        return dequantize(state[key], state[key + ABSMAX_SUFFIX], _CODES[key]).to(dtype)
+    def num_blocks(self, numel: int) -> int:
+        return num_blocks(numel, self.block_size)
+
+    def decode(self, state: dict[str, Tensor], key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        codes = state[key]
+        if self.bits == 4:
+            codes = unpack_nibbles(codes, math.prod(shape)).view(shape)
+        return dequantize(codes, state[key + ABSMAX_SUFFIX], self.codes[key], self.block_size).to(dtype)
 
     def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
-        codes, absmax = quantize(value.to(torch.float32), _CODES[key])
-        state[key].copy_(codes)
+        codes, absmax = quantize(value.to(torch.float32), self.codes[key], self.block_size)
+        state[key].copy_(codes if self.bits == 8 else pack_nibbles(codes))
         state[key + ABSMAX_SUFFIX].copy_(absmax)
 
 
@@ -150,7 +178,11 @@ PARAM = PlainFormat()
 FLOAT32 = PlainFormat(torch.float32)
 FLOAT64 = PlainFormat(torch.float64)
 BF16 = PlainFormat(torch.bfloat16, name="bf16")
-INT8 = Int8Format()
+# exp_avg takes the signed code, exp_avg_sq and max_exp_avg_sq the unsigned one
+INT8 = BlockwiseFormat("8bit", 8, BLOCK_SIZE, dict(zip(MOMENTS, (SIGNED_CODE, *[UNSIGNED_CODE] * 2), strict=True)))
+INT4 = BlockwiseFormat(
+    "4bit", 4, BLOCK_SIZE_4BIT, dict(zip(MOMENTS, (SIGNED_CODE_4BIT, *[UNSIGNED_CODE_4BIT] * 2), strict=True))
+)
 
 
 def format_for(param: Tensor, state_precision: str) -> StateFormat:
@@ -159,9 +191,9 @@ def format_for(param: Tensor, state_precision: str) -> StateFormat:
         return PARAM
     if state_precision == "bf16":
         return BF16
-    if state_precision == "8bit":
+    if state_precision in ("8bit", "4bit"):
         if _real(param).numel() >= MIN_QUANTIZED_NUMEL:
-            return INT8
+            return INT8 if state_precision == "8bit" else INT4
         return FLOAT64 if compute_dtype(param) == torch.float64 else FLOAT32
     raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, but got {state_precision!r}")
 
@@ -175,12 +207,16 @@ def stored_format(state: dict[str, Tensor], key: str, param: Tensor) -> StateFor
     if key + ABSMAX_SUFFIX in state:
         if stored.dtype != torch.uint8:
             raise ValueError(
-                f"state[{key + ABSMAX_SUFFIX!r}] marks state[{key!r}] as 8-bit codes, but it holds {stored.dtype} values"
+                f"state[{key + ABSMAX_SUFFIX!r}] marks state[{key!r}] as 8-bit or 4-bit codes, but it holds "
+                f"{stored.dtype} values"
             )
-        return INT8
+        # 8-bit codes are shaped like the param, 4-bit ones flat and half as many (a quantized param
+        # has at least 4096 values, so the two never look alike)
+        packed = stored.dim() == 1 and stored.numel() == (_real(param).numel() + 1) // 2
+        return INT4 if packed and _real(param).numel() > 1 else INT8
     if stored.dtype == torch.uint8:
         raise ValueError(
-            f"state[{key!r}] holds 8-bit codes but no {key + ABSMAX_SUFFIX!r}: the checkpoint is incomplete"
+            f"state[{key!r}] holds 8-bit or 4-bit codes but no {key + ABSMAX_SUFFIX!r}: the checkpoint is incomplete"
         )
     if not (stored.is_floating_point() or stored.is_complex()):
         raise ValueError(
@@ -194,18 +230,19 @@ def stored_format(state: dict[str, Tensor], key: str, param: Tensor) -> StateFor
 
 def _check_shape(state: dict[str, Tensor], key: str, param: Tensor, fmt: StateFormat) -> None:
     stored = state[key]
-    expected = param.shape if fmt is PARAM else _real(param).shape
-    if stored.shape != expected:
+    expected = fmt.layout(param, key)
+    if stored.shape != expected[key][1]:
         raise ValueError(
-            f"state[{key!r}] has shape {tuple(stored.shape)} but its param needs {tuple(expected)}: "
+            f"state[{key!r}] has shape {tuple(stored.shape)} but its param needs {expected[key][1]}: "
             "the checkpoint belongs to another model or param order"
         )
-    if isinstance(fmt, Int8Format):
+    if isinstance(fmt, BlockwiseFormat):
         blocks = state[key + ABSMAX_SUFFIX].numel()
-        if blocks != num_blocks(stored.numel()):
+        numel = _real(param).numel()
+        if blocks != fmt.num_blocks(numel):
             raise ValueError(
-                f"state[{key + ABSMAX_SUFFIX!r}] has {blocks} blocks; {stored.numel()} values in blocks of "
-                f"{BLOCK_SIZE} need {num_blocks(stored.numel())}"
+                f"state[{key + ABSMAX_SUFFIX!r}] has {blocks} blocks; {numel} values in blocks of "
+                f"{fmt.block_size} need {fmt.num_blocks(numel)}"
             )
 
 
@@ -227,7 +264,7 @@ def convert_state(
             continue
         source = stored_format(state, key, param)
         _check_shape(state, key, param, source)
-        value = source.decode(state, key, dtype).clone()
+        value = source.decode(state, key, dtype, _real_shape(param)).clone()
         out.pop(key)
         entries = target.zeros(param, key)
         target.encode(entries, key, value)

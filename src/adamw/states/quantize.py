@@ -1,4 +1,4 @@
-r"""8-bit blockwise quantization of the moments: the two code tables and ``quantize``/``dequantize``.
+r"""Blockwise quantization of the moments (8-bit and 4-bit): the code tables and ``quantize``/``dequantize``.
 
 The rules, written down once (the C and Triton kernels must follow them bit for bit):
 
@@ -45,6 +45,20 @@ that element's steps are larger than float32 Adam's (by ``sqrt`` of the lag). An
 to nearest behaves so (a finer code near 1 only lowers the threshold); stochastic rounding would
 remove the bias but its noise, summed over ~1/(1 - beta2) steps, would be of the order of ``v``
 itself. ``tests/test_low_bit_optimizer.py`` and ``adamw demo`` measure what this costs in training.
+
+**4 bits** (``state_precision="4bit"``) follow every rule above with 16-entry tables, blocks of
+:data:`BLOCK_SIZE_4BIT` = 128 (a float32 absmax per 128 values: 0.53 bytes per value in all) and the
+codes packed two to a byte (:func:`pack_nibbles`):
+
+* ``exp_avg`` (:data:`SIGNED_CODE_4BIT`): bit 3 the sign, 8 magnitudes 0 and :math:`2^{-k/2}`,
+  ``k = 0..6`` (a step of 41%: at most ~17% error; below 1/16 of the block's absmax a value is 0).
+* ``exp_avg_sq`` (:data:`UNSIGNED_CODE_4BIT`): 16 values :math:`2^{-k}`, ``k = 0..15``, no zero
+  (down to :math:`3\cdot10^{-5}` of the absmax; at most ~1/3 error in ``v``, ~18% in ``sqrt(v)``).
+
+These were chosen by training (``benchmarks/four_bit_designs.py``, BENCHMARKS.md): against octave
+steps for ``m`` the half-octave steps gave the lowest loss of the candidates on both models tried;
+finer steps for ``v`` did worse (the coarser ``v`` ladder keeps its range); blocks of 64 trained no
+better on the transformer and cost 0.03 bytes per value more (over 1.1 bytes per param for the two).
 """
 
 from __future__ import annotations
@@ -61,25 +75,27 @@ LADDER_STEPS_PER_OCTAVE = 8
 """Both tables are the ladder 2^(-k / LADDER_STEPS_PER_OCTAVE)."""
 
 
-def _ladder(count: int) -> list[float]:
-    return [2.0 ** (-k / LADDER_STEPS_PER_OCTAVE) for k in range(count)]
+def _ladder(count: int, steps_per_octave: float = LADDER_STEPS_PER_OCTAVE) -> list[float]:
+    return [2.0 ** (-k / steps_per_octave) for k in range(count)]
 
 
 @dataclass(frozen=True)
 class Code:
-    """One 8-bit code table: ascending magnitudes ending at 1.0, 128 behind a sign bit or 256 unsigned.
-    ``ladder_steps`` says the nonzero magnitudes are the ladder ``2^(-k / ladder_steps)``, which lets
-    the encoder guess the index from a logarithm instead of a binary search (the midpoints still
-    decide: see :meth:`magnitude_index`). A table that breaks these rules is rejected here."""
+    """One code table of ``bits`` bits: ascending magnitudes ending at 1.0, ``2^(bits-1)`` behind a sign
+    bit (the top bit) or ``2^bits`` unsigned. ``ladder_steps`` says the nonzero magnitudes are the
+    ladder ``2^(-k / ladder_steps)``, which lets the encoder guess the index from a logarithm instead
+    of a binary search (the midpoints still decide: see :meth:`magnitude_index`). A table that breaks
+    these rules is rejected here."""
 
     name: str
     magnitudes: tuple[float, ...]
     signed: bool
     ladder_steps: int | None = None
+    bits: int = 8
     _cache: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        expected = 128 if self.signed else 256
+        expected = self.sign_bit if self.signed else 2**self.bits
         if len(self.magnitudes) != expected:
             raise ValueError(f"a {'signed' if self.signed else 'unsigned'} code needs {expected} magnitudes")
         if list(self.magnitudes) != sorted(self.magnitudes) or self.magnitudes[-1] != 1.0:
@@ -90,9 +106,14 @@ class Code:
             if any(m != 2.0 ** (-(top - j) / self.ladder_steps) for j, m in nonzero) or len(nonzero) < top:
                 raise ValueError(f"magnitudes are not the ladder 2^(-k/{self.ladder_steps})")
 
+    @property
+    def sign_bit(self) -> int:
+        """The value of the sign bit of a signed code (the top bit): 128 for 8 bits, 8 for 4."""
+        return 2 ** (self.bits - 1)
+
     def tables(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """``(values, midpoints)`` in float32 on ``device``: ``values[code]`` is each of the 256 codes'
-        normalized value, ``midpoints`` the boundaries between neighbouring magnitudes that the encoder
+        """``(values, midpoints)`` in float32 on ``device``: ``values[code]`` is each code's normalized
+        value, ``midpoints`` the boundaries between neighbouring magnitudes that the encoder
         searches. Kernels take these tensors as they are: they are the definition, never recomputed."""
         values, mids, _ = self._tables(torch.device(device))
         return values, mids
@@ -113,7 +134,7 @@ class Code:
         magnitude = y.abs() if self.signed else y
         index = self.magnitude_index(magnitude)
         if self.signed:
-            index = index + (y < 0).to(index.dtype) * 128
+            index = index + (y < 0).to(index.dtype) * self.sign_bit
         return index.to(torch.uint8)
 
     def magnitude_index(self, magnitude: Tensor) -> Tensor:
@@ -125,8 +146,8 @@ class Code:
         the binary search, in a few elementwise passes (float32 and int32, never int64).
         """
         _, mids, bounds = self._tables(magnitude.device)
-        if self.ladder_steps is None:
-            return torch.bucketize(magnitude, mids)
+        if self.ladder_steps is None:  # NaN: no midpoint is below it (bucketize would put it last)
+            return torch.bucketize(torch.nan_to_num(magnitude, nan=0.0), mids)
         top = len(self.magnitudes) - 1
         guess = torch.log2(magnitude).mul_(self.ladder_steps).round_().add_(top)
         guess = torch.nan_to_num_(guess, nan=0.0, neginf=0.0).clamp_(0, top)
@@ -150,44 +171,72 @@ UNSIGNED_CODE = Code("unsigned-ladder", tuple(_ladder(256)[::-1]), signed=False,
 """``exp_avg_sq``: 2^(-k/8) for k = 0..255 (no zero: see the module's docstring)."""
 
 
-def num_blocks(numel: int) -> int:
-    return (numel + BLOCK_SIZE - 1) // BLOCK_SIZE
+BLOCK_SIZE_4BIT = 128
+"""Values per block of a 4-bit moment (``state_precision="4bit"``)."""
+
+SIGNED_CODE_4BIT = Code("signed-ladder-4bit", tuple([0.0] + _ladder(7, 2)[::-1]), signed=True, ladder_steps=2, bits=4)
+"""``exp_avg`` in 4 bits: sign bit + {0, 2^(-k/2) for k = 0..6}."""
+
+UNSIGNED_CODE_4BIT = Code("unsigned-ladder-4bit", tuple(_ladder(16, 1)[::-1]), signed=False, ladder_steps=1, bits=4)
+"""``exp_avg_sq`` in 4 bits: 2^-k for k = 0..15 (no zero)."""
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """``x`` flat, zero-padded to whole blocks, as (blocks, BLOCK_SIZE)."""
+def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
+    return (numel + block_size - 1) // block_size
+
+
+def _blocks(x: Tensor, block_size: int) -> Tensor:
+    """``x`` flat, zero-padded to whole blocks, as (blocks, block_size)."""
     flat = x.reshape(-1)
-    pad = num_blocks(flat.numel()) * BLOCK_SIZE - flat.numel()
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.view(-1, BLOCK_SIZE)
+    return flat.view(-1, block_size)
 
 
-def quantize(x: Tensor, code: Code) -> tuple[Tensor, Tensor]:
-    """Blockwise 8-bit quantization of a float32 tensor of any shape (non-negative for unsigned codes).
+def quantize(x: Tensor, code: Code, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
+    """Blockwise quantization of a float32 tensor of any shape (non-negative for unsigned codes).
 
-    Returns ``(codes, absmax)``: uint8 codes shaped like ``x`` and one float32 absmax per block of
-    256 flat values. Non-finite input gives a non-finite absmax, so it decodes to NaN (never to a
-    finite value that would hide it).
+    Returns ``(codes, absmax)``: uint8 codes (one per value, whatever ``code.bits``) shaped like ``x``
+    and one float32 absmax per block of ``block_size`` flat values. Non-finite input gives a
+    non-finite absmax, so it decodes to NaN (never to a finite value that would hide it).
     """
     if x.dtype != torch.float32:
         raise TypeError(f"quantize takes float32 values, got {x.dtype}")
-    blocks = _blocks(x)
+    blocks = _blocks(x, block_size)
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     codes = code.encode_normalized(blocks / safe.unsqueeze(1))
     return codes.reshape(-1)[: x.numel()].view(x.shape), absmax
 
 
-def dequantize(codes: Tensor, absmax: Tensor, code: Code) -> Tensor:
-    """Float32 values of ``codes`` (any shape) with one ``absmax`` per block of 256 flat values."""
+def dequantize(codes: Tensor, absmax: Tensor, code: Code, block_size: int = BLOCK_SIZE) -> Tensor:
+    """Float32 values of ``codes`` (any shape, one per value) with one ``absmax`` per block of
+    ``block_size`` flat values."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"dequantize takes uint8 codes, got {codes.dtype}")
-    if absmax.numel() != num_blocks(codes.numel()):
-        raise ValueError(f"{codes.numel()} codes need {num_blocks(codes.numel())} absmax values, got {absmax.numel()}")
-    blocks = _blocks(codes)
+    blocks_needed = num_blocks(codes.numel(), block_size)
+    if absmax.numel() != blocks_needed:
+        raise ValueError(f"{codes.numel()} codes need {blocks_needed} absmax values, got {absmax.numel()}")
+    blocks = _blocks(codes, block_size)
     values = code.decode_normalized(blocks) * absmax.to(torch.float32).unsqueeze(1)
     return values.reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """4-bit codes (uint8 values below 16, any shape) two to a byte, flat: value ``2i`` in the low
+    nibble of byte ``i``, value ``2i + 1`` in its high nibble (0 past an odd end)."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` 4-bit codes of ``packed`` (see :func:`pack_nibbles`), flat uint8."""
+    pairs = torch.stack([packed & 15, packed >> 4], dim=1)
+    return pairs.reshape(-1)[:numel]
 
 
 def quantization_error_bound(code: Code) -> float:

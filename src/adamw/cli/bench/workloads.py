@@ -161,6 +161,18 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             floor="floor-8bit",
         ),
         Implementation(
+            "adamw-fused-4bit",
+            'adamw.AdamW(fused=True, state_precision="4bit")',
+            _factory("adamw", fused=True, state_precision="4bit"),
+            floor="floor-4bit",
+        ),
+        Implementation(
+            "adamw-fused-4bit-stochastic",
+            'adamw.AdamW(fused=True, state_precision="4bit", param_update="stochastic")',
+            _factory("adamw", fused=True, state_precision="4bit", param_update="stochastic"),
+            floor="floor-4bit",
+        ),
+        Implementation(
             "floor",
             "no optimizer: a fused step's reads and writes, moments in the param's dtype, no math (CPU)",
             _factory("floor"),
@@ -176,6 +188,12 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "the floor with 8-bit moments (codes and absmaxes)",
             _factory("floor", state_precision="8bit"),
             floor="floor-8bit",
+        ),
+        Implementation(
+            "floor-4bit",
+            "the floor with 4-bit moments (codes two to a byte, and absmaxes)",
+            _factory("floor", state_precision="4bit"),
+            floor="floor-4bit",
         ),
     )
 }

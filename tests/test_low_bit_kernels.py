@@ -28,7 +28,6 @@ import textwrap
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -565,18 +564,26 @@ def test_any_4bit_table(kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None
                 assert len(torch.unique(code_numbers("4bit", codes, n))) == 16
 
 
-@pytest.fixture
-def without_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The C kernel built as it is but without its vector fast path: every block through step_block."""
+@pytest.fixture(scope="module")
+def step_fn_without_fast_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The C kernel's step built as it is but without its vector fast path (compiled once per module)."""
     from adamw.backends import _native, cpu_low_bit
 
     library = cpu_low_bit.library()
-    target = tmp_path / "adamw_cpu_low_bit-no-fast-path.so"
+    target = tmp_path_factory.mktemp("no-fast-path") / "adamw_cpu_low_bit-no-fast-path.so"
     flags = (*library.flags, "-DADAMW_NO_FAST_PATH")
     error = _native._compile(_native.compiler(cpu_low_bit.KERNEL), flags, target, cpu_low_bit.SOURCE)
     assert error is None, error
-    step_fn = cpu_low_bit.KERNEL.bind(ctypes.CDLL(str(target)))
-    monkeypatch.setattr(cpu_low_bit, "library", lambda: dataclasses.replace(library, step_fn=step_fn))
+    return cpu_low_bit.KERNEL.bind(ctypes.CDLL(str(target)))
+
+
+@pytest.fixture
+def without_fast_path(step_fn_without_fast_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block through step_block: the kernel without its fast path in place of the library's."""
+    from adamw.backends import cpu_low_bit
+
+    library = dataclasses.replace(cpu_low_bit.library(), step_fn=step_fn_without_fast_path)
+    monkeypatch.setattr(cpu_low_bit, "library", lambda: library)
 
 
 def _quantized_cases(kernel: Kernel) -> list[tuple[str, str]]:

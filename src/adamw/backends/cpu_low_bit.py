@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..states.formats import INT4, INT8, MOMENTS, format_for
+from ..states.formats import INT4, INT8
 from ..states.quantize import num_blocks
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
@@ -41,6 +41,7 @@ from .low_bit import (
     KernelParam,
     StorageFormat,
     bump_steps,
+    code_tables,
     group_fingerprint,
     host_scalars,
     plan_key,
@@ -105,16 +106,7 @@ _WHAT = "low-bit CPU kernel (fused=True on CPU tensors with state_precision/para
 KERNEL = _native.Kernel(SOURCE, _bind, _WHAT, "fused=None")
 
 
-def code_tables() -> Tensor:
-    """The kernel's ``codes``: each table's values then midpoints, the 8-bit format's exp_avg (signed)
-    and exp_avg_sq (unsigned) codes, then the 4-bit format's; max_exp_avg_sq takes exp_avg_sq's."""
-    assert all(fmt.codes["max_exp_avg_sq"] is fmt.codes["exp_avg_sq"] for fmt in (INT8, INT4))
-    codes = torch.cat([t for fmt in (INT8, INT4) for key in MOMENTS[:2] for t in fmt.codes[key].tables("cpu")])
-    assert codes.dtype == torch.float32 and codes.numel() == 256 + 127 + 256 + 255 + 16 + 7 + 16 + 15
-    return codes
-
-
-_CODES = code_tables()  # the tables are fixed once the formats are made
+_CODES = code_tables("cpu")  # the kernel's ``codes``: the tables are fixed once the formats are made
 assert (INT8.block_size, INT4.block_size) == (QBLOCK, QBLOCK4)
 
 
@@ -142,7 +134,7 @@ def step_low_bit(
         reference = [state_steps[i] for i, _ in group.reference]
         for (i, grad), number in zip(group.reference, bump_steps(reference), strict=True):
             reference_step(params[i], grad, states[i], number, streams[i], hyper, storage, *scalars)
-        table = _build(group.kernel, state_steps, streams, storage)
+        table = _build(group.kernel, state_steps, streams, storage.seed)
         if group.reusable:
             _tables.put(key, memory, table, nbytes=ctypes.sizeof(table.rows) + 8 * table.count)
         grads = [kernel_param.grad for kernel_param in group.kernel]  # unscaled or contiguous copies where needed
@@ -177,9 +169,7 @@ class _Table:
 _tables: PlanCache[_Table] = PlanCache()
 
 
-def _build(
-    kernel_params: list[KernelParam], state_steps: list[Tensor], streams: list[int], storage: StorageFormat
-) -> _Table:
+def _build(kernel_params: list[KernelParam], state_steps: list[Tensor], streams: list[int], seed: int) -> _Table:
     """Lay out the row of every param the kernel takes."""
     rows: list[_Tensor] = []
     total_blocks = 0
@@ -197,10 +187,9 @@ def _build(
         row.step, row.step_dtype = step_t.data_ptr(), _STEP_CODES[step_t.dtype]
         row.numel, row.first_block = real.numel(), total_blocks
         for j, purpose in enumerate(_PURPOSES):
-            row.stream_key[j] = stream_key(storage.seed, stream, purpose)
+            row.stream_key[j] = stream_key(seed, stream, purpose)
         row.param_dtype, row.grad_dtype = _DTYPE_CODES[real.dtype], _DTYPE_CODES[real_grad.dtype]
-        four_bit = format_for(real, storage.state_precision) is INT4  # the format sort_group laid out
-        row.moment_dtype = _UINT4X2 if four_bit else _DTYPE_CODES[moments[0].dtype]
+        row.moment_dtype = _UINT4X2 if kernel_param.code_bits == 4 else _DTYPE_CODES[moments[0].dtype]
         row.param_update, row.unscale = _UPDATE_CODES[kernel_param.param_update], int(kernel_param.unscale)
         rows.append(row)
         total_blocks += num_blocks(real.numel())

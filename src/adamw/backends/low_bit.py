@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..states import KAHAN_KEY
-from ..states.formats import ABSMAX_SUFFIX, INT8, MOMENTS, BlockwiseFormat, StateFormat, format_for
+from ..states.formats import ABSMAX_SUFFIX, INT4, INT8, MOMENTS, BlockwiseFormat, StateFormat, format_for
 from ..states.rounding import effective_param_update
 from ._common import PLAIN_TYPES, Hyper, host_value
 from ._plans import fingerprint
@@ -56,6 +56,12 @@ class KernelParam:
     columns: list[Tensor | None]
     param_update: str
     unscale: bool  # the kernel divides the grad by grad_scale
+    fmt: StateFormat  # how its moments are stored (the layout of its moment columns)
+
+    @property
+    def code_bits(self) -> int | None:
+        """4 or 8 for quantized moments, None for plain ones."""
+        return self.fmt.bits if isinstance(self.fmt, BlockwiseFormat) else None
 
     @property
     def grad(self) -> Tensor:
@@ -114,7 +120,7 @@ def sort_group(
                 sorted_group.reusable = False  # copies, made anew every step
                 if column != 1:  # the grad's is only read
                     sorted_group.written_back.append((copy, t))
-        sorted_group.kernel.append(KernelParam(i, staged, param_update, unscale))
+        sorted_group.kernel.append(KernelParam(i, staged, param_update, unscale, fmt))
     return sorted_group
 
 
@@ -165,6 +171,19 @@ def _kernel_columns(
         if comp is None or comp.dtype != torch.bfloat16 or comp.shape != param.shape:
             return None
     return [real, real_grad, *moments, *([None] * (3 - len(moments))), *absmaxes, comp]
+
+
+def code_tables(device: torch.device | str = "cpu") -> Tensor:
+    """The code tables both low-bit kernels read, as one float32 tensor: for the 8-bit format, then the
+    4-bit one, exp_avg's (signed) values and midpoints, then exp_avg_sq's (unsigned; max_exp_avg_sq
+    takes the same). Built from the formats each call, so a test that swaps a table sees it."""
+    parts = []
+    for fmt in (INT8, INT4):
+        assert fmt.codes["max_exp_avg_sq"] is fmt.codes["exp_avg_sq"]  # the kernels read one unsigned table
+        parts += [*fmt.codes["exp_avg"].tables(device), *fmt.codes["exp_avg_sq"].tables(device)]
+    codes = torch.cat(parts)
+    assert codes.dtype == torch.float32 and codes.numel() == 256 + 127 + 256 + 255 + 16 + 7 + 16 + 15
+    return codes.contiguous()
 
 
 def plan_key(params: list[Tensor], hyper: Hyper, storage: StorageFormat) -> Hashable:

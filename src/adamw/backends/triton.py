@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..states.formats import INT4, INT8, BlockwiseFormat, format_for
+from ..states.formats import INT4, INT8
 from ..states.quantize import BLOCK_SIZE
 from ..states.rounding import (
     PURPOSE_EXP_AVG,
@@ -79,6 +79,7 @@ from .low_bit import (
     KernelParam,
     StorageFormat,
     bump_steps,
+    code_tables,
     group_fingerprint,
     host_scalars,
     plan_key,
@@ -559,8 +560,7 @@ def step_low_bit(
         real, real_grad, moment = kernel_param.columns[:3]
         assert real is not None and real_grad is not None and moment is not None
         dtypes = (real.dtype, real_grad.dtype, moment.dtype)
-        fmt = format_for(params[kernel_param.position], storage.state_precision)
-        bits = fmt.bits if isinstance(fmt, BlockwiseFormat) else 8  # the kernel's CODE_BITS
+        bits = kernel_param.code_bits or 8  # the kernel's CODE_BITS (unused for plain moments)
         launch_key = (real.device, *dtypes, bits, kernel_param.param_update, kernel_param.unscale)
         by_launch.setdefault(launch_key, []).append(kernel_param)
     plan = []
@@ -699,11 +699,7 @@ def _codes_on(device: torch.device) -> Tensor:
     """The code tables of the 8-bit and 4-bit formats, each signed then unsigned, values then
     midpoints, as one float32 tensor (the kernel's CODE_* and CODE4_* offsets)."""
     if device not in _low_bit_codes:
-        parts = []
-        for fmt in (INT8, INT4):
-            assert fmt.codes["max_exp_avg_sq"] == fmt.codes["exp_avg_sq"]  # the kernel reads one unsigned table
-            parts += [*fmt.codes["exp_avg"].tables(device), *fmt.codes["exp_avg_sq"].tables(device)]
-        _low_bit_codes[device] = torch.cat([t.to(torch.float32) for t in parts]).contiguous()
+        _low_bit_codes[device] = code_tables(device)
     return _low_bit_codes[device]
 
 

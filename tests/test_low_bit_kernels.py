@@ -108,8 +108,9 @@ class Kernel:
 
 
 # Shapes: 4196 values (8-bit: a short last block; for Triton the last program has a short block and
-# one wholly past the end), a transposed 64x72, a 7x5 (float32 moments under "8bit" and "4bit": a group
-# mixing quantized and float32 moments), and a fourth param (on the CPU of an odd size, 5003: its last
+# one wholly past the end), a transposed 64x72, a small one (float32 moments under "8bit" and "4bit": a
+# group mixing quantized and float32 moments; on the CPU 21x13, a whole 256-value block and a short
+# one, so that float32 moments take the C kernel's fast path too), and a fourth param (on the CPU of an odd size, 5003: its last
 # 256 values are a whole 4-bit block and a short one, whose last byte holds one code). Extras test
 # what the kernels route elsewhere: a float64 param (the reference steps it) and a complex64 one (its
 # real view, quantized).
@@ -129,7 +130,7 @@ KERNELS = {
             "4bit-stochastic": ("4bit", "stochastic", [bf16, f32, bf16, bf16]),
             "4bit-kahan": ("4bit", "kahan", [bf16, f16, bf16, f16]),
         },
-        [(4196,), (72, 64), (7, 5), (5003,)],
+        [(4196,), (72, 64), (21, 13), (5003,)],
     ),
     # The interpreter is slow: three params where the fourth adds no route, and no 8bit-kahan or
     # 4bit-kahan. The first param has 4197 values: odd, so its last 4-bit block is short and its last

@@ -39,10 +39,11 @@
  * and start on a whole byte); the group's blocks are one range, cut into one contiguous piece per
  * thread (one OpenMP region per call). A block is processed in phases over 256-float stack buffers
  * (load, math, store), each a branch-free loop the compiler vectorizes. Where every moment is 8-bit
- * (and the tables pass ladder_init's check) or 4-bit, whole blocks instead take the fast path
- * (fast_block, fast4_range: the same operations in explicit vectors; for 8-bit codes the ladder's
- * arithmetic form in place of table lookups, for 4-bit codes thresholds in place of the division),
- * built for AVX-512 (16 lanes) or AVX2 + FMA (8 lanes).
+ * (and the tables pass ladder_init's check) or 4-bit, or param, grad and moments are each float32 or
+ * bfloat16, whole blocks instead take a fast path (fast_block, fast4_range, fast_float_range: the
+ * same operations in explicit vectors; for 8-bit codes the ladder's arithmetic form in place of table
+ * lookups, for 4-bit codes thresholds in place of the division), built for AVX-512 (16 lanes) or
+ * AVX2 + FMA (8 lanes).
  */
 #include <math.h>
 #include <stdint.h>
@@ -479,6 +480,15 @@ INLINE int vm_any(VM a) { return a != 0; }
 INLINE VI vi_keep(VM m, VI a) { return _mm512_maskz_mov_epi32(m, a); }     /* a where m, else 0 */
 INLINE VI vi_inc(VM m, VI a) { return _mm512_mask_sub_epi32(a, m, a, vi_set1(0xFFFFFFFFu)); }  /* a + 1 where m */
 INLINE VF vf_select(VM m, VF a, VF b) { return _mm512_mask_mov_ps(b, m, a); }  /* a where m, else b */
+INLINE VI vi_select(VM m, VI a, VI b) { return _mm512_mask_mov_epi32(b, m, a); }  /* a where m, else b */
+INLINE VI vi_mullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+INLINE VI vi_iota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+/* LANES bfloat16s as float32 */
+INLINE VF load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* LANES values below 2^16 as uint16 */
+INLINE void store_u16(uint16_t *p, VI a) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(a)); }
 
 INLINE VT vt_load(const uint32_t *table16) { return _mm512_loadu_si512(table16); }
 /* bits(values[i] * s) */
@@ -567,6 +577,17 @@ INLINE int vm_any(VM a) { return !_mm256_testz_si256(a, a); }
 INLINE VI vi_keep(VM m, VI a) { return _mm256_and_si256(m, a); }     /* a where m, else 0 */
 INLINE VI vi_inc(VM m, VI a) { return _mm256_sub_epi32(a, m); }      /* a + 1 where m (m = -1) */
 INLINE VF vf_select(VM m, VF a, VF b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+INLINE VI vi_select(VM m, VI a, VI b) { return _mm256_blendv_epi8(b, a, m); }  /* a where m, else b */
+INLINE VI vi_mullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
+INLINE VI vi_iota(void) { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+/* LANES bfloat16s as float32 */
+INLINE VF load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* LANES values below 2^16 as uint16 (so that the saturating pack changes nothing) */
+INLINE void store_u16(uint16_t *p, VI a) {
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
+}
 
 INLINE VT vt_load(const uint32_t *table16) {
     VT t;
@@ -968,6 +989,97 @@ INLINE void fast4_range(const LowBitTensor *t, const Group *gr, int64_t start, i
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * the float fast path: moments stored as float32 or bfloat16 (by stochastic rounding), float32 or
+ * bfloat16 params (to nearest, stochastic rounding or Kahan) and grads; step_block's operations,
+ * LANES values at a time, straight from the tensors (no block buffers: nothing here is blockwise). */
+
+INLINE VI hash32_vec(VI x) {
+    x = vi_xor(x, vi_shr(x, 16));
+    x = vi_mullo(x, vi_set1(0x7FEB352Du));
+    x = vi_xor(x, vi_shr(x, 15));
+    x = vi_mullo(x, vi_set1(0x846CA68Bu));
+    return vi_xor(x, vi_shr(x, 16));
+}
+
+INLINE VF load_float(const void *src, int dtype, int64_t i) {
+    return dtype == DTYPE_FLOAT32 ? vf_load((const float *)src + i) : load_bf16((const uint16_t *)src + i);
+}
+
+/* float_to_bf16's and stochastic_bf16's bits, given f's bits u rounded by adding `carry` */
+INLINE VI bf16_bits(VF f, VI carry) {
+    return vi_select(vm_nan(f), vi_set1(0x7FC0u), vi_shr(vi_add(vf_bits(f), carry), 16));
+}
+INLINE VI bf16_nearest(VF f) { return bf16_bits(f, vi_add(vi_set1(0x7FFFu), vi_and(vi_shr(vf_bits(f), 16), vi_set1(1)))); }
+/* hashed: hash32 of each lane's flat index (shared by the purposes; each adds its own key) */
+INLINE VI bf16_stochastic(VF f, VI hashed, uint32_t key) {
+    return bf16_bits(f, vi_and(hash32_vec(vi_xor(hashed, vi_set1(key))), vi_set1(0xFFFFu)));
+}
+
+/* How the float fast path writes a param: float32, or bfloat16 to nearest, by stochastic rounding
+ * or with Kahan compensation. Each kind (with the moments' dtype and amsgrad) has its own compiled
+ * loop, so that no test of them is left in it (measured: 14% of the step). */
+enum { PARAM_FLOAT32 = 0, PARAM_NEAREST = 1, PARAM_STOCHASTIC = 2, PARAM_KAHAN = 3 };
+
+/* Values start .. end (whole blocks) of a tensor whose param, grad and moments are each float32 or
+ * bfloat16. A block in two passes: the update (float32 results stored in place, bfloat16 ones into
+ * the block's buffers), then the rounding of the buffers to bfloat16. */
+INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t start, int64_t end, const int kind,
+                             const int bf16_moments, const int amsgrad) {
+    float p_buf[QBLOCK] __attribute__((aligned(64))), m_buf[QBLOCK] __attribute__((aligned(64)));
+    float v_buf[QBLOCK] __attribute__((aligned(64))), x_buf[QBLOCK] __attribute__((aligned(64)));
+    const Update u = update_init(t, gr);
+    const int bf16_param = kind != PARAM_FLOAT32, md = bf16_moments ? DTYPE_BFLOAT16 : DTYPE_FLOAT32;
+    const int bf16_grad = t->grad_dtype == DTYPE_BFLOAT16;
+    /* held here, not read through t: the stores below could alias t, and its fields would be reloaded
+     * on every iteration (measured: 20% of the step) */
+    void *const param = t->param, *const moment[3] = {t->moment[0], t->moment[1], t->moment[2]};
+    const void *const grad = t->grad;
+    uint16_t *const comp = t->comp;
+    const uint32_t key[4] = {t->key[0], t->key[1], t->key[2], t->key[3]};
+    float *const p_out = bf16_param ? p_buf : (float *)param;  /* where the update's results go: */
+    float *const m_out = bf16_moments ? m_buf : (float *)moment[0];  /* float32 tensors themselves, */
+    float *const v_out = bf16_moments ? v_buf : (float *)moment[1];  /* else the buffers, indexed */
+    float *const x_out = bf16_moments ? x_buf : (float *)moment[2];  /* from the block's start */
+    const VI lanes = vi_iota();
+    for (int64_t at = start; at < end; at += QBLOCK) {
+        const int64_t p_at = bf16_param ? 0 : at, m_at = bf16_moments ? 0 : at;
+        for (int j = 0; j < QBLOCK; j += LANES) {
+            const int64_t i = at + j;
+            VF p = bf16_param ? load_bf16((const uint16_t *)param + i) : vf_load((const float *)param + i);
+            if (kind == PARAM_KAHAN) p = vf_add(p, load_bf16(comp + i));
+            const VF g = bf16_grad ? load_bf16((const uint16_t *)grad + i) : vf_load((const float *)grad + i);
+            VF m = load_float(moment[0], md, i), v = load_float(moment[1], md, i);
+            VF x = amsgrad ? load_float(moment[2], md, i) : v;
+            p = update_vec(&u, p, g, &m, &v, &x, amsgrad);
+            vf_store(p_out + p_at + j, p);
+            vf_store(m_out + m_at + j, m);
+            vf_store(v_out + m_at + j, v);
+            if (amsgrad) vf_store(x_out + m_at + j, x);
+        }
+        if (!bf16_param && !bf16_moments) continue;
+        for (int j = 0; j < QBLOCK; j += LANES) {
+            const int64_t i = at + j;
+            const int hashing = kind == PARAM_STOCHASTIC || bf16_moments;
+            const VI hashed = hashing ? hash32_vec(vi_add(vi_set1((uint32_t)i), lanes)) : vi_zero();
+            if (kind == PARAM_STOCHASTIC) {
+                store_u16((uint16_t *)param + i, bf16_stochastic(vf_load(p_buf + j), hashed, key[PURPOSE_PARAM]));
+            } else if (bf16_param) {
+                const VF p = vf_load(p_buf + j);
+                const VI stored = bf16_nearest(p);
+                store_u16((uint16_t *)param + i, stored);
+                if (kind == PARAM_KAHAN) store_u16(comp + i, bf16_nearest(vf_sub(p, vi_float(vi_shl(stored, 16)))));
+            }
+            if (bf16_moments) {
+                store_u16((uint16_t *)moment[0] + i, bf16_stochastic(vf_load(m_buf + j), hashed, key[PURPOSE_EXP_AVG]));
+                store_u16((uint16_t *)moment[1] + i, bf16_stochastic(vf_load(v_buf + j), hashed, key[PURPOSE_EXP_AVG_SQ]));
+                if (amsgrad)
+                    store_u16((uint16_t *)moment[2] + i, bf16_stochastic(vf_load(x_buf + j), hashed, key[PURPOSE_MAX]));
+            }
+        }
+    }
+}
+
 /* A tensor's whole blocks begin .. end (of QBLOCK values) on a fast path. */
 typedef void (*FastBlocks)(const LowBitTensor *, const Group *, int64_t, int64_t);
 static void fast8_plain(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
@@ -982,11 +1094,34 @@ static void fast4_plain(const LowBitTensor *t, const Group *gr, int64_t begin, i
 static void fast4_amsgrad(const LowBitTensor *t, const Group *gr, int64_t begin, int64_t end) {
     fast4_range(t, gr, begin * QBLOCK, end * QBLOCK, 1);
 }
+#define FLOAT_PATH(KIND, BF16_MOMENTS, AMSGRAD)                                                       \
+    static void fast_float_##KIND##_##BF16_MOMENTS##_##AMSGRAD(const LowBitTensor *t, const Group *gr,   \
+                                                               int64_t begin, int64_t end) {            \
+        fast_float_range(t, gr, begin * QBLOCK, end * QBLOCK, KIND, BF16_MOMENTS, AMSGRAD);             \
+    }
+#define FLOAT_PATHS(KIND) FLOAT_PATH(KIND, 0, 0) FLOAT_PATH(KIND, 0, 1) FLOAT_PATH(KIND, 1, 0) FLOAT_PATH(KIND, 1, 1)
+FLOAT_PATHS(PARAM_FLOAT32)
+FLOAT_PATHS(PARAM_NEAREST)
+FLOAT_PATHS(PARAM_STOCHASTIC)
+FLOAT_PATHS(PARAM_KAHAN)
+#define FLOAT_ROW(KIND)                                                                                  \
+    { {fast_float_##KIND##_0_0, fast_float_##KIND##_0_1}, {fast_float_##KIND##_1_0, fast_float_##KIND##_1_1} }
+/* [kind][bf16 moments][amsgrad] */
+static const FastBlocks float_paths[4][2][2] = {
+    FLOAT_ROW(PARAM_FLOAT32), FLOAT_ROW(PARAM_NEAREST), FLOAT_ROW(PARAM_STOCHASTIC), FLOAT_ROW(PARAM_KAHAN)};
+
+INLINE int float32_or_bf16(int dtype) { return dtype == DTYPE_FLOAT32 || dtype == DTYPE_BFLOAT16; }
 
 /* The fast path for tensor t's whole blocks, or NULL where it has none. */
 static FastBlocks fast_path(const LowBitTensor *t, const Group *gr) {
     if (t->moment_dtype == DTYPE_UINT8 && gr->ladder.ok) return gr->amsgrad ? fast8_amsgrad : fast8_plain;
     if (t->moment_dtype == DTYPE_UINT4X2) return gr->amsgrad ? fast4_amsgrad : fast4_plain;
+    if (float32_or_bf16(t->moment_dtype) && float32_or_bf16(t->param_dtype) && float32_or_bf16(t->grad_dtype)) {
+        const int kind = t->param_dtype == DTYPE_FLOAT32 ? PARAM_FLOAT32
+                         : t->param_update == UPDATE_STOCHASTIC ? PARAM_STOCHASTIC
+                         : t->param_update == UPDATE_KAHAN ? PARAM_KAHAN : PARAM_NEAREST;
+        return float_paths[kind][t->moment_dtype == DTYPE_BFLOAT16][gr->amsgrad != 0];
+    }
     return NULL;
 }
 

@@ -13,8 +13,14 @@
    of steps between synchronizations, the median window; implementations interleaved per round.
 3. tune: our kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults in
    src/adamw/backends/triton.py (CUDA_BLOCK, CUDA_NUM_WARPS).
+4. formats: our step in each storage format (float32, 8-bit and 4-bit moments on float32 params;
+   bf16 params rounded to nearest, by stochastic rounding, with Kahan compensation, with 8-bit and
+   4-bit moments) on one 256M-element tensor, against its own memory floor: the bytes that format
+   must move (3 x the param's bytes + 2 x its state's) at the device copy's bandwidth. Reported, no
+   verdict: "x floor" near 1 is a step at the memory limit.
 
-Writes a JSON summary to --out and prints PASS/FAIL per criterion; exits 1 if any fails.
+Writes a JSON summary to --out (after each section, so that a run cut short keeps what it measured)
+and prints PASS/FAIL per criterion; exits 1 if any fails.
 ``--smoke`` runs the speed and tune code on tiny CPU tensors under Triton's interpreter (no GPU, no
 verdict): a check of this script itself.
 """
@@ -61,7 +67,7 @@ def sync() -> None:
 
 def free() -> None:
     if DEVICE == "cuda":
-        free()
+        torch.cuda.empty_cache()
 
 
 def workloads() -> dict[str, tuple[list[tuple[int, ...]], float]]:
@@ -104,11 +110,11 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tens
     return params
 
 
-def ours(params: list[torch.Tensor]) -> adamw.AdamW:
+def ours(params: list[torch.Tensor], **options: Any) -> adamw.AdamW:
     """fused=True: on CUDA, our Triton kernel (on the CPU it would pick the C kernel)."""
     if DEVICE == "cuda":
-        return adamw.AdamW(params, lr=1e-3, fused=True)
-    return adamw.AdamW(params, lr=1e-3, backend="triton")
+        return adamw.AdamW(params, lr=1e-3, fused=True, **options)
+    return adamw.AdamW(params, lr=1e-3, backend="triton", **options)
 
 
 IMPLEMENTATIONS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -149,6 +155,44 @@ def speed(results: dict[str, Any], failures: list[str]) -> None:
             failures.append(f"{name}: {achieved / bandwidth:.1%} of copy bandwidth < 85%")
         del params
         free()
+
+
+# name: (param dtype, AdamW options)
+FORMATS: dict[str, tuple[torch.dtype, dict[str, str]]] = {
+    "float32": (torch.float32, {}),
+    "float32, 8-bit moments": (torch.float32, {"state_precision": "8bit"}),
+    "float32, 4-bit moments": (torch.float32, {"state_precision": "4bit"}),
+    "bf16": (torch.bfloat16, {}),
+    "bf16 stochastic": (torch.bfloat16, {"param_update": "stochastic"}),
+    "bf16 kahan": (torch.bfloat16, {"param_update": "kahan"}),
+    "bf16 stochastic, 8-bit moments": (torch.bfloat16, {"state_precision": "8bit", "param_update": "stochastic"}),
+    "bf16 stochastic, 4-bit moments": (torch.bfloat16, {"state_precision": "4bit", "param_update": "stochastic"}),
+}
+
+
+def formats(results: dict[str, Any]) -> None:
+    """Each storage format's step on one tensor against the bytes it must move at copy bandwidth."""
+    bandwidth = results.get("copy_bandwidth_GBps", 0) * 1e9 or copy_bandwidth(2**30 if DEVICE == "cuda" else 2**20)
+    numel = 256 * 2**20 if DEVICE == "cuda" else 8192  # on the CPU: just over the 4-bit threshold
+    table: dict[str, dict[str, float]] = {}
+    for name, (dtype, options) in FORMATS.items():
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        param = torch.randn(numel, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+        param.grad = (torch.randn(numel, device=DEVICE, generator=gen) * 1e-2).to(dtype)
+        optimizer = ours([param], **options)
+        optimizer.step()  # the state exists from here on
+        state = [t for t in optimizer.state[param].values() if torch.is_tensor(t) and t.dim() > 0]
+        moved = 3 * param.numel() * param.element_size() + 2 * sum(t.numel() * t.element_size() for t in state)
+        seconds = timed(optimizer.step)
+        floor = moved / bandwidth
+        table[name] = {"ms": seconds * 1e3, "bytes_per_value": moved / numel, "x_floor": seconds / floor}
+        print(
+            f"format {name}: {seconds * 1e3:.3f} ms, {moved / numel:.2f} B/value, "
+            f"{moved / seconds / 1e9:.0f} GB/s, {seconds / floor:.2f}x its floor"
+        )
+        del optimizer, param, state
+        free()
+    results["formats"] = table
 
 
 def tune(results: dict[str, Any]) -> None:
@@ -261,7 +305,7 @@ def capture(results: dict[str, Any], failures: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check_out")
-    parser.add_argument("--skip", default="", help="comma list of {capture,speed,tune} to skip")
+    parser.add_argument("--skip", default="", help="comma list of {capture,speed,formats,tune} to skip")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU tensors under the interpreter")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -281,16 +325,24 @@ def main() -> int:
     print(json.dumps(results))
     failures: list[str] = []
     started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a run cut short by its time limit keeps what it measured
+        results["failures"] = failures
+        results["seconds"] = time.perf_counter() - started
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+
     for name, check in (("capture", capture), ("speed", speed)):
         if name not in skip:
             check(results, failures)
+            save()
     if "tune" not in skip:
         tune(results)
-    results["failures"] = failures
-    results["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        save()
+    if "formats" not in skip:
+        formats(results)
+        save()
     if args.smoke:
         print("smoke run done (no verdict)")
         return 0

@@ -8,7 +8,8 @@
 #   1. the Triton tests on CUDA tensors: tests/test_triton.py (compiled kernel; graph capture; parity
 #      with torch fused), test_low_bit_kernels.py and test_low_bit_reproducible.py (the low-bit kernel
 #      bit for bit against the for-loop reference)
-#   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep
+#   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep,
+#      each storage format's step against its own memory floor
 #   3. the whole test suite
 #   4. python -m adamw bench --device cuda
 # Worst case 9 min 50 s (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
@@ -44,8 +45,8 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 
 stage test_triton "${LIMIT_TEST_TRITON:-200}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
     tests/test_triton.py tests/test_low_bit_kernels.py tests/test_low_bit_reproducible.py
-stage gpu_check "${LIMIT_GPU_CHECK:-150}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
-stage test_suite "${LIMIT_TEST_SUITE:-150}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/
+stage gpu_check "${LIMIT_GPU_CHECK:-180}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
+stage test_suite "${LIMIT_TEST_SUITE:-120}" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/
 stage bench "${LIMIT_BENCH:-90}" "$PYTHON" -m adamw bench --device cuda
 
 cat "$OUT/summary.txt"

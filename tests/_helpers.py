@@ -314,14 +314,16 @@ DRIFT: dict[tuple[str, str], Drift] = {
     ("bf16", "odd-shapes"): Drift(0.05, "bf16 moments: 2^-8 per stored value, partly averaged (seen 0.0065)"),
     ("8bit", "odd-shapes"): Drift(0.15, "8-bit codes: ~4% relative error on m, ~2% on sqrt(v) (seen 0.073)"),
     ("param-stochastic", "odd-shapes"): Drift(
-        0.6, "each store loses up to 2^-8 of |p| ~ 1 >> lr: unbiased, noisy (seen 0.51)"
+        0.8,
+        "each store loses up to 2^-8 of |p| ~ 1 >> lr: unbiased, noisy (seen 0.53; the largest element's "
+        "error is a max of random walks: 0.44-1.12 over seeds 0-7; params rounded to nearest: 1.12)",
     ),
     ("param-kahan", "odd-shapes"): Drift(0.1, "compensated bf16 params: the moments' bf16 noise (seen 0.092)"),
-    ("8bit-stochastic", "odd-shapes"): Drift(0.6, "as param-stochastic, with 8-bit codes' error on top (seen 0.51)"),
+    ("8bit-stochastic", "odd-shapes"): Drift(0.8, "as param-stochastic, with 8-bit codes' error on top (seen 0.58)"),
     ("4bit", "row-scaled"): Drift(0.25, "4-bit codes: <= 17% relative error in m, <= 18% in sqrt(v) (seen 0.208)"),
     ("4bit-stochastic", "row-scaled"): Drift(0.25, "4-bit codes' error; bf16 params' noise is far below it (seen 0.210)"),
     ("4bit", "odd-shapes"): Drift(0.5, "4-bit codes: m under 1/16 of its block's absmax stored as 0 (seen 0.37)"),
-    ("4bit-stochastic", "odd-shapes"): Drift(0.6, "as param-stochastic, with 4-bit codes' error on top (seen 0.51)"),
+    ("4bit-stochastic", "odd-shapes"): Drift(0.8, "as param-stochastic, with 4-bit codes' error on top (seen 0.63)"),
 }
 
 # A torch checkpoint converted into a low-bit format and back, against torch's own values.

@@ -42,7 +42,18 @@ from adamw.states.quantize import (
     quantization_error_bound,
     unpack_nibbles,
 )
-from adamw.states.rounding import hash32, hash32_int, kahan_store, kahan_value, random_bits
+from adamw.states.rounding import (
+    PURPOSE_EXP_AVG,
+    PURPOSE_EXP_AVG_SQ,
+    PURPOSE_MAX_EXP_AVG_SQ,
+    PURPOSE_PARAM,
+    hash32,
+    hash32_int,
+    kahan_store,
+    kahan_value,
+    noise_shift,
+    random_bits,
+)
 
 # These tensors are small: one thread is faster, and immune to a busy machine's other jobs.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,12 +262,35 @@ def test_hash32_matches_an_independent_uint32_implementation() -> None:
     assert [hash32_int(int(w)) for w in words[:64]] == [int(v) for v in h[:64]]
 
 
-def test_random_bits_are_uniform_and_keyed() -> None:
-    bits = random_bits(1 << 16, rounding_key(0, 1)) & 0xFFFF
+@pytest.mark.parametrize("shift", [0, 16])
+def test_random_bits_are_uniform_and_keyed(shift: int) -> None:
+    draw = random_bits(1 << 16, rounding_key(0, 1))
+    bits = (draw >> shift) & 0xFFFF  # either half of the draw (an arithmetic shift: the mask takes 16 bits)
     counts = torch.bincount((bits >> 12).long(), minlength=16).float()  # 16 bins of 4096 expected
     assert float(((counts - 4096) ** 2 / 4096).sum()) < 60  # chi-square, 15 dof: p < 1e-6 to fail
-    keys = {rounding_key(s, t, k, p) for s in range(3) for t in range(3) for k in range(3) for p in range(3)}
-    assert len(keys) == 81
+    # neighbouring elements' draws are unrelated: their 16-bit halves agree as often as chance has it
+    assert int((bits[1:] == bits[:-1]).sum()) < 10
+    draws = (PURPOSE_PARAM, PURPOSE_EXP_AVG)
+    keys = {rounding_key(s, t, k, p) for s in range(3) for t in range(3) for k in range(3) for p in draws}
+    assert len(keys) == 54
+
+
+def test_two_uses_share_a_draw_and_take_its_two_halves() -> None:
+    """exp_avg and exp_avg_sq round with the low and high halves of one draw, the param and
+    max_exp_avg_sq likewise: same keys, unrelated bits."""
+    assert rounding_key(3, 7, 2, PURPOSE_EXP_AVG) == rounding_key(3, 7, 2, PURPOSE_EXP_AVG_SQ)
+    assert rounding_key(3, 7, 2, PURPOSE_PARAM) == rounding_key(3, 7, 2, PURPOSE_MAX_EXP_AVG_SQ)
+    assert rounding_key(3, 7, 2, PURPOSE_PARAM) != rounding_key(3, 7, 2, PURPOSE_EXP_AVG)
+    assert (noise_shift(PURPOSE_PARAM), noise_shift(PURPOSE_MAX_EXP_AVG_SQ)) == (0, 16)
+    assert (noise_shift(PURPOSE_EXP_AVG), noise_shift(PURPOSE_EXP_AVG_SQ)) == (0, 16)
+    # halfway between two bfloat16s: each rounding goes up when its 16 bits reach 0x8000, so with
+    # independent halves the two roundings agree half the time (with one shared half, always)
+    x = ((((torch.rand(1 << 16) + 1).view(torch.int32) >> 16) << 16) | 0x8000).view(torch.float32)
+    key = rounding_key(3, 7, 2, PURPOSE_EXP_AVG)
+    low = stochastic_round_to_bf16(x, key, PURPOSE_EXP_AVG).float() > x
+    high = stochastic_round_to_bf16(x, key, PURPOSE_EXP_AVG_SQ).float() > x
+    agree = float((low == high).float().mean())
+    assert abs(agree - 0.5) < 0.02
 
 
 def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

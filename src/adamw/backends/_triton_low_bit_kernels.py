@@ -44,8 +44,10 @@ Storage, per constexpr switch:
 * ``PARAM_UPDATE``: round to nearest, stochastic rounding, or Kahan (``comp`` holds what the last
   rounding lost).
 
-Stochastic rounding draws ``hash32(hash32(i) ^ key)`` per flat element ``i`` (``lowbias32``, see
-:mod:`adamw.states.rounding`); the keys are computed on the host per tensor and purpose.
+Stochastic rounding takes 16 bits of the draw ``hash32(i ^ key)`` per flat element ``i``
+(``lowbias32``): the low half for the param and ``exp_avg``, the high half for ``exp_avg_sq`` and
+``max_exp_avg_sq`` (:mod:`adamw.states.rounding`); the keys are computed on the host per tensor and
+purpose (two purposes that share a draw have one key).
 
 Couplings with the host side (:func:`adamw.backends.triton.step_low_bit`): ``table`` has ``ROW`` int64
 per tensor (columns below; an address of 0 is never read); ``chunk_tensor`` names the tensor of
@@ -116,11 +118,12 @@ def _hash32(x):
 
 
 @triton.jit
-def _round(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """float32 -> ``DTYPE``; to bfloat16 up or down at random when ``STOCHASTIC``
-    (adamw.states.rounding.stochastic_round_to_bf16), else to nearest."""
+def _round(x, offsets, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, SHIFT: tl.constexpr):
+    """float32 -> ``DTYPE``; to bfloat16 up or down at random when ``STOCHASTIC``, by the 16 bits
+    at ``SHIFT`` of the element's draw (adamw.states.rounding.stochastic_round_to_bf16), else to
+    nearest."""
     if DTYPE == tl.bfloat16 and STOCHASTIC:
-        return round_bf16(x, _hash32(_hash32(offsets.to(tl.uint32)) ^ key) & 0xFFFF)
+        return round_bf16(x, (_hash32(offsets.to(tl.uint32) ^ key) >> SHIFT) & 0xFFFF)
     else:
         return to_storage(x, DTYPE)
 
@@ -248,7 +251,7 @@ def _store_moment(
             _store(ptr + offsets, codes.to(tl.uint8), mask, MASKED)
     else:
         key = tl.load(row_ptr + COL_KEY_EXP_AVG + MOMENT).to(tl.uint32)
-        _store(ptr + offsets, _round(x, offsets, key, DTYPE, True), mask, MASKED)
+        _store(ptr + offsets, _round(x, offsets, key, DTYPE, True, 0 if MOMENT == 0 else 16), mask, MASKED)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def _low_bit_tile(
     p = p + tl.div_rn(neg_step_size * m, denom)
 
     key_param = tl.load(row_ptr + COL_KEY_PARAM).to(tl.uint32)
-    stored = _round(p, offsets, key_param, PARAM_DTYPE, PARAM_UPDATE == UPDATE_STOCHASTIC)
+    stored = _round(p, offsets, key_param, PARAM_DTYPE, PARAM_UPDATE == UPDATE_STOCHASTIC, 0)
     _store(param_ptr + offsets, stored, mask, MASKED)
     if PARAM_UPDATE == UPDATE_KAHAN:
         _store(comp_ptr + offsets, to_storage(p - stored.to(tl.float32), tl.bfloat16), mask, MASKED)

@@ -31,9 +31,11 @@
  *     the midpoints below y with one compare each (7 signed, 15 unsigned); the fast path compares x
  *     with per-block thresholds instead (the least x whose quotient passes each midpoint, found in
  *     double; Block4): both exact for any ascending table.
- *   Stochastic rounding draws hash32(hash32(i) ^ key), i the element's flat index in its tensor
- *   (lowbias32); key = hash32(stream_key ^ lo32(t) ^ hi32(t)) at step t, the stream keys (per
- *   tensor and purpose, the same every step) computed on the host (rounding.py).
+ *   Stochastic rounding takes 16 bits of the draw hash32(i ^ key), i the element's flat index in its
+ *   tensor (lowbias32): the low half for the param and exp_avg, the high half for exp_avg_sq and
+ *   max_exp_avg_sq, whose keys are those of exp_avg and the param (one draw, two uses); key =
+ *   hash32(stream_key ^ lo32(t) ^ hi32(t)) at step t, the stream keys (per tensor and purpose, the
+ *   same every step) computed on the host (rounding.py).
  *
  * Work split: each tensor is a run of 256-value blocks (a 4-bit one's are two of its blocks of 128,
  * and start on a whole byte); the group's blocks are one range, cut into one contiguous piece per
@@ -134,9 +136,10 @@ INLINE uint32_t hash32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* Up or down at random: a carry out of the low 16 bits rounds |x| up (rounding.py). */
-INLINE uint16_t stochastic_bf16(float f, uint32_t index, uint32_t key) {
-    uint32_t noise = hash32(hash32(index) ^ key) & 0xFFFFu;
+/* Up or down at random, by the 16 bits at `shift` (0 or 16) of the element's draw: a carry out of
+ * the low 16 bits rounds |x| up (rounding.py). */
+INLINE uint16_t stochastic_bf16(float f, uint32_t index, uint32_t key, int shift) {
+    uint32_t noise = (hash32(index ^ key) >> shift) & 0xFFFFu;
     uint32_t rounded = (bits_of(f) + noise) >> 16;
     return (uint16_t)(f != f ? 0x7FC0u : rounded);
 }
@@ -262,7 +265,8 @@ INLINE void store_moment(const LowBitTensor *t, int which, const Group *gr, cons
         }
     } else if (t->moment_dtype == DTYPE_BFLOAT16) {
         uint16_t *d = (uint16_t *)dst + start;
-        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(x[i], (uint32_t)(start + i), key);
+        const int shift = which == 0 ? 0 : 16;  /* exp_avg: the low half; the others the high one */
+        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(x[i], (uint32_t)(start + i), key, shift);
     } else if (t->moment_dtype == DTYPE_FLOAT16) {
         _Float16 *d = (_Float16 *)dst + start;
         for (int i = 0; i < len; i++) d[i] = (_Float16)x[i];
@@ -282,7 +286,7 @@ INLINE void store_param(const LowBitTensor *t, const float *p, int64_t start, in
     } else if (t->param_update == UPDATE_STOCHASTIC) {
         uint16_t *d = (uint16_t *)t->param + start;
         const uint32_t key = t->key[PURPOSE_PARAM];
-        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(p[i], (uint32_t)(start + i), key);
+        for (int i = 0; i < len; i++) d[i] = stochastic_bf16(p[i], (uint32_t)(start + i), key, 0);
     } else if (t->param_update == UPDATE_KAHAN) {
         uint16_t *d = (uint16_t *)t->param + start;
         uint16_t *c = t->comp + start;
@@ -1011,9 +1015,9 @@ INLINE VI bf16_bits(VF f, VI carry) {
     return vi_select(vm_nan(f), vi_set1(0x7FC0u), vi_shr(vi_add(vf_bits(f), carry), 16));
 }
 INLINE VI bf16_nearest(VF f) { return bf16_bits(f, vi_add(vi_set1(0x7FFFu), vi_and(vi_shr(vf_bits(f), 16), vi_set1(1)))); }
-/* hashed: hash32 of each lane's flat index (shared by the purposes; each adds its own key) */
-INLINE VI bf16_stochastic(VF f, VI hashed, uint32_t key) {
-    return bf16_bits(f, vi_and(hash32_vec(vi_xor(hashed, vi_set1(key))), vi_set1(0xFFFFu)));
+/* stochastic_bf16 by the low (shift 0) or high (16) half of the lanes' draws */
+INLINE VI bf16_stochastic(VF f, VI draw, int shift) {
+    return bf16_bits(f, shift ? vi_shr(draw, 16) : vi_and(draw, vi_set1(0xFFFFu)));
 }
 
 /* How the float fast path writes a param: float32, or bfloat16 to nearest, by stochastic rounding
@@ -1060,10 +1064,13 @@ INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t sta
         if (!bf16_param && !bf16_moments) continue;
         for (int j = 0; j < QBLOCK; j += LANES) {
             const int64_t i = at + j;
-            const int hashing = kind == PARAM_STOCHASTIC || bf16_moments;
-            const VI hashed = hashing ? hash32_vec(vi_add(vi_set1((uint32_t)i), lanes)) : vi_zero();
+            const VI index = vi_add(vi_set1((uint32_t)i), lanes);
+            /* the draws: the param's (and max_exp_avg_sq's), the moments' */
+            const VI draw_p = kind == PARAM_STOCHASTIC || (amsgrad && bf16_moments)
+                                  ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_PARAM]))) : vi_zero();
+            const VI draw_m = bf16_moments ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_EXP_AVG]))) : vi_zero();
             if (kind == PARAM_STOCHASTIC) {
-                store_u16((uint16_t *)param + i, bf16_stochastic(vf_load(p_buf + j), hashed, key[PURPOSE_PARAM]));
+                store_u16((uint16_t *)param + i, bf16_stochastic(vf_load(p_buf + j), draw_p, 0));
             } else if (bf16_param) {
                 const VF p = vf_load(p_buf + j);
                 const VI stored = bf16_nearest(p);
@@ -1071,10 +1078,9 @@ INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t sta
                 if (kind == PARAM_KAHAN) store_u16(comp + i, bf16_nearest(vf_sub(p, vi_float(vi_shl(stored, 16)))));
             }
             if (bf16_moments) {
-                store_u16((uint16_t *)moment[0] + i, bf16_stochastic(vf_load(m_buf + j), hashed, key[PURPOSE_EXP_AVG]));
-                store_u16((uint16_t *)moment[1] + i, bf16_stochastic(vf_load(v_buf + j), hashed, key[PURPOSE_EXP_AVG_SQ]));
-                if (amsgrad)
-                    store_u16((uint16_t *)moment[2] + i, bf16_stochastic(vf_load(x_buf + j), hashed, key[PURPOSE_MAX]));
+                store_u16((uint16_t *)moment[0] + i, bf16_stochastic(vf_load(m_buf + j), draw_m, 0));
+                store_u16((uint16_t *)moment[1] + i, bf16_stochastic(vf_load(v_buf + j), draw_m, 16));
+                if (amsgrad) store_u16((uint16_t *)moment[2] + i, bf16_stochastic(vf_load(x_buf + j), draw_p, 16));
             }
         }
     }
@@ -1237,4 +1243,4 @@ int adamw_low_bit_step(LowBitTensor *tensors, int64_t n, int64_t total_blocks, c
 }
 
 /* The ABI version the Python loader checks, bumped with any change to LowBitTensor or adamw_low_bit_step. */
-int adamw_low_bit_abi_version(void) { return 3; }
+int adamw_low_bit_abi_version(void) { return 4; }

@@ -49,7 +49,7 @@ from .low_bit import (
 )
 
 SOURCE = Path(__file__).with_name("adamw_cpu_low_bit.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 QBLOCK, QBLOCK4 = 256, 128  # the C source's QBLOCK and QBLOCK4
 
 # The kernel's dtype codes (its enum); float64 and complex128 params run the reference.

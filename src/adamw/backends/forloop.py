@@ -27,9 +27,7 @@ from torch import Tensor
 from ..states.entries import KAHAN_KEY, is_dtensor
 from ..states.formats import MOMENTS, compute_dtype, format_for
 from ..states.rounding import (
-    PURPOSE_EXP_AVG,
-    PURPOSE_EXP_AVG_SQ,
-    PURPOSE_MAX_EXP_AVG_SQ,
+    MOMENT_PURPOSES,
     PURPOSE_PARAM,
     check_param_update,
     effective_param_update,
@@ -101,9 +99,6 @@ def step_low_bit(
         reference_step(param, grad, state, int(step_t.item()), stream, hyper, storage, lr, beta1, beta2)
 
 
-_PURPOSES = {"exp_avg": PURPOSE_EXP_AVG, "exp_avg_sq": PURPOSE_EXP_AVG_SQ, "max_exp_avg_sq": PURPOSE_MAX_EXP_AVG_SQ}
-
-
 def reference_step(
     param: Tensor,
     grad: Tensor,
@@ -152,7 +147,7 @@ def reference_step(
     elif p.data_ptr() != real_param.data_ptr():
         real_param.copy_(p)
     for key, value in moments.items():
-        fmt.encode(state, key, value, rounding_key(storage.seed, step, stream, _PURPOSES[key]))
+        fmt.encode(state, key, value, rounding_key(storage.seed, step, stream, MOMENT_PURPOSES[key]))
 
 
 def _update(

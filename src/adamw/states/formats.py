@@ -11,7 +11,7 @@ written down once:
   param on the low-bit path) is written with stochastic rounding, because with ``beta2 = 0.999`` the
   change of ``v`` in one step (at most 0.1%) is below half a bfloat16 step (0.2% to 0.4%): rounded
   to nearest, ``v`` could never decrease and would only ratchet upwards. Stochastic rounding keeps
-  it unbiased (the key is ``rounding_key(seed, step, stream, purpose)``).
+  it unbiased (the bits: :mod:`adamw.states.rounding`).
 * ``"8bit"``: ``state[name]`` holds uint8 codes shaped like the param and ``state[name + "_absmax"]``
   one float32 absmax per block of 256 (:mod:`adamw.states.quantize`): ``exp_avg`` with the signed
   code, ``exp_avg_sq`` and ``max_exp_avg_sq`` with the unsigned one.
@@ -48,7 +48,7 @@ from .quantize import (
     quantize,
     unpack_nibbles,
 )
-from .rounding import stochastic_round_to_bf16
+from .rounding import MOMENT_PURPOSES, stochastic_round_to_bf16
 
 StatePrecision = Literal["param", "bf16", "8bit", "4bit"]
 STATE_PRECISIONS: tuple[str, ...] = ("param", "bf16", "8bit", "4bit")
@@ -138,7 +138,7 @@ class PlainFormat(StateFormat):
     def encode(self, state: dict[str, Tensor], key: str, value: Tensor, rounding_key: int | None = None) -> None:
         stored = _real(state[key])
         if stored.dtype == torch.bfloat16 and rounding_key is not None:
-            stored.copy_(stochastic_round_to_bf16(value.to(torch.float32), rounding_key))
+            stored.copy_(stochastic_round_to_bf16(value.to(torch.float32), rounding_key, MOMENT_PURPOSES[key]))
         elif stored.data_ptr() != value.data_ptr() or stored.dtype != value.dtype:
             stored.copy_(value)
 

@@ -1,0 +1,166 @@
+"""Each storage format's CPU step against its memory floor, in clock cycles per parameter value.
+
+    .venv/bin/python benchmarks/cycles_per_value.py [--threads 2] [--ghz G]
+
+Two numbers per format (fused=True on CPU tensors):
+
+* **kernel**: the C kernel's own cost. One ``adamw.AdamW`` step is taken on a param of 16K values
+  (its state fits in the L2 cache), the kernel call it made is captured and replayed on one thread,
+  bare (no Python around it), and timed: cycles per value at the core's clock. This is the
+  arithmetic the format asks for, with the memory out of the way.
+* **floor allows**: what memory leaves each thread per value. The format's memory floor
+  (``adamw bench``'s floor row: its bytes read and written once, no arithmetic) is timed on 32M
+  values with ``--threads`` threads; its time per value, times the threads, at the clock, is the
+  cycles a thread may spend on a value before arithmetic, not memory, sets the pace.
+
+kernel / floor allows above 1: the step is compute-bound on this machine, and no memory-side change
+brings it to its floor. The clock is measured by a chain of dependent integer multiplies (3 cycles
+each on current x86 cores) unless ``--ghz`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import adamw
+from adamw.backends import cpu as cpu_float
+from adamw.backends import cpu_low_bit
+from adamw.cli.bench.floor import MemoryFloor
+
+KERNEL_NUMEL = 1 << 14
+FLOOR_NUMEL = 1 << 25
+
+# name, param dtype, AdamW options (the floor takes the same state_precision and param_update)
+FORMATS: list[tuple[str, torch.dtype, dict[str, str]]] = [
+    ("float32", torch.float32, {}),
+    ("bf16 (to nearest)", torch.bfloat16, {}),
+    ("bf16 stochastic", torch.bfloat16, {"param_update": "stochastic"}),
+    ("bf16 kahan", torch.bfloat16, {"param_update": "kahan"}),
+    ("8-bit, float32 params", torch.float32, {"state_precision": "8bit"}),
+    ("8-bit, bf16 params", torch.bfloat16, {"state_precision": "8bit"}),
+    ("8-bit + stochastic", torch.bfloat16, {"state_precision": "8bit", "param_update": "stochastic"}),
+    ("4-bit, float32 params", torch.float32, {"state_precision": "4bit"}),
+    ("4-bit, bf16 params", torch.bfloat16, {"state_precision": "4bit"}),
+    ("4-bit + stochastic", torch.bfloat16, {"state_precision": "4bit", "param_update": "stochastic"}),
+]
+
+_CLOCK_PROBE = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b;
+    uint64_t x = 12345;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < 100000000L; i++)
+        __asm__ volatile("imul %0, %0\n\timul %0, %0\n\timul %0, %0\n\timul %0, %0" : "+r"(x));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double s = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+    printf("%f\n", 3.0 * 4e8 / s / 1e9 + (double)(x & 0));
+    return 0;
+}
+"""
+
+
+def clock_ghz() -> float:
+    """The core's clock while busy: 4e8 dependent 64-bit multiplies at 3 cycles each (x86 only)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("no C compiler to measure the clock: pass --ghz")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "clock.c", Path(tmp) / "clock"
+        src.write_text(_CLOCK_PROBE)
+        subprocess.run([cc, "-O2", str(src), "-o", str(exe)], check=True)
+        return max(
+            float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout) for _ in range(3)
+        )
+
+
+def _optimizer(dtype: torch.dtype, options: dict[str, str], numel: int) -> tuple[Any, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(numel, generator=gen).to(dtype).requires_grad_()
+    p.grad = (torch.randn(numel, generator=gen) * 1e-2).to(dtype)
+    return adamw.AdamW([p], fused=True, **options), p
+
+
+def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds: int = 15) -> float:
+    """The kernel call of one step, replayed bare on one thread: median seconds per value."""
+    module = cpu_low_bit if options else cpu_float
+    library = module.library()
+    calls: list[tuple[Any, ...]] = []
+
+    class Capturing:
+        @staticmethod
+        def step_fn(*args: Any) -> int:
+            calls.append(args)
+            return library.step_fn(*args)
+
+    opt, keep = _optimizer(dtype, options, KERNEL_NUMEL)
+    original = module.library
+    module.library = lambda: Capturing  # type: ignore[assignment,return-value]
+    try:
+        opt.step()
+    finally:
+        module.library = original  # type: ignore[assignment]
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one kernel call for {options}, saw {len(calls)}")
+    args, fn = calls[0], library.step_fn
+    reps = 200
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn(*args)
+        times.append((time.perf_counter() - start) / reps)
+    del keep
+    return statistics.median(times) / KERNEL_NUMEL
+
+
+def floor_seconds_per_value(dtype: torch.dtype, options: dict[str, str], steps: int = 9) -> float:
+    """The format's memory floor on FLOOR_NUMEL values, with torch's threads: median seconds per value."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(FLOOR_NUMEL, generator=gen).to(dtype).requires_grad_()
+    p.grad = torch.randn(FLOOR_NUMEL, generator=gen).to(dtype)
+    floor = MemoryFloor([p], **options)
+    floor.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        floor.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / FLOOR_NUMEL
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the floor pass")
+    parser.add_argument("--ghz", type=float, default=None, help="the core clock (default: measured)")
+    args = parser.parse_args()
+    ghz = args.ghz or clock_ghz()
+    print(
+        f"clock {ghz:.2f} GHz; kernel: 1 thread, {KERNEL_NUMEL} values; floor: {args.threads} threads, "
+        f"{FLOOR_NUMEL} values; cycles per value"
+    )
+    print()
+    print("| format | kernel | floor allows | kernel / floor allows |")
+    print("|---|---:|---:|---:|")
+    for name, dtype, options in FORMATS:
+        torch.set_num_threads(1)
+        kernel = kernel_seconds_per_value(dtype, options) * ghz * 1e9
+        torch.set_num_threads(args.threads)
+        allows = floor_seconds_per_value(dtype, options) * args.threads * ghz * 1e9
+        print(f"| {name} | {kernel:.2f} | {allows:.2f} | {kernel / allows:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

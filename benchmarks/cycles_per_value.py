@@ -6,8 +6,8 @@ Two numbers per format (fused=True on CPU tensors):
 
 * **kernel**: the C kernel's own cost. One ``adamw.AdamW`` step is taken on a param of 16K values
   (its state fits in the L2 cache), the kernel call it made is captured and replayed on one thread,
-  bare (no Python around it), and timed: cycles per value at the core's clock. This is the
-  arithmetic the format asks for, with the memory out of the way.
+  bare (no Python around it), and timed (the least of 21 rounds): cycles per value at the core's
+  clock. This is the arithmetic the format asks for, with the memory out of the way.
 * **floor allows**: what memory leaves each thread per value. The format's memory floor
   (``adamw bench``'s floor row: its bytes read and written once, no arithmetic) is timed on 32M
   values with ``--threads`` threads; its time per value, times the threads, at the clock, is the
@@ -93,8 +93,9 @@ def _optimizer(dtype: torch.dtype, options: dict[str, str], numel: int) -> tuple
     return adamw.AdamW([p], fused=True, **options), p
 
 
-def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds: int = 15) -> float:
-    """The kernel call of one step, replayed bare on one thread: median seconds per value."""
+def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds: int = 21) -> float:
+    """The kernel call of one step, replayed bare on one thread: the least seconds per value of
+    ``rounds`` rounds (the least disturbed by the rest of the machine)."""
     module = cpu_low_bit if options else cpu_float
     library = module.library()
     calls: list[tuple[Any, ...]] = []
@@ -123,7 +124,7 @@ def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds
             fn(*args)
         times.append((time.perf_counter() - start) / reps)
     del keep
-    return statistics.median(times) / KERNEL_NUMEL
+    return min(times) / KERNEL_NUMEL
 
 
 def floor_seconds_per_value(dtype: torch.dtype, options: dict[str, str], steps: int = 9) -> float:

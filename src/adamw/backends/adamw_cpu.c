@@ -207,6 +207,69 @@ DEFINE_SEGMENT_X16(segment_bf16_x16, bf16x16_to_float, float_to_bf16x16)
 DEFINE_SEGMENT_X16(segment_f16_x16, fp16x16_to_float, float_to_fp16x16)
 #endif
 
+/* ---------------------------------------------------------------------------------------------
+ * bfloat16 with AVX2 + FMA (no AVX-512): DEFINE_SEGMENT_X16's loop on 8 values, for bfloat16 only,
+ * where the compiler's own vectorization of the generic loop measured 12% slower (its conversions);
+ * float16 keeps the generic loop. Bit for bit the generic loop's, as the x16 ones are. */
+
+#if !defined(HAVE_X16) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_X8 1
+
+INLINE __m256 bf16x8_to_float(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* float_to_bf16 on 8 values */
+INLINE void float_to_bf16x8(uint16_t *p, __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+INLINE int64_t segment_bf16_x8(uint16_t *restrict param, uint16_t *restrict grad, uint16_t *restrict exp_avg,
+                               uint16_t *restrict exp_avg_sq, uint16_t *restrict max_exp_avg_sq, int64_t lo,
+                               int64_t hi, const GroupScalars *gs, const TensorScalars *ts, const int unscale,
+                               const int amsgrad) {
+    const float weight = (float)gs->lerp_weight;
+    const int from_start = fabs((double)weight) < 0.5;
+    const __m256 coeff = _mm256_set1_ps(from_start ? weight : weight - 1.0f);
+    const __m256 decay = _mm256_set1_ps((float)gs->decay);
+    const __m256 beta2 = _mm256_set1_ps((float)gs->beta2);
+    const __m256 one_minus_beta2 = _mm256_set1_ps((float)gs->one_minus_beta2);
+    const __m256 eps = _mm256_set1_ps((float)gs->eps);
+    const __m256 scale = _mm256_set1_ps((float)gs->grad_scale);
+    const __m256 sign = _mm256_set1_ps((float)gs->grad_sign);
+    const __m256 step_size = _mm256_set1_ps((float)ts->step_size);
+    const __m256 bc2_sqrt = _mm256_set1_ps((float)ts->bias_correction2_sqrt);
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        __m256 g = bf16x8_to_float(grad + i);
+        if (unscale) {
+            g = _mm256_div_ps(g, scale);
+            float_to_bf16x8(grad + i, g);
+        }
+        g = _mm256_mul_ps(g, sign);
+        __m256 p = _mm256_mul_ps(bf16x8_to_float(param + i), decay);
+        __m256 m = bf16x8_to_float(exp_avg + i);
+        m = _mm256_fmadd_ps(coeff, _mm256_sub_ps(g, m), from_start ? m : g);
+        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(one_minus_beta2, g), g, _mm256_mul_ps(bf16x8_to_float(exp_avg_sq + i), beta2));
+        float_to_bf16x8(exp_avg + i, m);
+        float_to_bf16x8(exp_avg_sq + i, v);
+        if (amsgrad) {
+            __m256 old = bf16x8_to_float(max_exp_avg_sq + i);
+            __m256 keep = _mm256_or_ps(_mm256_cmp_ps(old, v, _CMP_GT_OQ), _mm256_cmp_ps(old, old, _CMP_UNORD_Q));
+            v = _mm256_blendv_ps(v, old, keep);
+            float_to_bf16x8(max_exp_avg_sq + i, v);
+        }
+        __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2_sqrt), eps);
+        p = _mm256_sub_ps(p, _mm256_div_ps(_mm256_mul_ps(step_size, m), denom));
+        float_to_bf16x8(param + i, p);
+    }
+    return i;
+}
+#endif
+
 /* Runs FN on [lo, hi) of tensor t and sets lo to where it stopped. */
 #define DISPATCH_VARIANTS(FN, T)                                                                    \
     do {                                                                                            \
@@ -228,6 +291,9 @@ static void run_segment(int dtype, int64_t t, int64_t lo, int64_t hi, void *cons
     case DTYPE_BFLOAT16:
 #ifdef HAVE_X16
         DISPATCH_VARIANTS(segment_bf16_x16, uint16_t);
+#endif
+#ifdef HAVE_X8
+        DISPATCH_VARIANTS(segment_bf16_x8, uint16_t);
 #endif
         DISPATCH_VARIANTS(segment_bf16, uint16_t); /* what is left: all of it without AVX-512 */
         break;

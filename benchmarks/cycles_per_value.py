@@ -6,8 +6,9 @@ Two numbers per format (fused=True on CPU tensors):
 
 * **kernel**: the C kernel's own cost. One ``adamw.AdamW`` step is taken on a param of 16K values
   (its state fits in the L2 cache), the kernel call it made is captured and replayed on one thread,
-  bare (no Python around it), and timed (the least of 21 rounds): cycles per value at the core's
-  clock. This is the arithmetic the format asks for, with the memory out of the way.
+  bare (no Python around it), and timed (the least of 21 rounds, the formats interleaved): cycles
+  per value at the core's clock. This is the arithmetic the format asks for, with the memory out of
+  the way.
 * **floor allows**: what memory leaves each thread per value. The format's memory floor
   (``adamw bench``'s floor row: its bytes read and written once, no arithmetic) is timed on 32M
   values with ``--threads`` threads; its time per value, times the threads, at the clock, is the
@@ -93,9 +94,8 @@ def _optimizer(dtype: torch.dtype, options: dict[str, str], numel: int) -> tuple
     return adamw.AdamW([p], fused=True, **options), p
 
 
-def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds: int = 21) -> float:
-    """The kernel call of one step, replayed bare on one thread: the least seconds per value of
-    ``rounds`` rounds (the least disturbed by the rest of the machine)."""
+def captured_kernel_call(dtype: torch.dtype, options: dict[str, str]) -> tuple[Any, tuple[Any, ...], Any]:
+    """(the kernel's entry point, the arguments of the one call a step made, what must stay alive)."""
     module = cpu_low_bit if options else cpu_float
     library = module.library()
     calls: list[tuple[Any, ...]] = []
@@ -106,7 +106,7 @@ def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds
             calls.append(args)
             return library.step_fn(*args)
 
-    opt, keep = _optimizer(dtype, options, KERNEL_NUMEL)
+    opt, param = _optimizer(dtype, options, KERNEL_NUMEL)
     original = module.library
     module.library = lambda: Capturing  # type: ignore[assignment,return-value]
     try:
@@ -115,16 +115,22 @@ def kernel_seconds_per_value(dtype: torch.dtype, options: dict[str, str], rounds
         module.library = original  # type: ignore[assignment]
     if len(calls) != 1:
         raise RuntimeError(f"expected one kernel call for {options}, saw {len(calls)}")
-    args, fn = calls[0], library.step_fn
-    reps = 200
-    times = []
+    return library.step_fn, calls[0], (opt, param)
+
+
+def kernel_seconds_per_value(rounds: int = 21, reps: int = 200) -> list[float]:
+    """Each format's kernel call replayed bare on one thread, the formats interleaved round by round
+    (so that a busy spell of the machine touches all alike): the least seconds per value of each."""
+    torch.set_num_threads(1)
+    calls = [captured_kernel_call(dtype, options) for _, dtype, options in FORMATS]
+    best = [float("inf")] * len(calls)
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn(*args)
-        times.append((time.perf_counter() - start) / reps)
-    del keep
-    return min(times) / KERNEL_NUMEL
+        for k, (fn, args, _keep) in enumerate(calls):
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn(*args)
+            best[k] = min(best[k], (time.perf_counter() - start) / reps / KERNEL_NUMEL)
+    return best
 
 
 def floor_seconds_per_value(dtype: torch.dtype, options: dict[str, str], steps: int = 9) -> float:
@@ -155,10 +161,10 @@ def main() -> None:
     print()
     print("| format | kernel | floor allows | kernel / floor allows |")
     print("|---|---:|---:|---:|")
-    for name, dtype, options in FORMATS:
-        torch.set_num_threads(1)
-        kernel = kernel_seconds_per_value(dtype, options) * ghz * 1e9
-        torch.set_num_threads(args.threads)
+    kernels = kernel_seconds_per_value()
+    torch.set_num_threads(args.threads)
+    for (name, dtype, options), kernel_seconds in zip(FORMATS, kernels, strict=True):
+        kernel = kernel_seconds * ghz * 1e9
         allows = floor_seconds_per_value(dtype, options) * args.threads * ghz * 1e9
         print(f"| {name} | {kernel:.2f} | {allows:.2f} | {kernel / allows:.2f} |", flush=True)
 

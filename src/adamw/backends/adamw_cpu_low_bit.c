@@ -996,7 +996,8 @@ INLINE void fast4_range(const LowBitTensor *t, const Group *gr, int64_t start, i
 /* ---------------------------------------------------------------------------------------------
  * the float fast path: moments stored as float32 or bfloat16 (by stochastic rounding), float32 or
  * bfloat16 params (to nearest, stochastic rounding or Kahan) and grads; step_block's operations,
- * LANES values at a time, straight from the tensors (no block buffers: nothing here is blockwise). */
+ * LANES values at a time, read straight from the tensors (bfloat16 results go through a block's
+ * buffers: fast_float_range). */
 
 INLINE VI hash32_vec(VI x) {
     x = vi_xor(x, vi_shr(x, 16));

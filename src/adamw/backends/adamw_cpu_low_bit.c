@@ -493,6 +493,11 @@ INLINE VF load_bf16(const uint16_t *p) {
 }
 /* LANES values below 2^16 as uint16 */
 INLINE void store_u16(uint16_t *p, VI a) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(a)); }
+/* 2 LANES values below 2^16 as uint16, a's then b's */
+INLINE void store_u16x2(uint16_t *p, VI a, VI b) {
+    store_u16(p, a);
+    store_u16(p + LANES, b);
+}
 
 INLINE VT vt_load(const uint32_t *table16) { return _mm512_loadu_si512(table16); }
 /* bits(values[i] * s) */
@@ -591,6 +596,11 @@ INLINE VF load_bf16(const uint16_t *p) {
 /* LANES values below 2^16 as uint16 (so that the saturating pack changes nothing) */
 INLINE void store_u16(uint16_t *p, VI a) {
     _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
+}
+/* 2 LANES values below 2^16 as uint16, a's then b's: one pack (which interleaves the 128-bit
+ * lanes: a 0-3, b 0-3, a 4-7, b 4-7) and one permutation of its 64-bit quarters */
+INLINE void store_u16x2(uint16_t *p, VI a, VI b) {
+    _mm256_storeu_si256((__m256i *)p, _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
 }
 
 INLINE VT vt_load(const uint32_t *table16) {
@@ -1063,25 +1073,33 @@ INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t sta
             if (amsgrad) vf_store(x_out + m_at + j, x);
         }
         if (!bf16_param && !bf16_moments) continue;
-        for (int j = 0; j < QBLOCK; j += LANES) {
+        for (int j = 0; j < QBLOCK; j += 2 * LANES) {  /* two vectors at a time: one store of each */
             const int64_t i = at + j;
-            const VI index = vi_add(vi_set1((uint32_t)i), lanes);
-            /* the draws: the param's (and max_exp_avg_sq's), the moments' */
-            const VI draw_p = kind == PARAM_STOCHASTIC || (amsgrad && bf16_moments)
-                                  ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_PARAM]))) : vi_zero();
-            const VI draw_m = bf16_moments ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_EXP_AVG]))) : vi_zero();
+            VI draw_p[2], draw_m[2];  /* the draws: the param's (and max_exp_avg_sq's), the moments' */
+            for (int h = 0; h < 2; h++) {
+                const VI index = vi_add(vi_set1((uint32_t)(i + h * LANES)), lanes);
+                draw_p[h] = kind == PARAM_STOCHASTIC || (amsgrad && bf16_moments)
+                                ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_PARAM]))) : vi_zero();
+                draw_m[h] = bf16_moments ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_EXP_AVG]))) : vi_zero();
+            }
+            const VF p0 = vf_load(p_buf + j), p1 = vf_load(p_buf + j + LANES);
             if (kind == PARAM_STOCHASTIC) {
-                store_u16((uint16_t *)param + i, bf16_stochastic(vf_load(p_buf + j), draw_p, 0));
+                store_u16x2((uint16_t *)param + i, bf16_stochastic(p0, draw_p[0], 0), bf16_stochastic(p1, draw_p[1], 0));
             } else if (bf16_param) {
-                const VF p = vf_load(p_buf + j);
-                const VI stored = bf16_nearest(p);
-                store_u16((uint16_t *)param + i, stored);
-                if (kind == PARAM_KAHAN) store_u16(comp + i, bf16_nearest(vf_sub(p, vi_float(vi_shl(stored, 16)))));
+                const VI s0 = bf16_nearest(p0), s1 = bf16_nearest(p1);
+                store_u16x2((uint16_t *)param + i, s0, s1);
+                if (kind == PARAM_KAHAN)
+                    store_u16x2(comp + i, bf16_nearest(vf_sub(p0, vi_float(vi_shl(s0, 16)))),
+                                bf16_nearest(vf_sub(p1, vi_float(vi_shl(s1, 16)))));
             }
             if (bf16_moments) {
-                store_u16((uint16_t *)moment[0] + i, bf16_stochastic(vf_load(m_buf + j), draw_m, 0));
-                store_u16((uint16_t *)moment[1] + i, bf16_stochastic(vf_load(v_buf + j), draw_m, 16));
-                if (amsgrad) store_u16((uint16_t *)moment[2] + i, bf16_stochastic(vf_load(x_buf + j), draw_p, 16));
+                store_u16x2((uint16_t *)moment[0] + i, bf16_stochastic(vf_load(m_buf + j), draw_m[0], 0),
+                            bf16_stochastic(vf_load(m_buf + j + LANES), draw_m[1], 0));
+                store_u16x2((uint16_t *)moment[1] + i, bf16_stochastic(vf_load(v_buf + j), draw_m[0], 16),
+                            bf16_stochastic(vf_load(v_buf + j + LANES), draw_m[1], 16));
+                if (amsgrad)
+                    store_u16x2((uint16_t *)moment[2] + i, bf16_stochastic(vf_load(x_buf + j), draw_p[0], 16),
+                                bf16_stochastic(vf_load(x_buf + j + LANES), draw_p[1], 16));
             }
         }
     }

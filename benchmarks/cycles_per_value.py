@@ -42,7 +42,7 @@ KERNEL_NUMEL = 1 << 14
 FLOOR_NUMEL = 1 << 25
 
 # name, param dtype, AdamW options (the floor takes the same state_precision and param_update)
-FORMATS: list[tuple[str, torch.dtype, dict[str, str]]] = [
+FORMATS: list[tuple[str, torch.dtype, dict[str, Any]]] = [
     ("float32", torch.float32, {}),
     ("bf16 (to nearest)", torch.bfloat16, {}),
     ("bf16 stochastic", torch.bfloat16, {"param_update": "stochastic"}),
@@ -73,30 +73,72 @@ int main(void) {
 """
 
 
-def clock_ghz() -> float:
-    """The core's clock while busy: 4e8 dependent 64-bit multiplies at 3 cycles each (x86 only)."""
+# Throughput of the update's costly instructions on 8 floats (AVX), in seconds per instruction: 8
+# independent chains, so that each instruction waits on the unit, not on the one before it.
+_THROUGHPUT_PROBE = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+#define RUN(NAME, OP) { \
+    __m256 a0 = _mm256_set1_ps(1.5f), a1 = _mm256_set1_ps(2.5f), a2 = _mm256_set1_ps(3.5f), a3 = _mm256_set1_ps(4.5f); \
+    __m256 a4 = _mm256_set1_ps(5.5f), a5 = _mm256_set1_ps(6.5f), a6 = _mm256_set1_ps(7.5f), a7 = _mm256_set1_ps(8.5f); \
+    double t0 = now(); \
+    for (long i = 0; i < N; i++) { a0 = OP(a0); a1 = OP(a1); a2 = OP(a2); a3 = OP(a3); a4 = OP(a4); a5 = OP(a5); a6 = OP(a6); a7 = OP(a7); } \
+    double dt = now() - t0; \
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7))); \
+    printf("%s %g %g\n", NAME, dt / (8.0 * N), (double)_mm256_cvtss_f32(s) * 0); }
+int main(void) {
+    const long N = 20000000;
+    const __m256 d = _mm256_setr_ps(1.3717f, 1.9123f, 1.1111f, 1.5777f, 1.2345f, 1.8765f, 1.0101f, 1.6543f);
+#define DIV(x) _mm256_mul_ps(_mm256_div_ps(d, x), d)
+#define SQRT(x) _mm256_add_ps(_mm256_sqrt_ps(x), d)
+#define MUL(x) _mm256_mul_ps(x, d)
+    RUN("vdivps+vmulps", DIV) RUN("vsqrtps+vaddps", SQRT) RUN("vmulps", MUL)
+    return 0;
+}
+"""
+
+
+def _compile_and_run(source: str, *flags: str) -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise SystemExit("no C compiler to measure the clock: pass --ghz")
+        raise OSError("no C compiler")
     with tempfile.TemporaryDirectory() as tmp:
-        src, exe = Path(tmp) / "clock.c", Path(tmp) / "clock"
-        src.write_text(_CLOCK_PROBE)
-        subprocess.run([cc, "-O2", str(src), "-o", str(exe)], check=True)
-        return max(
-            float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout) for _ in range(3)
-        )
+        src, exe = Path(tmp) / "probe.c", Path(tmp) / "probe"
+        src.write_text(source)
+        subprocess.run([cc, "-O2", *flags, str(src), "-o", str(exe)], check=True, capture_output=True)
+        return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
 
 
-def _optimizer(dtype: torch.dtype, options: dict[str, str], numel: int) -> tuple[Any, torch.Tensor]:
+def throughputs(ghz: float) -> str:
+    """Cycles per 8-float instruction of the update's divider work, or why it was not measured."""
+    try:
+        lines = _compile_and_run(_THROUGHPUT_PROBE, "-mavx2", "-mfma").split("\n")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"(no AVX probe: {exc})"
+    cycles = {name: float(t) * ghz * 1e9 for name, t, _ in (line.split() for line in lines if line)}
+    return (
+        f"throughput on 8 floats, cycles per instruction: vdivps {cycles['vdivps+vmulps']:.2f} (a vmulps "
+        f"beside each), vsqrtps {cycles['vsqrtps+vaddps']:.2f} (a vaddps beside each), vmulps {cycles['vmulps']:.2f}"
+    )
+
+
+def clock_ghz() -> float:
+    """The core's clock while busy: 4e8 dependent 64-bit multiplies at 3 cycles each (x86 only)."""
+    return max(float(_compile_and_run(_CLOCK_PROBE)) for _ in range(3))
+
+
+def _optimizer(dtype: torch.dtype, options: dict[str, Any], numel: int) -> tuple[Any, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(numel, generator=gen).to(dtype).requires_grad_()
     p.grad = (torch.randn(numel, generator=gen) * 1e-2).to(dtype)
     return adamw.AdamW([p], fused=True, **options), p
 
 
-def captured_kernel_call(dtype: torch.dtype, options: dict[str, str]) -> tuple[Any, tuple[Any, ...], Any]:
+def captured_kernel_call(dtype: torch.dtype, options: dict[str, Any]) -> tuple[Any, tuple[Any, ...], Any]:
     """(the kernel's entry point, the arguments of the one call a step made, what must stay alive)."""
-    module = cpu_low_bit if options else cpu_float
+    module: Any = cpu_low_bit if options else cpu_float
     library = module.library()
     calls: list[tuple[Any, ...]] = []
 
@@ -108,11 +150,11 @@ def captured_kernel_call(dtype: torch.dtype, options: dict[str, str]) -> tuple[A
 
     opt, param = _optimizer(dtype, options, KERNEL_NUMEL)
     original = module.library
-    module.library = lambda: Capturing  # type: ignore[assignment,return-value]
+    module.library = lambda: Capturing  # swapped for the one call
     try:
         opt.step()
     finally:
-        module.library = original  # type: ignore[assignment]
+        module.library = original
     if len(calls) != 1:
         raise RuntimeError(f"expected one kernel call for {options}, saw {len(calls)}")
     return library.step_fn, calls[0], (opt, param)
@@ -133,7 +175,7 @@ def kernel_seconds_per_value(rounds: int = 21, reps: int = 200) -> list[float]:
     return best
 
 
-def floor_seconds_per_value(dtype: torch.dtype, options: dict[str, str], steps: int = 9) -> float:
+def floor_seconds_per_value(dtype: torch.dtype, options: dict[str, Any], steps: int = 9) -> float:
     """The format's memory floor on FLOOR_NUMEL values, with torch's threads: median seconds per value."""
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(FLOOR_NUMEL, generator=gen).to(dtype).requires_grad_()
@@ -153,7 +195,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the floor pass")
     parser.add_argument("--ghz", type=float, default=None, help="the core clock (default: measured)")
     args = parser.parse_args()
-    ghz = args.ghz or clock_ghz()
+    try:
+        ghz = args.ghz or clock_ghz()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"could not measure the clock ({exc}): pass --ghz") from exc
     print(
         f"clock {ghz:.2f} GHz; kernel: 1 thread, {KERNEL_NUMEL} values; floor: {args.threads} threads, "
         f"{FLOOR_NUMEL} values; cycles per value"
@@ -167,6 +212,8 @@ def main() -> None:
         kernel = kernel_seconds * ghz * 1e9
         allows = floor_seconds_per_value(dtype, options) * args.threads * ghz * 1e9
         print(f"| {name} | {kernel:.2f} | {allows:.2f} | {kernel / allows:.2f} |", flush=True)
+    print()
+    print(throughputs(ghz))
 
 
 if __name__ == "__main__":

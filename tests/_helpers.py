@@ -61,11 +61,20 @@ def _missing_reason(name: str) -> str | None:
     return None
 
 
-def backend_params(names: Iterable[str] = BACKENDS) -> list[Any]:
-    """``pytest.param`` per backend, skipped (with the reason) where its module does not import."""
+# Where a GPU is, Triton's interpreter is off (tests/conftest.py) and the Triton backend steps CUDA
+# tensors only: a test that steps CPU tensors skips it there.
+_TRITON_ON_CPU_TENSORS = "with a GPU, the Triton backend steps CUDA tensors; this test's are CPU tensors"
+
+
+def backend_params(names: Iterable[str] = BACKENDS, *, on_backend_device: bool = False) -> list[Any]:
+    """``pytest.param`` per backend, skipped (with the reason) where its module does not import, and
+    Triton skipped where a GPU is unless the test puts its params on :func:`backend_device`
+    (``on_backend_device=True``)."""
     out = []
     for name in names:
         reason = _missing_reason(name)
+        if reason is None and name == "triton" and torch.cuda.is_available() and not on_backend_device:
+            reason = _TRITON_ON_CPU_TENSORS
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         out.append(pytest.param(name, id=name, marks=marks))
     return out

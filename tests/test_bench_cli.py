@@ -26,7 +26,8 @@ OUR_TORCH_OP_IMPLS = ("adamw-forloop", "adamw-foreach")  # no kernel to build: m
 
 def _bench_json(tmp_path: Path, *args: str) -> dict[str, Any]:
     out = tmp_path / "out.json"
-    assert main(["bench", "--quick", "--no-progress", "--json", str(out), *args]) == 0
+    # on the CPU wherever it runs: the floor rows (and these tests' expectations) are the CPU's
+    assert main(["bench", "--quick", "--no-progress", "--device", "cpu", "--json", str(out), *args]) == 0
     return json.loads(out.read_text())
 
 

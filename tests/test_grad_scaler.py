@@ -74,7 +74,7 @@ def _cases() -> list[Any]:
     leave it to GradScaler, and in a low-bit format also take it in step when declared (torch's
     for-loop and foreach refuse a grad_scale: so do ours)."""
     out = []
-    for backend in backend_params():
+    for backend in backend_params(on_backend_device=True):
         name = backend.values[0]
         for case, (storage, *_) in CASES.items():
             paths = ["in-step"] if name in FUSED_BACKENDS else ["scaler"] + (["in-step"] if storage != "param" else [])
@@ -182,7 +182,7 @@ _NOT_ONE_IN_C = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("found_inf", [1.0, 2.0], ids=["skip", "not-one"])
-@pytest.mark.parametrize("backend", backend_params(FUSED_BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(FUSED_BACKENDS, on_backend_device=True))
 def test_fused_kernels_read_found_inf_as_torch_fused(
     backend: str, found_inf: float, request: pytest.FixtureRequest
 ) -> None:

@@ -141,7 +141,9 @@ KERNELS = {
         backend_device("triton"),
         {
             "8bit": ("8bit", "round", [f32, f32, f32, c64]),
-            "bf16": ("bf16", "round", [f32, bf16, f16, f64]),
+            # a float64 param is stepped by the torch-ops reference on its own device, whose addcdiv
+            # rounds differently on CUDA than the CPU reference's: on a GPU the case leaves it out
+            "bf16": ("bf16", "round", [f32, bf16, f16] if CUDA else [f32, bf16, f16, f64]),
             "param-stochastic": ("param", "stochastic", [bf16, bf16, f16]),
             "param-kahan": ("param", "kahan", [bf16, bf16, f32]),
             "8bit-stochastic": ("8bit", "stochastic", [bf16, f32, bf16]),
@@ -177,7 +179,7 @@ def kernel_params(names: list[str], each: Callable[[Kernel], list[tuple[Any, ...
     """``pytest.param(kernel, *rest)`` for every ``rest`` of ``each(kernel)``, skipped where the
     kernel's backend does not import (no triton)."""
     out = []
-    for backend in backend_params(names):
+    for backend in backend_params(names, on_backend_device=True):
         kernel = KERNELS[backend.values[0]]
         for rest in each(kernel):
             ids = "-".join([kernel.name, *(str(r) for r in rest)])

@@ -119,7 +119,7 @@ SLOW_FLAGS = {"triton": ("small-eps-tensor-lr", "small-eps-small-beta1-amsgrad")
 def _cases() -> list[Any]:
     """backend x dtype x flags, but for each backend's :data:`SLOW_FLAGS`."""
     out = []
-    for backend in backend_params():
+    for backend in backend_params(on_backend_device=True):
         name = backend.values[0]
         for dtype in DTYPES:
             for flags, options in FLAGS.items():

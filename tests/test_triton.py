@@ -48,11 +48,10 @@ def make_params(dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
     view (dense: run in place), a strided slice (not dense: run through copies)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=gen).to(dtype)
+    def randn(*shape: int) -> Tensor:  # on the device, so that the views below stay views there
+        return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
 
-    params = [randn(300), randn(), randn(0), randn(128), randn(40, 7).t(), randn(12, 30)[:, ::3], randn(5, 6)]
-    return [p.to(DEVICE) for p in params]
+    return [randn(300), randn(), randn(0), randn(128), randn(40, 7).t(), randn(12, 30)[:, ::3], randn(5, 6)]
 
 
 def make_grads(params: list[Tensor], steps: int, seed: int = 1) -> list[list[Tensor]]:

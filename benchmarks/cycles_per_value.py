@@ -100,7 +100,8 @@ int main(void) {
 """
 
 
-def _compile_and_run(source: str, *flags: str) -> str:
+def _compile_and_run(source: str, *flags: str, runs: int = 1) -> list[str]:
+    """Build ``source`` once and run it ``runs`` times: each run's standard output."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler")
@@ -108,13 +109,13 @@ def _compile_and_run(source: str, *flags: str) -> str:
         src, exe = Path(tmp) / "probe.c", Path(tmp) / "probe"
         src.write_text(source)
         subprocess.run([cc, "-O2", *flags, str(src), "-o", str(exe)], check=True, capture_output=True)
-        return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+        return [subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout for _ in range(runs)]
 
 
 def throughputs(ghz: float) -> str:
     """Cycles per 8-float instruction of the update's divider work, or why it was not measured."""
     try:
-        lines = _compile_and_run(_THROUGHPUT_PROBE, "-mavx2", "-mfma").split("\n")
+        lines = _compile_and_run(_THROUGHPUT_PROBE, "-mavx2", "-mfma")[0].split("\n")
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"(no AVX probe: {exc})"
     cycles = {name: float(t) * ghz * 1e9 for name, t, _ in (line.split() for line in lines if line)}
@@ -126,7 +127,7 @@ def throughputs(ghz: float) -> str:
 
 def clock_ghz() -> float:
     """The core's clock while busy: 4e8 dependent 64-bit multiplies at 3 cycles each (x86 only)."""
-    return max(float(_compile_and_run(_CLOCK_PROBE)) for _ in range(3))
+    return max(float(out) for out in _compile_and_run(_CLOCK_PROBE, runs=3))
 
 
 def _optimizer(dtype: torch.dtype, options: dict[str, Any], numel: int) -> tuple[Any, torch.Tensor]:

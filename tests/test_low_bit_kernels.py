@@ -106,6 +106,17 @@ class Kernel:
     def assert_same_run(self, ours: Any, ref: Any, params: list[Tensor], ref_params: list[Tensor], step: int) -> None:
         assert_same_run(ours, ref, params, ref_params, f"step {step}", same_device=self.device == CPU)
 
+    def run_against_reference(self, case: str, flags: str) -> list[Tensor]:
+        """STEPS steps of ``case`` with ``flags``, the kernel against the reference after every step;
+        the kernel's params."""
+        state_precision, param_update, dtypes = self.cases[case]
+        init = self.make_params(dtypes)
+        ours, ref, params, ref_params = self.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
+        for step, step_grads in enumerate(make_grads(init, STEPS), 1):
+            self.step_both(ours, ref, params, ref_params, step_grads)
+            self.assert_same_run(ours, ref, params, ref_params, step)
+        return params
+
 
 # Shapes: 4196 values (8-bit: a short last block; for Triton the last program has a short block and
 # one wholly past the end), a transposed 64x72, a small one (float32 moments under "8bit" and "4bit": a
@@ -271,12 +282,7 @@ def _case_flags(kernel: Kernel) -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu", "triton"], _case_flags))
 def test_matches_reference(kernel: Kernel, case: str, flags: str, request: pytest.FixtureRequest) -> None:
     counted = request.getfixturevalue("calls" if kernel.name == "cpu" else "builds")
-    state_precision, param_update, dtypes = kernel.cases[case]
-    init = kernel.make_params(dtypes)
-    ours, ref, params, ref_params = kernel.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
-    for step, step_grads in enumerate(make_grads(init, STEPS), 1):
-        kernel.step_both(ours, ref, params, ref_params, step_grads)
-        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    params = kernel.run_against_reference(case, flags)
     expected = sum(p.dtype != f64 for p in params)
     if kernel.name == "cpu":
         assert counted == [expected] * STEPS, "one kernel call per step, for every param it takes"
@@ -589,22 +595,13 @@ def without_fast_path(step_fn_without_fast_path: Any, monkeypatch: pytest.Monkey
     monkeypatch.setattr(cpu_low_bit, "library", lambda: library)
 
 
-def _quantized_cases(kernel: Kernel) -> list[tuple[str, str]]:
-    quantized = [case for case, (precision, _, _) in kernel.cases.items() if precision in QUANTIZED]
-    return [(case, flags) for case in quantized for flags in LOW_BIT_FLAGS]
-
-
-@pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu"], _quantized_cases))
+@pytest.mark.parametrize(("kernel", "case", "flags"), kernel_params(["cpu"], _case_flags))
 @pytest.mark.usefixtures("without_fast_path")
 def test_step_block_alone_matches_reference(kernel: Kernel, case: str, flags: str, calls: list[int]) -> None:
-    """step_block, the generic path (the fast path's fallback, and what steps the blocks it leaves),
-    holds on whole blocks too: the kernel's fast path and its generic path give the same bits."""
-    state_precision, param_update, dtypes = kernel.cases[case]
-    init = kernel.make_params(dtypes)
-    ours, ref, params, ref_params = kernel.pair(init, state_precision, param_update, **LOW_BIT_FLAGS[flags])
-    for step, step_grads in enumerate(make_grads(init, STEPS), 1):
-        kernel.step_both(ours, ref, params, ref_params, step_grads)
-        kernel.assert_same_run(ours, ref, params, ref_params, step)
+    """step_block, the generic path (the fast paths' fallback, and what steps the blocks they leave),
+    holds on whole blocks too, in every format: the kernel's fast paths and its generic path give the
+    same bits."""
+    params = kernel.run_against_reference(case, flags)
     assert calls == [sum(p.dtype != f64 for p in params)] * STEPS
 
 

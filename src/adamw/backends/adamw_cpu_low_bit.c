@@ -1051,7 +1051,8 @@ INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t sta
     void *const param = t->param, *const moment[3] = {t->moment[0], t->moment[1], t->moment[2]};
     const void *const grad = t->grad;
     uint16_t *const comp = t->comp;
-    const uint32_t key[4] = {t->key[0], t->key[1], t->key[2], t->key[3]};
+    /* the two draws' keys: the param's (and max_exp_avg_sq's), the moments' */
+    const uint32_t key_param = t->key[PURPOSE_PARAM], key_moments = t->key[PURPOSE_EXP_AVG];
     float *const p_out = bf16_param ? p_buf : (float *)param;  /* where the update's results go: */
     float *const m_out = bf16_moments ? m_buf : (float *)moment[0];  /* float32 tensors themselves, */
     float *const v_out = bf16_moments ? v_buf : (float *)moment[1];  /* else the buffers, indexed */
@@ -1075,12 +1076,12 @@ INLINE void fast_float_range(const LowBitTensor *t, const Group *gr, int64_t sta
         if (!bf16_param && !bf16_moments) continue;
         for (int j = 0; j < QBLOCK; j += 2 * LANES) {  /* two vectors at a time: one store of each */
             const int64_t i = at + j;
-            VI draw_p[2], draw_m[2];  /* the draws: the param's (and max_exp_avg_sq's), the moments' */
+            VI draw_p[2], draw_m[2];
             for (int h = 0; h < 2; h++) {
                 const VI index = vi_add(vi_set1((uint32_t)(i + h * LANES)), lanes);
                 draw_p[h] = kind == PARAM_STOCHASTIC || (amsgrad && bf16_moments)
-                                ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_PARAM]))) : vi_zero();
-                draw_m[h] = bf16_moments ? hash32_vec(vi_xor(index, vi_set1(key[PURPOSE_EXP_AVG]))) : vi_zero();
+                                ? hash32_vec(vi_xor(index, vi_set1(key_param))) : vi_zero();
+                draw_m[h] = bf16_moments ? hash32_vec(vi_xor(index, vi_set1(key_moments))) : vi_zero();
             }
             const VF p0 = vf_load(p_buf + j), p1 = vf_load(p_buf + j + LANES);
             if (kind == PARAM_STOCHASTIC) {

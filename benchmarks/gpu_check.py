@@ -11,13 +11,14 @@
    Bytes a step moves: float32 param, grad, exp_avg, exp_avg_sq read and param, exp_avg, exp_avg_sq
    written (7 x 4 bytes per element). Timing (as HeavyBall's step benchmark): warm-up, then windows
    of steps between synchronizations, the median window; implementations interleaved per round.
-3. tune: our kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults in
-   src/adamw/backends/triton.py (CUDA_BLOCK, CUDA_NUM_WARPS).
-4. formats: our step in each storage format (float32, 8-bit and 4-bit moments on float32 params;
+3. formats: our step in each storage format (float32, 8-bit and 4-bit moments on float32 params;
    bf16 params rounded to nearest, by stochastic rounding, with Kahan compensation, with 8-bit and
    4-bit moments) on one 256M-element tensor, against its own memory floor: the bytes that format
    must move (3 x the param's bytes + 2 x its state's) at the device copy's bandwidth. Reported, no
    verdict: "x floor" near 1 is a step at the memory limit.
+4. tune: our float kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults
+   in src/adamw/backends/triton.py (CUDA_BLOCK, CUDA_NUM_WARPS); then the low-bit kernel's (blocks per
+   program, num_warps) on two formats (LOW_BIT_CUDA_BLOCKS, LOW_BIT_CUDA_NUM_WARPS).
 
 Writes a JSON summary to --out (after each section, so that a run cut short keeps what it measured)
 and prints PASS/FAIL per criterion; exits 1 if any fails.
@@ -214,6 +215,36 @@ def tune(results: dict[str, Any]) -> None:
     results["tune_ms"] = table
 
 
+# The low-bit kernel's launch shape: (256-value blocks per program, num_warps), on the formats that
+# move the fewest and the most bytes per value among the low-bit ones.
+LOW_BIT_CONFIGS = [(2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
+LOW_BIT_TUNED = ["bf16 stochastic, 8-bit moments", "float32, 4-bit moments"]
+
+
+def tune_low_bit(results: dict[str, Any]) -> None:
+    defaults = (triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS)
+    numel = 256 * 2**20 if DEVICE == "cuda" else 8192
+    table: dict[str, dict[str, float]] = {}
+    for name in LOW_BIT_TUNED:
+        dtype, options = FORMATS[name]
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        param = torch.randn(numel, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+        param.grad = (torch.randn(numel, device=DEVICE, generator=gen) * 1e-2).to(dtype)
+        optimizer = ours([param], **options)
+        table[name] = {}
+        for blocks, warps in LOW_BIT_CONFIGS:
+            triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS = blocks, warps
+            triton_backend.clear_plans()  # the chunk map depends on the blocks per program
+            ms = timed(optimizer.step) * 1e3
+            table[name][f"blocks={blocks},num_warps={warps}"] = ms
+            print(f"tune-low-bit {name}: blocks={blocks} num_warps={warps}: {ms:.3f} ms")
+        del optimizer, param
+        free()
+    triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS = defaults
+    triton_backend.clear_plans()
+    results["tune_low_bit_ms"] = table
+
+
 def capture(results: dict[str, Any], failures: list[str]) -> None:
     """Two captures: optimizer.step() alone over GPT-2-like shapes (replays must give the eager bits),
     and a whole training step whose grads are allocated inside the capture (close to eager: cuBLAS may
@@ -305,7 +336,7 @@ def capture(results: dict[str, Any], failures: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check_out")
-    parser.add_argument("--skip", default="", help="comma list of {capture,speed,formats,tune} to skip")
+    parser.add_argument("--skip", default="", help="comma list of {capture,speed,formats,tune,tune-low-bit} to skip")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU tensors under the interpreter")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -337,12 +368,10 @@ def main() -> int:
         if name not in skip:
             check(results, failures)
             save()
-    if "tune" not in skip:
-        tune(results)
-        save()
-    if "formats" not in skip:
-        formats(results)
-        save()
+    for name, section in (("formats", formats), ("tune", tune), ("tune-low-bit", tune_low_bit)):
+        if name not in skip:
+            section(results)
+            save()
     if args.smoke:
         print("smoke run done (no verdict)")
         return 0

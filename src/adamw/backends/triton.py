@@ -367,6 +367,7 @@ def _to_device(host: Tensor, device: torch.device, capturing: bool) -> tuple[Ten
 def clear_plans() -> None:
     """Forget every plan, including those CUDA graphs captured (only safe once those graphs are gone)."""
     _plans.clear()
+    _low_bit_plans.clear()
     _spare_pinned.clear()
 
 

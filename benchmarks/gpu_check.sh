@@ -2,18 +2,18 @@
 # The GPU checks of the Triton backend, in one go, on a machine with an NVIDIA GPU (H100/H200 with
 # torch 2.11 and triton 3.6 installed; no network needed). Run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh         # results under $OUT (default: gpu_check_out/), 7 files
+#     bash benchmarks/gpu_check.sh         # results under $OUT (default: gpu_check_out/), 8 files
 #
 # Stages, most important first, each under its own time limit (seconds, overridable):
 #   1. the Triton tests on CUDA tensors: tests/test_triton.py (compiled kernel; graph capture; parity
 #      with torch fused) and test_low_bit_kernels.py (the low-bit kernel bit for bit against the
 #      for-loop reference; test_low_bit_reproducible.py's Triton run is the interpreter's, so it waits
 #      for stage 3)
-#   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, a BLOCK/num_warps sweep,
-#      each storage format's step against its own memory floor
+#   2. benchmarks/gpu_check.py: capture/replay equality, the acceptance speeds, each storage format
+#      against its own memory floor, the float and low-bit kernels' launch-shape sweeps
 #   3. the rest of the test suite
 #   4. python -m adamw bench --device cuda
-# Worst case 8 min (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
+# Worst case 9 min (fits one 10-minute device command); STAGES="test_triton gpu_check" runs a
 # subset. Exit status: nonzero if any stage failed; every chosen stage runs regardless.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ status=0
 # pytest-xdist (on the GPU machines' image) spreads the tests over the cores: most of their time is
 # compiling Triton kernels and building the C kernels, one process each.
 WORKERS=()
-"$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
+"$PYTHON" -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-15}")
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2
@@ -50,12 +50,13 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     echo "C compiler: $(command -v cc || command -v gcc || echo none); pytest workers: ${WORKERS[*]:-none}"
 } 2>&1 | tee "$OUT/environment.txt"
 
-stage test_triton "${LIMIT_TEST_TRITON:-120}" "$PYTHON" -m pytest -vv -rs --tb=short --durations=10 -p no:cacheprovider "${WORKERS[@]}" \
+stage test_triton "${LIMIT_TEST_TRITON:-100}" "$PYTHON" -m pytest -vv -rs --tb=short --durations=10 -p no:cacheprovider "${WORKERS[@]}" \
     tests/test_triton.py tests/test_low_bit_kernels.py
-stage gpu_check "${LIMIT_GPU_CHECK:-170}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
-stage test_suite "${LIMIT_TEST_SUITE:-130}" "$PYTHON" -m pytest -vv -rs --tb=short --durations=10 -p no:cacheprovider "${WORKERS[@]}" tests/ \
+stage gpu_check "${LIMIT_GPU_CHECK:-120}" "$PYTHON" benchmarks/gpu_check.py --out "$OUT"
+stage test_suite "${LIMIT_TEST_SUITE:-250}" "$PYTHON" -m pytest -vv -rs --tb=short --durations=10 -p no:cacheprovider "${WORKERS[@]}" tests/ \
     --ignore=tests/test_triton.py --ignore=tests/test_low_bit_kernels.py
-stage bench "${LIMIT_BENCH:-50}" "$PYTHON" -m adamw bench --device cuda --no-progress --json "$OUT/bench.json"
+stage bench "${LIMIT_BENCH:-60}" "$PYTHON" -m adamw bench --device cuda --steps 20 --warmup 3 --no-progress \
+    --json "$OUT/bench.json"
 
 cat "$OUT/summary.txt"
 exit "$status"

@@ -299,16 +299,20 @@ def run_job(job: str, configs: list[Config], out_dir: Path) -> str | None:
     The ranks are forked, not spawned: they inherit this process's imported torch, where spawned
     ones would import it again and finalize it on exit (about 8 s per job on 2 cores, against 0.5 s).
     Forking is safe here because this process holds no process group, and each rank runs torch on
-    one thread, so no OpenMP pool is used across the fork.
+    one thread, so no OpenMP pool is used across the fork. Where CUDA is available they are spawned:
+    asking whether it is starts CUDA's driver in this process, and a forked child that touches CUDA
+    then fails (every optimizer's step asks whether CUDA is capturing a graph).
     """
     init_file = out_dir / f"{job}.init"
-    _import_once_before_fork()
+    start_method = "spawn" if torch.cuda.is_available() else "fork"
+    if start_method == "fork":
+        _import_once_before_fork()
     context = mp.start_processes(
         _worker,
         args=(job, configs, out_dir, init_file),
         nprocs=WORLD_SIZE,
         join=False,
-        start_method="fork",
+        start_method=start_method,
     )
     assert context is not None
     deadline = time.monotonic() + JOB_TIMEOUT_S

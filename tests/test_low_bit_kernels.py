@@ -365,6 +365,26 @@ def test_codes_of_random_bit_patterns(kernel: Kernel, flags: str, precision: str
             assert_bitwise(ours.state[params[0]]["exp_avg"].cpu(), codes, f"step {step}, codes")
 
 
+def test_a_cuda_run_is_compared_with_the_reference_up_to_nan_payloads() -> None:
+    """test_non_finite_and_extreme_values compares a CUDA run with the CPU reference: a NaN's sign and
+    payload there are the hardware's (x86 makes inf - inf a negative NaN, CUDA a positive one), every
+    other bit, the sign of zero and where the NaNs sit included, still counts."""
+    a = torch.tensor([1.0, float("nan"), 2.0])
+    negative_nan = a.clone()
+    negative_nan.view(torch.int32)[1] |= -(2**31)
+    assert_bitwise(a, negative_nan, "NaN signs", same_device=False)
+    with pytest.raises(AssertionError, match="1 of 3 differ"):
+        assert_bitwise(a, negative_nan, "on one device, NaN signs")
+    zero, negative_zero = a.clone(), a.clone()
+    zero[2], negative_zero[2] = 0.0, -0.0
+    with pytest.raises(AssertionError, match="1 of 3 differ"):
+        assert_bitwise(zero, negative_zero, "signed zeros", same_device=False)
+    moved = a.clone()
+    moved[0] = float("nan")
+    with pytest.raises(AssertionError, match="NaN in one only at 1"):
+        assert_bitwise(moved, a, "a NaN elsewhere", same_device=False)
+
+
 @pytest.mark.usefixtures("no_fallback")
 @pytest.mark.parametrize(("kernel", "flags", "precision"), kernel_params(EXHAUSTIVE, _flags_and_formats))
 def test_non_finite_and_extreme_values(kernel: Kernel, flags: str, precision: str) -> None:

@@ -344,7 +344,7 @@ _COMPILE_CHECK = textwrap.dedent(
         for name in constants:
             signature.setdefault(name, "constexpr")
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs={(0,): [["tt.divisibility", 16]]})
-        options = {"num_warps": num_warps, "enable_fp_fusion": True}
+        options = {"num_warps": num_warps, "enable_fp_fusion": backend.FP_FUSION}
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     def adamw_ptx(dtype, aligned, amsgrad=False, device_scalars=False, scaler=False):
@@ -369,6 +369,10 @@ _COMPILE_CHECK = textwrap.dedent(
     assert re.search(r"st\\.global(\\.\\w+)*\\.v4\\.b32", ptx), "aligned float32 chunks must use 128-bit stores"
     assert not re.search(r"\\.v4\\.", adamw_ptx(tl.float32, aligned=False)), "unaligned tensors must not"
     assert re.search(r"ld\\.global(\\.\\w+)*\\.v4\\.b32", adamw_ptx(tl.bfloat16, aligned=True))
+    for scaler in (False, True):  # no contracted float32 multiply-add, which would round as the compiler picks
+        ptx = adamw_ptx(tl.float32, aligned=True, amsgrad=True, scaler=scaler)
+        assert not re.search(r"\\bfma\\.rn\\.f32", ptx), "a float32 multiply-add was contracted"
+        assert not re.search(r"\\b(mul|add|sub)\\.f32", ptx), "float32 arithmetic ptxas may still contract"
     adamw_ptx(tl.float16, aligned=True, amsgrad=True, device_scalars=True, scaler=True)
     adamw_ptx(tl.float64, aligned=True, amsgrad=True, device_scalars=True, scaler=True)
     compile(K.bump_steps_kernel, {"table_ptr": "*i64", "found_inf_ptr": "*fp32", "n_tensors": "i32"},

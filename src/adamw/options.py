@@ -168,6 +168,7 @@ def check_storage_options(options: Mapping[str, Any]) -> None:
 
 _dtype_of = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
+_is_cuda = attrgetter("is_cuda")
 _grad_of = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
 
@@ -242,9 +243,10 @@ def _check_fused_params(params: list[Tensor], backend: str) -> None:
 
 def _one_per_kind(params: list[Tensor]) -> list[Tensor]:
     """The first param of each (device type, dtype) present, in a fixed order: a group of a thousand
-    params has one or two kinds. A group on the CPU alone is told apart by dtype, the cheap lookup."""
+    params has one or two kinds. A group on the CPU alone, or on CUDA alone, is told apart by dtype, the
+    cheap lookup (reading each param's device costs 1 us: 1 ms a step for a thousand params)."""
     firsts = params[::-1]  # so that each kind keeps its first param
-    if all(map(_is_cpu, params)):
+    if all(map(_is_cpu, params)) or all(map(_is_cuda, params)):
         by_dtype = dict(zip(map(_dtype_of, firsts), firsts, strict=True))
         return [by_dtype[dtype] for dtype in sorted(by_dtype, key=str)]
     by_kind = {(p.device.type, str(p.dtype)): p for p in firsts}

@@ -674,11 +674,11 @@ _COMPILE_CHECK = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from adamw.backends import _triton_low_bit_kernels as K, triton as backend
 
-    def low_bit_ptx(param, grad, moments, bits, update, amsgrad, flags):
+    def low_bit_ptx(param, grad, moments, bits, update, amsgrad, flags, aligned=True):
         blocks = backend.LOW_BIT_CUDA_BLOCKS * (2 if bits == 4 else 1)  # as the host: blocks of 128 for 4-bit
         constants = dict(BLOCKS=blocks, PARAM_DTYPE=param, GRAD_DTYPE=grad, MOMENT_DTYPE=moments, CODE_BITS=bits,
                          PARAM_UPDATE=update, AMSGRAD=amsgrad, MAXIMIZE=flags, HAS_WEIGHT_DECAY=flags,
-                         HAS_GRAD_SCALE=flags)
+                         HAS_GRAD_SCALE=flags, ALIGNED=aligned)
         floats = {n: "fp32" for n in ["decay", "lerp_coeff", "beta2", "one_minus_beta2", "eps"]}
         signature = {"table_ptr": "*i64", "chunk_tensor_ptr": "*i32", "codes_ptr": "*fp32",
                      "grad_scale_ptr": "*fp32", "lerp_small": "i32", **floats}
@@ -704,6 +704,11 @@ _COMPILE_CHECK = textwrap.dedent(
         assert sqrts > 0 and fmas == 2 * sqrts, (variant, fmas, sqrts)
         assert not re.search(r"\b(mad\S*\.f32|div\.(approx|full)|sqrt\.approx|rsqrt)\b", ptx), variant
         assert not re.search(r"\b(add|sub|mul|div|sqrt|max|min)\.\S*ftz", ptx), variant
+        # 16-byte aligned tensors: full chunks move the params and grads 8 or 16 bytes per access
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]\.b32", ptx), variant
+        assert re.search(r"st\.global(\.\w+)*\.v[24]\.b32", ptx), variant
+    unaligned = low_bit_ptx(*variants[1], aligned=False)
+    assert not re.search(r"(ld|st)\.global(\.\w+)*\.v[24]\.", unaligned), "unaligned tensors must not take vector accesses"
     print("ok")
     """
 )
@@ -713,7 +718,8 @@ _COMPILE_CHECK = textwrap.dedent(
 def test_triton_kernel_compiles_for_hopper_rounding_as_the_reference(kernel: Kernel) -> None:
     """The real compiler (not the interpreter) accepts the storage variants for sm_90, and rounds as
     the reference does: correctly rounded division and sqrt, no flushed subnormals, and exactly the
-    reference's two FMAs per element (what bit-for-bit equality on a GPU rests on)."""
+    reference's two FMAs per element (what bit-for-bit equality on a GPU rests on). Aligned tensors
+    take vector loads and stores, unaligned ones none."""
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

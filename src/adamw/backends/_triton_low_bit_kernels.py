@@ -43,6 +43,9 @@ Storage, per constexpr switch:
     and interleaved (``tl.join``); its new codes are paired (``tl.split``) and written once.
 * ``PARAM_UPDATE``: round to nearest, stochastic rounding, or Kahan (``comp`` holds what the last
   rounding lost).
+* ``ALIGNED``: the host checked that every param, grad, moment and ``comp`` address is a multiple of
+  16 bytes (the grads' at each step), so full chunks load and store them in vectors of 8 or 16 bytes; the
+  per-block absmaxes are read as they lie.
 
 Stochastic rounding takes 16 bits of the draw ``hash32(i ^ key)`` per flat element ``i``
 (``lowbias32``): the low half for the param and ``exp_avg``, the high half for ``exp_avg_sq`` and
@@ -202,9 +205,10 @@ def _load_moment(
     DTYPE: tl.constexpr,
     CODE_BITS: tl.constexpr,
     MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     offsets, mask, blocks, block_mask, pairs, pair_mask = tile
-    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
+    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, ALIGNED)
     if DTYPE == tl.uint8:
         if CODE_BITS == 4:
             packed = _load(ptr + pairs, pair_mask, MASKED)
@@ -228,9 +232,10 @@ def _store_moment(
     DTYPE: tl.constexpr,
     CODE_BITS: tl.constexpr,
     MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     offsets, mask, blocks, block_mask, pairs, pair_mask = tile
-    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, False)
+    ptr = address(row_ptr, COL_EXP_AVG + MOMENT, DTYPE, ALIGNED)
     if DTYPE == tl.uint8:
         magnitude = tl.abs(x)
         if MASKED:
@@ -283,6 +288,7 @@ def _low_bit_tile(
     MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     mask = offsets < numel
     block_mask = blocks * BLOCK < numel
@@ -293,12 +299,12 @@ def _low_bit_tile(
     neg_step_size = scalars.to(tl.int32).to(tl.float32, bitcast=True)
     bias_correction2_sqrt = (scalars >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
-    param_ptr = address(row_ptr, COL_PARAM, PARAM_DTYPE, False)
-    comp_ptr = address(row_ptr, COL_COMP, tl.bfloat16, False)  # 0 unless Kahan
+    param_ptr = address(row_ptr, COL_PARAM, PARAM_DTYPE, ALIGNED)
+    comp_ptr = address(row_ptr, COL_COMP, tl.bfloat16, ALIGNED)  # 0 unless Kahan
     p = _load(param_ptr + offsets, mask, MASKED).to(tl.float32)
     if PARAM_UPDATE == UPDATE_KAHAN:
         p = p + _load(comp_ptr + offsets, mask, MASKED).to(tl.float32)
-    g = _load(address(row_ptr, COL_GRAD, GRAD_DTYPE, False) + offsets, mask, MASKED).to(tl.float32)
+    g = _load(address(row_ptr, COL_GRAD, GRAD_DTYPE, ALIGNED) + offsets, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
@@ -306,12 +312,12 @@ def _low_bit_tile(
     if HAS_WEIGHT_DECAY:
         p = p * decay
 
-    m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED)
-    v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED)
+    m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
+    v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
     m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
-        v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED)
+        v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
     else:
         v_max = v
@@ -324,10 +330,10 @@ def _low_bit_tile(
     if PARAM_UPDATE == UPDATE_KAHAN:
         _store(comp_ptr + offsets, to_storage(p - stored.to(tl.float32), tl.bfloat16), mask, MASKED)
 
-    _store_moment(m, row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED)
-    _store_moment(v, row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED)
+    _store_moment(m, row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
+    _store_moment(v, row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
     if AMSGRAD:
-        _store_moment(v_max, row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED)
+        _store_moment(v_max, row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
 
 
 @triton.jit
@@ -352,6 +358,7 @@ def low_bit_kernel(
     MAXIMIZE: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """One low-bit AdamW step on the ``BLOCKS`` blocks (of 128 values for 4-bit codes, else 256) of
     program ``program_id``."""
@@ -394,6 +401,7 @@ def low_bit_kernel(
             MAXIMIZE=MAXIMIZE,
             HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
             HAS_GRAD_SCALE=HAS_GRAD_SCALE,
+            ALIGNED=ALIGNED,
         )
     else:
         _low_bit_tile(
@@ -409,4 +417,5 @@ def low_bit_kernel(
             MAXIMIZE=MAXIMIZE,
             HAS_WEIGHT_DECAY=HAS_WEIGHT_DECAY,
             HAS_GRAD_SCALE=HAS_GRAD_SCALE,
+            ALIGNED=ALIGNED,
         )

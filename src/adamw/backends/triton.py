@@ -413,6 +413,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     (DTensors, float64 and complex128), on any device; one param per kind is checked."""
     kernel = _low_bit_kernels().low_bit_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
+    kinds: dict[tuple[Any, ...], Tensor]
     if all(map(_is_cuda, params)):  # the common case, without reading each param's device (1 us each)
         kinds = {(type(p), p.dtype): p for p in params}
     else:
@@ -525,6 +526,7 @@ class _LowBitLaunch:
     chunks: Tensor | None  # on the device: the tensor of each chunk (None: no chunk)
     n_chunks: int
     blocks: int
+    aligned: bool  # every param, moment and comp address a multiple of 16 bytes (the grads' are checked per step)
 
 
 # A group's low-bit plan: its launches' static tables (see _LowBitLaunch).
@@ -621,6 +623,7 @@ def _launch_low_bit(
             MAXIMIZE=hyper.maximize,
             HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
             HAS_GRAD_SCALE=grad_scale is not None,
+            ALIGNED=launch.aligned and all(grad.data_ptr() % 16 == 0 for grad in grads),
             num_warps=LOW_BIT_CUDA_NUM_WARPS,
             enable_fp_fusion=LOW_BIT_FP_FUSION,
         )
@@ -665,6 +668,10 @@ def _low_bit_launch(
     table = torch.zeros((len(rows), int(kernels.ROW)), dtype=torch.int64)
     if rows:
         table[:, : len(rows[0])] = torch.tensor(rows, dtype=torch.int64)
+    # the columns the kernel reads and writes 128 bits at a time when aligned: param, moments, comp
+    vector_columns = [int(kernels.COL_PARAM), *range(int(kernels.COL_EXP_AVG), int(kernels.COL_MAX) + 1)]
+    vector_columns.append(int(kernels.COL_COMP))
+    aligned = bool((table[:, vector_columns] % 16 == 0).all())
     chunks_on_device = None
     if n_chunks:
         chunks_on_device = (
@@ -678,6 +685,7 @@ def _low_bit_launch(
         chunks=chunks_on_device,
         n_chunks=n_chunks,
         blocks=blocks,
+        aligned=aligned,
     )
 
 

@@ -8,6 +8,7 @@ state and param-group keys) in :mod:`adamw.states.checkpoint`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from .backends._common import run_eagerly
 from .functional import adamw, check_step
 from .options import FUSED_BACKENDS, AdamWOptions, check_group_options, is_low_bit
 from .states import checkpoint
+
+_dtype_of = attrgetter("dtype")
 
 
 class AdamW(Optimizer):
@@ -222,7 +225,7 @@ class AdamW(Optimizer):
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
-        return any(dtype.is_complex for dtype in {p.dtype for p in params})
+        return any(dtype.is_complex for dtype in set(map(_dtype_of, params)))
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

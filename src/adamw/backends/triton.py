@@ -105,6 +105,7 @@ _MAX_GRID = 2**31 - 1
 
 _spare_pinned: dict[int, list[Tensor]] = {}
 _is_cuda = attrgetter("is_cuda")
+_is_cpu = attrgetter("is_cpu")
 
 
 @dataclass
@@ -414,7 +415,7 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     kernel = _low_bit_kernels().low_bit_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
     kinds: dict[tuple[Any, ...], Tensor]
-    if all(map(_is_cuda, params)):  # the common case, without reading each param's device (1 us each)
+    if all(map(_is_cuda, params)) or all(map(_is_cpu, params)):  # one device type: no param's device read (1 us)
         kinds = {(type(p), p.dtype): p for p in params}
     else:
         kinds = {(type(p), p.device, p.dtype): p for p in params}

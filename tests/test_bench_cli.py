@@ -151,6 +151,18 @@ def test_an_implementation_that_fails_is_reported_not_fatal(
     assert "unavailable: ImportError: kernel not built" in capsys.readouterr().out
 
 
+def test_floor_rows_are_left_out_by_default_where_they_cannot_run() -> None:
+    """The floor rows stream CPU tensors (a C pass): by default every row runs on the CPU, every row
+    but the floors on CUDA (named in --impls, a floor row on CUDA reports itself unavailable)."""
+    from adamw.cli.bench.command import default_impls
+
+    assert default_impls("cpu") == list(workloads.IMPLEMENTATIONS)
+    cuda = default_impls("cuda")
+    floors = [name for name in workloads.IMPLEMENTATIONS if name.startswith("floor")]
+    assert floors and not set(floors) & set(cuda)
+    assert cuda == [name for name in workloads.IMPLEMENTATIONS if name not in floors]
+
+
 def test_table_names_the_device_and_the_copy_bandwidth(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--no-progress", "--workloads", "many", "--impls", "torch-foreach"]) == 0
     out = capsys.readouterr().out

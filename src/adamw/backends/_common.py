@@ -93,7 +93,11 @@ def imported_on_call(module: str, name: str) -> Callable[..., Any]:
     kernels' modules load C kernels or Triton (optional), which a user of the torch-op backends need
     not load. Only for calls that torch.compile does not trace: an import there is a graph break."""
 
+    resolved: list[Callable[..., Any]] = []  # the function, once imported (an import costs microseconds a step)
+
     def call(*args: Any) -> Any:
-        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args)
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"{__package__}.{module}"), name))
+        return resolved[0](*args)
 
     return call

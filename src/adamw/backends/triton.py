@@ -51,6 +51,7 @@ where it was (its fingerprint is checked each step), after reading the step coun
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import accumulate, chain
@@ -484,6 +485,9 @@ def _is_interpreted_kernel(kernel: Any) -> bool:
 
 
 def _kernels() -> ModuleType:
+    kernels = sys.modules.get(f"{__package__}._triton_kernels")
+    if kernels is not None:  # imported: the import statement below costs microseconds a step
+        return kernels
     try:
         from . import _triton_kernels
     except ModuleNotFoundError as error:
@@ -724,11 +728,17 @@ def _codes_on(device: torch.device) -> Tensor:
     return _low_bit_codes[device]
 
 
+_low_bit_module: list[ModuleType] = []  # once imported and checked
+
+
 def _low_bit_kernels() -> ModuleType:
+    if _low_bit_module:
+        return _low_bit_module[0]
     _kernels()  # the same error when Triton is missing
     from . import _triton_low_bit_kernels
 
     assert int(_triton_low_bit_kernels.QBLOCK) == BLOCK_SIZE
     assert int(_triton_low_bit_kernels.QBLOCK_4BIT) == INT4.block_size
     assert _codes_on(torch.device("cpu")).numel() == int(_triton_low_bit_kernels.CODE_SIZE)
+    _low_bit_module.append(_triton_low_bit_kernels)
     return _triton_low_bit_kernels

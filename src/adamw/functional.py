@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .states.entries import is_dtensor
 
 # Devices on which torch's rule (the documentation's note) turns foreach on when no flag is given.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
+_is_cuda = attrgetter("is_cuda")
 
 
 def select_backend(
@@ -65,9 +67,17 @@ def select_backend(
         foreach = (
             not differentiable
             and not (isinstance(lr, Tensor) and not capturable)
-            and all(type(p) in _foreach_supported_types and p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
+            and _on_foreach_default_devices(params)
         )
     return "foreach" if foreach else "forloop"
+
+
+def _on_foreach_default_devices(params: list[Tensor]) -> bool:
+    """Every param of a type torch's foreach ops take, on a device where torch defaults to them. All
+    on CUDA is answered without reading each param's device (1 us each: 1 ms a step for a thousand)."""
+    if not set(map(type, params)) <= set(_foreach_supported_types):
+        return False
+    return all(map(_is_cuda, params)) or all(p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
 
 
 StepFn = Callable[..., None]

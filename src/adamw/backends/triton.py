@@ -673,7 +673,7 @@ def _low_bit_launch(
     table = torch.zeros((len(rows), int(kernels.ROW)), dtype=torch.int64)
     if rows:
         table[:, : len(rows[0])] = torch.tensor(rows, dtype=torch.int64)
-    # the columns the kernel reads and writes 128 bits at a time when aligned: param, moments, comp
+    # the columns the kernel reads and writes in vectors when aligned: param, moments, comp
     vector_columns = [int(kernels.COL_PARAM), *range(int(kernels.COL_EXP_AVG), int(kernels.COL_MAX) + 1)]
     vector_columns.append(int(kernels.COL_COMP))
     aligned = bool((table[:, vector_columns] % 16 == 0).all())

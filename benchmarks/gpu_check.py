@@ -11,12 +11,14 @@
    Bytes a step moves: float32 param, grad, exp_avg, exp_avg_sq read and param, exp_avg, exp_avg_sq
    written (7 x 4 bytes per element). Timing (as HeavyBall's step benchmark): warm-up, then windows
    of steps between synchronizations, the median window; implementations interleaved per round.
-3. formats: our step in each storage format (float32, 8-bit and 4-bit moments on float32 params;
+3. host: the host time of a step (no synchronization) of 1000 x 32K and GPT-2's shapes, ours and torch
+   fused, and a profile of ours on 1000 x 32K: many small tensors wait for the host, not the GPU.
+4. formats: our step in each storage format (float32, 8-bit and 4-bit moments on float32 params;
    bf16 params rounded to nearest, by stochastic rounding, with Kahan compensation, with 8-bit and
    4-bit moments) on one 256M-element tensor, against its own memory floor: the bytes that format
    must move (3 x the param's bytes + 2 x its state's) at the device copy's bandwidth. Reported, no
    verdict: "x floor" near 1 is a step at the memory limit.
-4. tune: our float kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults
+5. tune: our float kernel's (BLOCK, num_warps) on the 256M and 1000 x 32K shapes, to pick the defaults
    in src/adamw/backends/triton.py (CUDA_BLOCK, CUDA_NUM_WARPS); then the low-bit kernel's (blocks per
    program, num_warps) on two formats (LOW_BIT_CUDA_BLOCKS, LOW_BIT_CUDA_NUM_WARPS).
 
@@ -156,6 +158,47 @@ def speed(results: dict[str, Any], failures: list[str]) -> None:
             failures.append(f"{name}: {achieved / bandwidth:.1%} of copy bandwidth < 85%")
         del params
         free()
+
+
+def host(results: dict[str, Any]) -> None:
+    """Where a step of many small tensors spends its time: the host code alone (steps timed without a
+    synchronization; the GPU runs behind), ours against torch's fused step, and a profile of ours."""
+    import cProfile
+    import io
+    import pstats
+
+    table: dict[str, dict[str, float]] = {}
+    for name in ("1000x32K", "gpt2-small"):
+        params = make_params(workloads()[name][0])
+        table[name] = {}
+        for impl in ("torch-fused", "ours-fused"):
+            optimizer = IMPLEMENTATIONS[impl](params)
+            for _ in range(5):
+                optimizer.step()
+            sync()
+            rounds = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(10):
+                    optimizer.step()
+                rounds.append((time.perf_counter() - start) / 10)
+                sync()
+            table[name][f"{impl}_host_ms"] = min(rounds) * 1e3
+            if name == "1000x32K" and impl == "ours-fused":
+                profile = cProfile.Profile()
+                profile.enable()
+                for _ in range(10):
+                    optimizer.step()
+                profile.disable()
+                sync()
+                out = io.StringIO()
+                pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(15)
+                print(out.getvalue())
+            del optimizer
+        print(f"host {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[name].items()))
+        del params
+        free()
+    results["host"] = table
 
 
 # name: (param dtype, AdamW options)
@@ -336,7 +379,9 @@ def capture(results: dict[str, Any], failures: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check_out")
-    parser.add_argument("--skip", default="", help="comma list of {capture,speed,formats,tune,tune-low-bit} to skip")
+    parser.add_argument(
+        "--skip", default="", help="comma list of {capture,speed,host,formats,tune,tune-low-bit} to skip"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU tensors under the interpreter")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -368,6 +413,9 @@ def main() -> int:
         if name not in skip:
             check(results, failures)
             save()
+    if "host" not in skip:
+        host(results)
+        save()
     for name, section in (("formats", formats), ("tune", tune), ("tune-low-bit", tune_low_bit)):
         if name not in skip:
             section(results)

@@ -66,6 +66,9 @@ import triton.language as tl
 
 from ._triton_kernels import address, locate, round_bf16, to_storage
 
+# Set by adamw.backends.triton once it has checked the constants below against its own.
+checked_against_the_host = False
+
 QBLOCK = tl.constexpr(256)  # adamw.states.quantize.BLOCK_SIZE (checked on the host)
 QBLOCK_4BIT = tl.constexpr(128)  # adamw.states.quantize.BLOCK_SIZE_4BIT (checked on the host)
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from itertools import accumulate, chain
 from operator import attrgetter
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -728,17 +728,15 @@ def _codes_on(device: torch.device) -> Tensor:
     return _low_bit_codes[device]
 
 
-_low_bit_module: list[ModuleType] = []  # once imported and checked
-
-
 def _low_bit_kernels() -> ModuleType:
-    if _low_bit_module:
-        return _low_bit_module[0]
+    kernels = sys.modules.get(f"{__package__}._triton_low_bit_kernels")
+    if getattr(kernels, "checked_against_the_host", False):  # imported and checked: no import statement
+        return cast(ModuleType, kernels)
     _kernels()  # the same error when Triton is missing
     from . import _triton_low_bit_kernels
 
     assert int(_triton_low_bit_kernels.QBLOCK) == BLOCK_SIZE
     assert int(_triton_low_bit_kernels.QBLOCK_4BIT) == INT4.block_size
     assert _codes_on(torch.device("cpu")).numel() == int(_triton_low_bit_kernels.CODE_SIZE)
-    _low_bit_module.append(_triton_low_bit_kernels)
+    _triton_low_bit_kernels.checked_against_the_host = True
     return _triton_low_bit_kernels

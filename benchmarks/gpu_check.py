@@ -214,15 +214,23 @@ FORMATS: dict[str, tuple[torch.dtype, dict[str, str]]] = {
 }
 
 
+def format_param(dtype: torch.dtype) -> torch.Tensor:
+    """The one tensor the format sections step: 256M values (on the CPU 8192: just over the 4-bit
+    threshold), with its grad."""
+    numel = 256 * 2**20 if DEVICE == "cuda" else 8192
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    param = torch.randn(numel, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+    param.grad = (torch.randn(numel, device=DEVICE, generator=gen) * 1e-2).to(dtype)
+    return param
+
+
 def formats(results: dict[str, Any]) -> None:
     """Each storage format's step on one tensor against the bytes it must move at copy bandwidth."""
     bandwidth = results.get("copy_bandwidth_GBps", 0) * 1e9 or copy_bandwidth(2**30 if DEVICE == "cuda" else 2**20)
-    numel = 256 * 2**20 if DEVICE == "cuda" else 8192  # on the CPU: just over the 4-bit threshold
     table: dict[str, dict[str, float]] = {}
     for name, (dtype, options) in FORMATS.items():
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-        param = torch.randn(numel, device=DEVICE, generator=gen).to(dtype).requires_grad_()
-        param.grad = (torch.randn(numel, device=DEVICE, generator=gen) * 1e-2).to(dtype)
+        param = format_param(dtype)
+        numel = param.numel()
         optimizer = ours([param], **options)
         optimizer.step()  # the state exists from here on
         state = [t for t in optimizer.state[param].values() if torch.is_tensor(t) and t.dim() > 0]
@@ -239,52 +247,57 @@ def formats(results: dict[str, Any]) -> None:
     results["formats"] = table
 
 
+def sweep(
+    section: str, name: str, optimizer: adamw.AdamW, knobs: dict[str, str], configs: list[tuple[int, int]]
+) -> dict[str, float]:
+    """ms per step of ``optimizer`` with the backend's two launch-shape constants (``knobs``: label ->
+    attribute of adamw.backends.triton) set to each of ``configs``; the constants are restored after."""
+    attributes = list(knobs.values())
+    defaults = [getattr(triton_backend, attribute) for attribute in attributes]
+    table: dict[str, float] = {}
+    for config in configs:
+        for attribute, value in zip(attributes, config, strict=True):
+            setattr(triton_backend, attribute, value)
+        triton_backend.clear_plans()  # a plan's chunk map depends on the values per program
+        ms = timed(optimizer.step) * 1e3
+        labels = [f"{label}={value}" for label, value in zip(knobs, config, strict=True)]
+        table[",".join(labels)] = ms
+        print(f"{section} {name}: {' '.join(labels)}: {ms:.3f} ms")
+    for attribute, value in zip(attributes, defaults, strict=True):
+        setattr(triton_backend, attribute, value)
+    triton_backend.clear_plans()
+    return table
+
+
+FLOAT_KNOBS = {"BLOCK": "CUDA_BLOCK", "num_warps": "CUDA_NUM_WARPS"}
+FLOAT_CONFIGS = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
+
+
 def tune(results: dict[str, Any]) -> None:
-    defaults = (triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS)
     table: dict[str, dict[str, float]] = {}
     for name in ("one-256M", "1000x32K"):
         params = make_params(workloads()[name][0])
-        optimizer = ours(params)
-        table[name] = {}
-        for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]:
-            triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS = block, warps
-            ms = timed(optimizer.step) * 1e3
-            table[name][f"BLOCK={block},num_warps={warps}"] = ms
-            print(f"tune {name}: BLOCK={block} num_warps={warps}: {ms:.3f} ms")
-        del optimizer, params
+        table[name] = sweep("tune", name, ours(params), FLOAT_KNOBS, FLOAT_CONFIGS)
+        del params
         free()
-    triton_backend.CUDA_BLOCK, triton_backend.CUDA_NUM_WARPS = defaults
-    triton_backend.clear_plans()
     results["tune_ms"] = table
 
 
 # The low-bit kernel's launch shape: (256-value blocks per program, num_warps), on the formats that
 # move the fewest and the most bytes per value among the low-bit ones.
+LOW_BIT_KNOBS = {"blocks": "LOW_BIT_CUDA_BLOCKS", "num_warps": "LOW_BIT_CUDA_NUM_WARPS"}
 LOW_BIT_CONFIGS = [(2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)]
 LOW_BIT_TUNED = ["bf16 stochastic, 8-bit moments", "float32, 4-bit moments"]
 
 
 def tune_low_bit(results: dict[str, Any]) -> None:
-    defaults = (triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS)
-    numel = 256 * 2**20 if DEVICE == "cuda" else 8192
     table: dict[str, dict[str, float]] = {}
     for name in LOW_BIT_TUNED:
         dtype, options = FORMATS[name]
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-        param = torch.randn(numel, device=DEVICE, generator=gen).to(dtype).requires_grad_()
-        param.grad = (torch.randn(numel, device=DEVICE, generator=gen) * 1e-2).to(dtype)
-        optimizer = ours([param], **options)
-        table[name] = {}
-        for blocks, warps in LOW_BIT_CONFIGS:
-            triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS = blocks, warps
-            triton_backend.clear_plans()  # the chunk map depends on the blocks per program
-            ms = timed(optimizer.step) * 1e3
-            table[name][f"blocks={blocks},num_warps={warps}"] = ms
-            print(f"tune-low-bit {name}: blocks={blocks} num_warps={warps}: {ms:.3f} ms")
-        del optimizer, param
+        param = format_param(dtype)
+        table[name] = sweep("tune-low-bit", name, ours([param], **options), LOW_BIT_KNOBS, LOW_BIT_CONFIGS)
+        del param
         free()
-    triton_backend.LOW_BIT_CUDA_BLOCKS, triton_backend.LOW_BIT_CUDA_NUM_WARPS = defaults
-    triton_backend.clear_plans()
     results["tune_low_bit_ms"] = table
 
 

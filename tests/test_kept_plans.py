@@ -3,7 +3,9 @@ kernel's launch tables, the low-bit kernels' tables) from one step to the next, 
 (:class:`adamw.backends._plans.PlanCache`, whose rules are tested here first). Memory that stays where
 it was but is read differently (``t.data = t.data.view(dtype)`` keeps the pointer and the byte count,
 and changes the dtype and the number of values) must not reuse it: the next step gives what a fresh
-optimizer gives on the same tensors, or raises what that one raises, having changed nothing.
+optimizer gives on the same tensors, or raises what that one raises, having changed nothing. Each
+such test runs twice: with a kept plan's guard (torch's C-level tensor check) in force, and with
+fingerprints only (a torch without that check).
 """
 
 from __future__ import annotations
@@ -16,7 +18,20 @@ from torch import Tensor
 
 import adamw
 from _helpers import assert_bitwise, assert_unchanged, backend_params, catch, snapshot
-from adamw.backends._plans import PlanCache, fingerprint
+from adamw.backends import _plans
+from adamw.backends._plans import Memory, PlanCache, fingerprint
+
+CHECKS = ["guard", "fingerprints only"]
+
+
+@pytest.fixture(params=CHECKS)
+def check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How kept plans are checked: by their guards once found, or (a torch without TensorGuards)
+    by comparing fingerprints every step."""
+    if request.param == "fingerprints only":
+        monkeypatch.setattr(_plans, "_TensorGuards", None)
+    return str(request.param)
+
 
 # --------------------------------------------------------------------------------------------------
 # the cache
@@ -43,6 +58,49 @@ def test_a_plan_is_found_while_its_memory_is_as_it_was() -> None:
     assert cache.cache_info()[:3] == (1, 6, 1)
     cache.clear()
     assert cache.cache_info() == (0, 0, 0, 0, 0, 0)
+
+
+def test_a_plan_over_tensors_is_found_while_they_are_as_they_were(check: str) -> None:
+    """The same answers as the fingerprints', whether a guard settles them or not; the guard, made
+    when the plan is first found, is the stricter test (it also compares ``requires_grad``), and a
+    plan it does not pass is still found where the fingerprint is unchanged."""
+    t, grad = torch.randn(4, 4), torch.randn(4, 4)
+    cache: PlanCache[str] = PlanCache()
+    cache.put("group", Memory([t], [grad], extra=["exp_avg"]), "plan")
+    for _ in range(3):  # the first find makes the guard (with TensorGuards), the others use it
+        assert cache.get("group", Memory([t], [torch.randn(4, 4)], extra=["exp_avg"])) == "plan"
+    for changed in (
+        Memory([t.view(torch.float16)], [grad], extra=["exp_avg"]),  # same address and bytes, another dtype
+        Memory([t.t()], [grad], extra=["exp_avg"]),  # same address, bytes and dtype, another order
+        Memory([t.clone()], [grad], extra=["exp_avg"]),  # moved
+        Memory([t], [grad.double()], extra=["exp_avg"]),  # a grad of another dtype
+        Memory([t], [grad.t()], extra=["exp_avg"]),  # a grad in another order
+        Memory([t], [grad[:2]], extra=["exp_avg"]),  # a grad of another size
+        Memory([t, t], [grad], extra=["exp_avg"]),  # another tensor
+        Memory([t], [grad], extra=["exp_avg_sq"]),  # another extra
+        None,  # never matches
+    ):
+        assert cache.get("group", changed) is None
+    t.requires_grad_()  # not in the fingerprint: found, by the fingerprint, and guarded anew
+    assert cache.get("group", Memory([t], [grad], extra=["exp_avg"])) == "plan"
+    t.data = torch.randn(4, 4)  # the same tensor over other memory
+    assert cache.get("group", Memory([t], [grad], extra=["exp_avg"])) is None
+    assert cache.cache_info()[:3] == (4, 10, 1)
+
+
+def test_a_guarded_plan_is_found_without_reading_a_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fingerprint reads five attributes of every tensor, one Python call each (3-4 ms a step for
+    a thousand params with their states): once a plan has been found, its guard answers instead."""
+    read = []
+    monkeypatch.setattr(_plans, "fingerprint", lambda *tensors: read.append(1) or fingerprint(*tensors))
+    tensors = [torch.randn(3) for _ in range(4)]
+    cache: PlanCache[str] = PlanCache()
+    cache.put("group", Memory(tensors[:3], tensors[3:]), "plan")
+    assert cache.get("group", Memory(tensors[:3], tensors[3:])) == "plan"
+    assert len(read) == 2  # the plan's, when put, and the first find's
+    for _ in range(3):
+        assert cache.get("group", Memory(tensors[:3], tensors[3:])) == "plan"
+    assert len(read) == 2
 
 
 def test_plans_beyond_the_count_are_dropped_oldest_first_but_not_pinned_ones() -> None:
@@ -151,13 +209,13 @@ def _check_like_fresh(opt: torch.optim.Optimizer, params: list[Tensor], options:
 @pytest.mark.parametrize("case", REINTERPRETATIONS.values(), ids=REINTERPRETATIONS.keys())
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
 def test_memory_read_as_another_dtype_is_not_stepped_by_the_kept_plan(
-    backend: str, case: tuple[torch.dtype, torch.dtype, str]
+    backend: str, case: tuple[torch.dtype, torch.dtype, str], check: str
 ) -> None:
     old, new, which = case
     options = {"backend": backend}
     params = [torch.randn(shape).to(old).requires_grad_() for shape in SHAPES]
     opt = adamw.AdamW(params, **options)
-    for seed in range(2):  # the second step runs the kept plan
+    for seed in range(3):  # the second step runs the kept plan, the third has it by its guard
         _step_with_grads(opt, params, seed)
     gen = torch.Generator().manual_seed(2)
     for p in params:
@@ -170,13 +228,13 @@ def test_memory_read_as_another_dtype_is_not_stepped_by_the_kept_plan(
 
 
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
-def test_low_bit_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(backend: str) -> None:
+def test_low_bit_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(backend: str, check: str) -> None:
     """bf16 moments stay bf16 whatever the param's dtype: a bf16 param read as fp16 is a valid fp16
     param with its state, which a fresh optimizer steps with the fp16 code."""
     options = {"backend": backend, "state_precision": "bf16"}
     params = [torch.randn(shape).to(torch.bfloat16).requires_grad_() for shape in SHAPES]
     opt = adamw.AdamW(params, **options)
-    for seed in range(2):
+    for seed in range(3):
         _step_with_grads(opt, params, seed)
     gen = torch.Generator().manual_seed(2)
     for p in params:
@@ -187,13 +245,15 @@ def test_low_bit_memory_read_as_another_dtype_is_not_stepped_by_the_kept_table(b
 
 @pytest.mark.parametrize("state_precision", ["param", "bf16"])
 @pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
-def test_memory_read_in_another_order_is_not_stepped_by_the_kept_plan(backend: str, state_precision: str) -> None:
+def test_memory_read_in_another_order_is_not_stepped_by_the_kept_plan(
+    backend: str, state_precision: str, check: str
+) -> None:
     """A square param transposed in place keeps its pointer, size and dtype; element (i, j) of it now
     sits where (j, i) was, and must meet element (i, j) of its grad and moments."""
     options = {"backend": backend, "state_precision": state_precision}
     params = [torch.randn(shape).requires_grad_() for shape in ((8, 8), (5,), (3, 3))]
     opt = adamw.AdamW(params, **options)
-    for seed in range(2):
+    for seed in range(3):
         _step_with_grads(opt, params, seed)
     for p in params:
         if p.dim() == 2:

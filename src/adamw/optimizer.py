@@ -8,7 +8,7 @@ state and param-group keys) in :mod:`adamw.states.checkpoint`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import torch
@@ -22,6 +22,9 @@ from .options import FUSED_BACKENDS, AdamWOptions, check_group_options, is_low_b
 from .states import checkpoint
 
 _dtype_of = attrgetter("dtype")
+_grad_of = attrgetter("grad")
+_exp_avg_of, _exp_avg_sq_of = itemgetter("exp_avg"), itemgetter("exp_avg_sq")
+_max_exp_avg_sq_of, _step_of = itemgetter("max_exp_avg_sq"), itemgetter("step")
 
 
 class AdamW(Optimizer):
@@ -204,28 +207,41 @@ class AdamW(Optimizer):
     ) -> bool:
         """Collect the group's params that have a grad and their state (created on first use); return
         whether any param is complex."""
-        amsgrad = group["amsgrad"]
-        state_of = self.state
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            params.append(p)
-            grads.append(grad)
-            state = state_of[p]
-            if state and "exp_avg" not in state:
-                # A checkpoint's entry put in as it is, by a loader that is not ours
-                # (ZeroRedundancyOptimizer.load_state_dict copies each entry into ``state``).
-                state = state_of[p] = checkpoint.adopt_for_group(checkpoint.from_checkpoint(state, p), p, group)
-            if len(state) == 0:
-                state = state_of[p] = checkpoint.new_state(p, group)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            state_steps.append(state["step"])
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        states = list(map(self.state.__getitem__, with_grad))  # the state dict creates a missing entry
+        try:  # every state made already (the steady state): the lists in C-level passes over the group
+            moments = [list(map(_exp_avg_of, states)), list(map(_exp_avg_sq_of, states))]
+            if group["amsgrad"]:
+                moments.append(list(map(_max_exp_avg_sq_of, states)))
+        except KeyError:  # some state to make, or a checkpoint's entry to adopt: param by param
+            moments = self._make_states(group, with_grad, states)
+        params += with_grad
+        grads += map(_grad_of, with_grad)
+        exp_avgs += moments[0]
+        exp_avg_sqs += moments[1]
+        if group["amsgrad"]:
+            max_exp_avg_sqs += moments[2]
+        state_steps += map(_step_of, states)
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
         return any(dtype.is_complex for dtype in set(map(_dtype_of, params)))
+
+    def _make_states(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[list[Tensor]]:
+        """The state of each of ``params`` made where it is empty, or adopted where it is a
+        checkpoint's entry put in as it is, by a loader that is not ours (ZeroRedundancyOptimizer's
+        load_state_dict copies each entry into ``state``); ``states`` updated in place. Returns the
+        moments' lists (``max_exp_avg_sq`` too with amsgrad)."""
+        for i, (p, state) in enumerate(zip(params, states, strict=True)):
+            if state and "exp_avg" not in state:
+                state = checkpoint.adopt_for_group(checkpoint.from_checkpoint(state, p), p, group)
+            elif not state:
+                state = checkpoint.new_state(p, group)
+            else:
+                continue
+            states[i] = self.state[p] = state
+        names = ["exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if group["amsgrad"] else [])]
+        return [[state[name] for state in states] for name in names]
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -257,9 +273,9 @@ class AdamW(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], steps: list[Tensor]
     ) -> None:
         """The step of a group in a low-bit format, whose moments live in the params' state dicts."""
-        states = [self.state[p] for p in params]
+        states = list(map(self.state.__getitem__, params))
         # A param's number keys its stochastic rounding: stable across steps and checkpoints, and distinct.
-        streams = [self._streams[p] for p in params]
+        streams = list(map(self._streams.__getitem__, params))
         adamw(params, grads, [], [], [], steps, states=states, streams=streams, **self._adamw_options(group))
 
     def _adamw_options(self, group: dict[str, Any]) -> dict[str, Any]:

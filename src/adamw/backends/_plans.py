@@ -6,6 +6,14 @@ depends on) and used only while the group's :func:`fingerprint` is the one it wa
 that stays where it was but is read differently (``p.data = p.data.view(torch.float16)`` keeps the
 address and the byte count) and a new param that reuses a dropped one's ``id`` both get a new plan,
 checked as it is built. Plans hold no tensors of the group: a dropped model's memory is freed.
+
+A fingerprint reads five attributes of every tensor, one Python call each: 3-4 ms a step for a
+group of a thousand params (5000 tensors with their grads, states and step counters), which on a GPU
+is most of the step's host time. So once a plan's fingerprint has matched, its entry keeps a
+:class:`_Guard` over the tensors, checked instead in two passes: torch's C-level tensor check
+(dtype, device, shape and strides of each tensor, one call) and the fixed tensors' addresses. A guard
+that passes implies the same fingerprint; one that fails (or a torch without the check) falls back to
+comparing fingerprints, so the guard changes the cost, never the answer.
 """
 
 from __future__ import annotations
@@ -14,10 +22,15 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+# The tensor check Dynamo's guards were built on: C++, one call for a list of tensors. Its stub
+# declares other argument types than it takes (a list of sizes per tensor), hence Any.
+_TensorGuards: Any = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+_TensorGuards = getattr(_TensorGuards, "TensorGuards", None)
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -48,6 +61,60 @@ def fingerprint(fixed: Sequence[Tensor], moving: Sequence[Tensor] = ()) -> Finge
     )
 
 
+class Memory:
+    """The tensors a plan is built over, as its cache checks them: ``fixed`` ones (the plan holds
+    their addresses), ``moving`` ones (the grads, whose addresses are passed anew each step), and
+    ``extra``, whatever else the plan depends on (compared with ``==``). Its :attr:`fingerprint` is
+    read only where a kept plan's guard does not settle the question."""
+
+    __slots__ = ("fixed", "moving", "extra", "_fingerprint")
+
+    def __init__(self, fixed: Sequence[Tensor], moving: Sequence[Tensor] = (), extra: object = None) -> None:
+        self.fixed, self.moving, self.extra = fixed, moving, extra
+        self._fingerprint: Fingerprint | None = None
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.fixed, self.moving)
+        return self._fingerprint
+
+
+class _Guard:
+    """A quicker test that :class:`Memory`'s fingerprint is still one seen before: every tensor of
+    the same dtype, device, shape and strides (so the same size in bytes and the same contiguity)
+    as when the guard was made, and each fixed tensor at the same address. It holds numbers only,
+    no tensor. Also compared by torch's check, and stricter than a fingerprint: a tensor's Python
+    type, ``requires_grad`` and dispatch keys; a guard that fails for those only costs a fingerprint."""
+
+    __slots__ = ("_check", "_count", "_addresses")
+
+    def __init__(self, memory: Memory) -> None:
+        assert _TensorGuards is not None
+        tensors = [*memory.fixed, *memory.moving]
+        shapes, strides = [list(t.shape) for t in tensors], [list(t.stride()) for t in tensors]
+        self._check = _TensorGuards(*tensors, dynamic_dims_sizes=shapes, dynamic_dims_strides=strides).check
+        self._count = len(tensors)
+        self._addresses = list(map(_data_ptr, memory.fixed))
+
+    @classmethod
+    def over(cls, memory: Memory) -> _Guard | None:
+        """A guard for ``memory``'s tensors as they are now, or None where torch cannot make one."""
+        if _TensorGuards is None:
+            return None
+        try:
+            return cls(memory)
+        except Exception:  # a torch whose check takes other arguments: fingerprints only
+            return None
+
+    def passes(self, memory: Memory) -> bool:
+        return (
+            len(memory.fixed) + len(memory.moving) == self._count
+            and self._check(*memory.fixed, *memory.moving)
+            and list(map(_data_ptr, memory.fixed)) == self._addresses
+        )
+
+
 class CacheInfo(NamedTuple):
     hits: int
     misses: int
@@ -63,10 +130,28 @@ Plan = TypeVar("Plan")
 @dataclass(eq=False)
 class _Entry(Generic[Plan]):
     plan: Plan
-    fingerprint: object
+    memory: object  # a Memory's (fingerprint, extra), or the value put
     nbytes: int
     staged: bool
     pinned: bool
+    guard: _Guard | None = None  # made once the memory has matched (see the module docstring)
+
+    def matches(self, memory: object) -> bool:
+        if not isinstance(memory, Memory):
+            return memory is not None and self.memory == memory
+        if self.guard is not None and self.guard.passes(memory):
+            return self.memory[1] == memory.extra  # type: ignore[index]
+        if self.memory != (memory.fingerprint, memory.extra):
+            return False
+        # A plan found twice is likely kept: its guard, made once (about a microsecond a tensor), is
+        # then checked instead of the fingerprint. A plan made anew each step never makes one.
+        self.guard = _Guard.over(memory)
+        return True
+
+
+def _value(memory: object) -> object:
+    """What an entry keeps of the memory it was put with."""
+    return (memory.fingerprint, memory.extra) if isinstance(memory, Memory) else memory
 
 
 class PlanCache(Generic[Plan]):
@@ -85,11 +170,11 @@ class PlanCache(Generic[Plan]):
         self._replaced: list[_Entry[Plan]] = []  # pinned plans a newer one of their key replaced
         self.clear()
 
-    def get(self, key: Hashable, fingerprint: object, *, pin: bool = False) -> Plan | None:
-        """The plan kept for ``key`` if it was built for ``fingerprint`` (a :func:`fingerprint`, or
-        a tuple with one; None never matches); ``pin``: it is now used by a CUDA graph."""
+    def get(self, key: Hashable, memory: Memory | Any, *, pin: bool = False) -> Plan | None:
+        """The plan kept for ``key`` if it was built for ``memory`` (a :class:`Memory`, or any
+        value compared with ``==``; None never matches); ``pin``: it is now used by a CUDA graph."""
         entry = self._entries.get(key)
-        if entry is None or fingerprint is None or entry.fingerprint != fingerprint:
+        if entry is None or not entry.matches(memory):
             self._misses += 1
             return None
         self._hits += 1
@@ -102,7 +187,7 @@ class PlanCache(Generic[Plan]):
     def put(
         self,
         key: Hashable,
-        fingerprint: object,
+        memory: Memory | Any,
         plan: Plan,
         *,
         nbytes: int = 0,
@@ -116,7 +201,7 @@ class PlanCache(Generic[Plan]):
                 self._replaced.append(old)
             else:
                 self._forget(old)
-        self._entries[key] = _Entry(plan, fingerprint, nbytes, staged, pin)
+        self._entries[key] = _Entry(plan, _value(memory), nbytes, staged, pin)
         self._nbytes += nbytes
         self._staged += staged
         self._pinned += pin

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import _native
 from ._common import PLAIN_TYPES, Hyper, host_value
-from ._plans import Fingerprint, PlanCache, fingerprint
+from ._plans import Memory, PlanCache
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 ABI_VERSION = 1
@@ -94,20 +94,27 @@ def step(
     tensors = [params, grads, exp_avgs, exp_avg_sqs, *([max_exp_avg_sqs] if hyper.amsgrad else [])]
     if not set(map(type, params)) <= PLAIN_TYPES:
         tensors, state_steps = _to_local(tensors), _to_local([state_steps])[0]
-    memory = _fingerprint(tensors, state_steps)
-    dtypes = set(memory[2][: len(params)])
-    if len(dtypes) == 1:
-        _step_one_dtype(fn, tensors, state_steps, scalars, memory)
-        return
-    for dtype in sorted(dtypes, key=str):  # torch's fused path too makes one call per dtype
-        index = [i for i, p in enumerate(tensors[0]) if p.dtype == dtype]
-        some, steps = [[lst[i] for i in index] for lst in tensors], [state_steps[i] for i in index]
-        _step_one_dtype(fn, some, steps, scalars, _fingerprint(some, steps))
+    memory = _memory(tensors, state_steps)
+    plan = _plans.get(_key(tensors), memory)  # kept for a group of one dtype, every tensor contiguous
+    if plan is None:
+        dtypes = set(memory.fingerprint[2][: len(params)])
+        if len(dtypes) > 1:
+            for dtype in sorted(dtypes, key=str):  # torch's fused path too makes one call per dtype
+                index = [i for i, p in enumerate(tensors[0]) if p.dtype == dtype]
+                some, steps = [[lst[i] for i in index] for lst in tensors], [state_steps[i] for i in index]
+                some_memory = _memory(some, steps)
+                _step_one_dtype(fn, some, steps, scalars, some_memory, _plans.get(_key(some), some_memory))
+            return
+    _step_one_dtype(fn, tensors, state_steps, scalars, memory, plan)
 
 
-def _fingerprint(tensors: list[list[Tensor]], steps: list[Tensor]) -> Fingerprint:
-    """The fingerprint of the tensors of a plan: params, states and steps in its order; grads moving."""
-    return fingerprint([*tensors[0], *chain.from_iterable(tensors[2:]), *steps], tensors[1])
+def _memory(tensors: list[list[Tensor]], steps: list[Tensor]) -> Memory:
+    """The tensors of a plan: params, states and steps in its order; grads moving."""
+    return Memory([*tensors[0], *chain.from_iterable(tensors[2:]), *steps], tensors[1])
+
+
+def _key(tensors: list[list[Tensor]]) -> tuple[int, int, int]:
+    return id(tensors[0][0]), len(tensors[0]), len(tensors)
 
 
 def _step_one_dtype(
@@ -115,16 +122,15 @@ def _step_one_dtype(
     tensors: list[list[Tensor]],
     steps: list[Tensor],
     scalars: tuple[float, ...],
-    memory: Fingerprint,
+    memory: Memory,
+    plan: _Plan | None,
 ) -> None:
+    """One kernel call over tensors of one dtype, by ``plan`` (the kept one) or one built here."""
     copies: list[tuple[int, Tensor, Tensor]] = []
-    if memory[4] is None:  # every tensor contiguous: the kept plan while the memory is as it was
-        key = (id(tensors[0][0]), len(tensors[0]), len(tensors))
-        plan = _plans.get(key, memory)
-        if plan is None:
-            plan = _build_plan(tensors, steps)
-            _plans.put(key, memory, plan, nbytes=8 * (len(plan.pointers) + plan.count))  # pointers and numels
-    else:  # stepped through contiguous copies, made anew each step: a plan for this step only
+    if plan is None and memory.fingerprint[4] is None:  # every tensor contiguous: a plan to keep
+        plan = _build_plan(tensors, steps)
+        _plans.put(_key(tensors), memory, plan, nbytes=8 * (len(plan.pointers) + plan.count))  # pointers, numels
+    elif plan is None:  # stepped through contiguous copies, made anew each step: a plan for this step only
         tensors, copies = _contiguous(tensors)
         plan = _build_plan(tensors, steps)
     plan.pointers[plan.count : 2 * plan.count] = array.array("Q", map(_data_ptr, tensors[1]))

@@ -42,7 +42,7 @@ from .low_bit import (
     StorageFormat,
     bump_steps,
     code_tables,
-    group_fingerprint,
+    group_memory,
     host_scalars,
     plan_key,
     sort_group,
@@ -126,7 +126,7 @@ def step_low_bit(
     scalars = host_scalars(hyper)
     if scalars is None:
         return
-    key, memory = plan_key(params, hyper, storage), group_fingerprint(params, grads, states, state_steps, streams)
+    key, memory = plan_key(params, hyper, storage), group_memory(params, grads, states, state_steps, streams)
     table = _tables.get(key, memory)
     group = None
     if table is None:

@@ -18,7 +18,7 @@ from ..states import KAHAN_KEY
 from ..states.formats import ABSMAX_SUFFIX, INT4, INT8, MOMENTS, BlockwiseFormat, StateFormat, format_for
 from ..states.rounding import effective_param_update
 from ._common import PLAIN_TYPES, Hyper, host_value
-from ._plans import fingerprint
+from ._plans import Memory
 
 
 @dataclass(frozen=True)
@@ -192,19 +192,19 @@ def plan_key(params: list[Tensor], hyper: Hyper, storage: StorageFormat) -> Hash
     return id(params[0]), len(params), storage, hyper.amsgrad, scale_dtype
 
 
-def group_fingerprint(
+def group_memory(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]], steps: list[Tensor], streams: list[int]
-) -> object:
-    """A low-bit group's :func:`adamw.backends._plans.fingerprint`: of its params, every entry of
-    their states (and the entries' names), its step counters and grads (but for the grads'
-    addresses, passed anew each step), with its streams. None (never kept) where a state entry is not
-    a tensor, or some tensor is not a plain one (a DTensor's memory is not its own)."""
+) -> Memory | None:
+    """A low-bit group's :class:`adamw.backends._plans.Memory`: its params, every entry of their
+    states, its step counters and grads (but for the grads' addresses, passed anew each step), with
+    the entries' names and its streams. None (never kept) where a state entry is not a tensor, or
+    some tensor is not a plain one (a DTensor's memory is not its own)."""
     fixed = [*params, *chain.from_iterable(map(dict.values, states))]
     if not all(map(is_, steps, map(dict.get, states, repeat("step")))):
         fixed += steps  # else each is its state's "step" entry, among those already
     if not set(map(type, fixed)) <= PLAIN_TYPES or not set(map(type, grads)) <= PLAIN_TYPES:
         return None
-    return fingerprint(fixed, grads), list(chain.from_iterable(states)), list(streams)
+    return Memory(fixed, grads, extra=(list(chain.from_iterable(states)), list(streams)))
 
 
 def bump_steps(state_steps: list[Tensor]) -> list[int]:

@@ -74,7 +74,7 @@ from ..states.rounding import (
     stream_key,
 )
 from ._common import PLAIN_TYPES, Hyper
-from ._plans import PlanCache, fingerprint
+from ._plans import Memory, PlanCache
 from .forloop import reference_step
 from .low_bit import (
     KERNEL_DTYPES,
@@ -82,7 +82,7 @@ from .low_bit import (
     StorageFormat,
     bump_steps,
     code_tables,
-    group_fingerprint,
+    group_memory,
     host_scalars,
     plan_key,
     sort_group,
@@ -155,7 +155,7 @@ def step(
     lists = _local_views(lists, hyper.has_complex)
     capturing = _is_capturing(lists[0][0].device)
     key = (id(params[0]), len(params), CUDA_BLOCK, INTERPRETER_BLOCK)
-    memory = fingerprint(list(chain.from_iterable(lists)))
+    memory = Memory(list(chain.from_iterable(lists)))
     plan = _plans.get(key, memory, pin=capturing)
     if plan is None:
         plan = _build_plan(lists, hyper.amsgrad, capturing, kernels)
@@ -556,7 +556,7 @@ def step_low_bit(
     if scalars is None:
         return
     kernels = _low_bit_kernels()
-    key, memory = plan_key(params, hyper, storage), group_fingerprint(params, grads, states, state_steps, streams)
+    key, memory = plan_key(params, hyper, storage), group_memory(params, grads, states, state_steps, streams)
     plan = _low_bit_plans.get(key, memory)
     if plan is not None:
         step_numbers = bump_steps(state_steps)

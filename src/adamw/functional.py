@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from .backends import foreach as _foreach_backend
 from .backends import forloop as _forloop_backend
 from .backends import low_bit as _low_bit_backend
 from .backends import ops as _ops
-from .backends._common import PLAIN_TYPES, Hyper, imported_on_call, run_eagerly
+from .backends._common import PLAIN_TYPES, Hyper, imported_on_call, is_cuda, run_eagerly
 from .options import (
     BACKEND_DEVICES,
     FUSED_BACKENDS,
@@ -40,7 +39,6 @@ from .states.entries import is_dtensor
 
 # Devices on which torch's rule (the documentation's note) turns foreach on when no flag is given.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
-_is_cuda = attrgetter("is_cuda")
 
 
 def select_backend(
@@ -77,7 +75,7 @@ def _on_foreach_default_devices(params: list[Tensor]) -> bool:
     on CUDA is answered without reading each param's device (1 us each: 1 ms a step for a thousand)."""
     if not set(map(type, params)) <= set(_foreach_supported_types):
         return False
-    return all(map(_is_cuda, params)) or all(p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
+    return all(map(is_cuda, params)) or all(p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
 
 
 StepFn = Callable[..., None]

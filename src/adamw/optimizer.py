@@ -8,7 +8,7 @@ state and param-group keys) in :mod:`adamw.states.checkpoint`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -16,13 +16,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from .backends._common import run_eagerly
+from .backends._common import dtype_of, grad_of, run_eagerly
 from .functional import adamw, check_step
 from .options import FUSED_BACKENDS, AdamWOptions, check_group_options, is_low_bit
 from .states import checkpoint
 
-_dtype_of = attrgetter("dtype")
-_grad_of = attrgetter("grad")
 _exp_avg_of, _exp_avg_sq_of = itemgetter("exp_avg"), itemgetter("exp_avg_sq")
 _max_exp_avg_sq_of, _step_of = itemgetter("max_exp_avg_sq"), itemgetter("step")
 
@@ -216,14 +214,14 @@ class AdamW(Optimizer):
         except KeyError:  # some state to make, or a checkpoint's entry to adopt: param by param
             moments = self._make_states(group, with_grad, states)
         params += with_grad
-        grads += map(_grad_of, with_grad)
+        grads += map(grad_of, with_grad)
         exp_avgs += moments[0]
         exp_avg_sqs += moments[1]
         if group["amsgrad"]:
             max_exp_avg_sqs += moments[2]
         state_steps += map(_step_of, states)
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
-        return any(dtype.is_complex for dtype in set(map(_dtype_of, params)))
+        return any(dtype.is_complex for dtype in set(map(dtype_of, params)))
 
     def _make_states(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]

@@ -10,13 +10,12 @@ changes. Where torch has the rule, the exception type and the message's opening 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from operator import attrgetter
 from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 
-from .backends._common import check_capturable_devices
+from .backends._common import check_capturable_devices, dtype_of, grad_of, is_cpu, is_cuda, is_sparse
 from .states import PARAM_UPDATES, STATE_PRECISIONS
 
 
@@ -166,11 +165,6 @@ def check_storage_options(options: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 # before each step
 
-_dtype_of = attrgetter("dtype")
-_is_cpu = attrgetter("is_cpu")
-_is_cuda = attrgetter("is_cuda")
-_grad_of = attrgetter("grad")
-_is_sparse = attrgetter("is_sparse")
 
 
 def stepped_params(group: Mapping[str, Any], index: int) -> list[Tensor]:
@@ -179,13 +173,13 @@ def stepped_params(group: Mapping[str, Any], index: int) -> list[Tensor]:
     for another dtype only mid-step, after state was created and earlier groups stepped; the low-bit
     kernels would take it)."""
     params = [p for p in group["params"] if p.grad is not None]
-    grads = list(map(_grad_of, params))
-    if any(map(_is_sparse, grads)):
+    grads = list(map(grad_of, params))
+    if any(map(is_sparse, grads)):
         raise RuntimeError(
             "AdamW does not support sparse gradients, please consider SparseAdam instead "
             f"(param group {index} has a sparse grad)"
         )
-    if list(map(_dtype_of, grads)) != list(map(_dtype_of, params)):
+    if list(map(dtype_of, grads)) != list(map(dtype_of, params)):
         p, grad = next((p, g) for p, g in zip(params, grads, strict=True) if g.dtype != p.dtype)
         raise RuntimeError(
             f"expected each grad to have its param's dtype, but param group {index} has a {p.dtype} param "
@@ -246,8 +240,8 @@ def _one_per_kind(params: list[Tensor]) -> list[Tensor]:
     params has one or two kinds. A group on the CPU alone, or on CUDA alone, is told apart by dtype, the
     cheap lookup (reading each param's device costs 1 us: 1 ms a step for a thousand params)."""
     firsts = params[::-1]  # so that each kind keeps its first param
-    if all(map(_is_cpu, params)) or all(map(_is_cuda, params)):
-        by_dtype = dict(zip(map(_dtype_of, firsts), firsts, strict=True))
+    if all(map(is_cpu, params)) or all(map(is_cuda, params)):
+        by_dtype = dict(zip(map(dtype_of, firsts), firsts, strict=True))
         return [by_dtype[dtype] for dtype in sorted(by_dtype, key=str)]
     by_kind = {(p.device.type, str(p.dtype)): p for p in firsts}
     return [by_kind[kind] for kind in sorted(by_kind)]

@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from ._common import dtype_of, nbytes_of
 
 # The tensor check Dynamo's guards were built on: C++, one call for a list of tensors. Its stub
 # declares other argument types than it takes (a list of sizes per tensor), hence Any.
@@ -37,8 +38,6 @@ _is_contiguous = Tensor.is_contiguous
 # -1 on the CPU, else the device's index: tells apart the devices the kernels run (the CPU and CUDA
 # devices) at half the cost of reading .device.
 _get_device = Tensor.get_device
-_dtype = attrgetter("dtype")
-_nbytes = attrgetter("nbytes")
 
 # addresses, sizes in bytes, dtypes, devices, and shapes and strides (None: all contiguous)
 Fingerprint = tuple[list[int], list[int], list[torch.dtype], list[int], list[tuple[torch.Size, tuple[int, ...]]] | None]
@@ -54,8 +53,8 @@ def fingerprint(fixed: Sequence[Tensor], moving: Sequence[Tensor] = ()) -> Finge
     contiguous = all(map(_is_contiguous, tensors))
     return (
         list(map(_data_ptr, fixed)),
-        list(map(_nbytes, tensors)),
-        list(map(_dtype, tensors)),
+        list(map(nbytes_of, tensors)),
+        list(map(dtype_of, tensors)),
         list(map(_get_device, tensors)),
         None if contiguous else [(t.shape, t.stride()) for t in tensors],
     )

@@ -23,14 +23,13 @@ import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
-from operator import attrgetter
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from . import _native
-from ._common import PLAIN_TYPES, Hyper, host_value
+from ._common import PLAIN_TYPES, Hyper, dtype_of, host_value, is_cpu
 from ._plans import Memory, PlanCache
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
@@ -60,8 +59,6 @@ def _bind(lib: ctypes.CDLL) -> Callable[..., int]:
 
 KERNEL = _native.Kernel(SOURCE, _bind, "fused CPU kernel (fused=True on CPU tensors)", "fused=None or foreach=True")
 
-_dtype = attrgetter("dtype")
-_is_cpu = attrgetter("is_cpu")
 _numel = Tensor.numel
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -165,16 +162,16 @@ def _build_plan(tensors: list[list[Tensor]], steps: list[Tensor]) -> _Plan:
     numels = list(map(_numel, params))
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
     for name, lst in zip(names, tensors, strict=False):
-        if not all(map(_is_cpu, lst)):
+        if not all(map(is_cpu, lst)):
             raise RuntimeError(f"the fused CPU kernel needs every tensor on the CPU, but some {name} are not")
-        if set(map(_dtype, lst)) != {dtype}:
+        if set(map(dtype_of, lst)) != {dtype}:
             raise RuntimeError(f"the fused CPU kernel needs {name} of the params' dtype {dtype}")
         if list(map(_numel, lst)) != numels:
             raise RuntimeError(f"the fused CPU kernel needs {name} of the params' sizes")
         if not all(map(_is_contiguous, lst)):
             raise RuntimeError(f"the fused CPU kernel needs contiguous {name}")
-    step_dtypes = set(map(_dtype, steps))
-    if len(step_dtypes) != 1 or not step_dtypes <= _STEP_CODES.keys() or not all(map(_is_cpu, steps)):
+    step_dtypes = set(map(dtype_of, steps))
+    if len(step_dtypes) != 1 or not step_dtypes <= _STEP_CODES.keys() or not all(map(is_cpu, steps)):
         raise RuntimeError(f"the fused CPU kernel needs float32 or float64 step counters on the CPU, got {step_dtypes}")
     if any(n != 1 for n in map(_numel, steps)):
         raise RuntimeError("the fused CPU kernel needs one-element step counters")

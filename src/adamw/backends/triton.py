@@ -55,7 +55,6 @@ import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import accumulate, chain
-from operator import attrgetter
 from types import ModuleType
 from typing import Any, cast
 
@@ -73,7 +72,7 @@ from ..states.rounding import (
     signed32,
     stream_key,
 )
-from ._common import PLAIN_TYPES, Hyper
+from ._common import PLAIN_TYPES, Hyper, dtype_of, is_cpu, is_cuda
 from ._plans import Memory, PlanCache
 from .forloop import reference_step
 from .low_bit import (
@@ -105,8 +104,6 @@ _SPARES_PER_SIZE = 2  # pinned buffers set aside, per table size, for plans buil
 _MAX_GRID = 2**31 - 1
 
 _spare_pinned: dict[int, list[Tensor]] = {}
-_is_cuda = attrgetter("is_cuda")
-_is_cpu = attrgetter("is_cpu")
 
 
 @dataclass
@@ -416,8 +413,8 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
     kernel = _low_bit_kernels().low_bit_kernel if low_bit else _kernels().adamw_kernel
     interpreted = _is_interpreted_kernel(kernel)
     kinds: dict[tuple[Any, ...], Tensor]
-    if all(map(_is_cuda, params)) or all(map(_is_cpu, params)):  # one device type: no param's device read (1 us)
-        kinds = {(type(p), p.dtype): p for p in params}
+    if all(map(is_cuda, params)) or all(map(is_cpu, params)):  # one device type: no param's device read (1 us)
+        kinds = dict(zip(zip(map(type, params), map(dtype_of, params), strict=True), params, strict=True))
     else:
         kinds = {(type(p), p.device, p.dtype): p for p in params}
     for (kind, *_, dtype), param in kinds.items():

@@ -9,6 +9,10 @@ prints the best of interleaved rounds:
     .venv/bin/python benchmarks/host_overhead.py                   # 4 tensors of 8 values
     .venv/bin/python benchmarks/host_overhead.py --tensors 1000    # 1000 tensors
     .venv/bin/python benchmarks/host_overhead.py --tensors 1000 --profile
+    .venv/bin/python benchmarks/host_overhead.py --tensors 1000 --backend cpu   # the C kernel, run
+
+With ``--backend cpu`` it times our fused CPU step (the C kernel, which runs: on tensors this small
+its time is the host's and the kernel call's) against torch's fused CPU step, both on one thread.
 
 What a GPU's launches add (Triton's launcher, the CUDA driver) is not in these numbers, nor what
 reading a CUDA tensor's attributes costs over a CPU tensor's.
@@ -60,15 +64,19 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=4)
     parser.add_argument("--numel", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--backend", choices=["triton", "cpu"], default="triton")
     parser.add_argument("--profile", action="store_true", help="then cProfile our steps (by own time)")
     args = parser.parse_args()
 
-    kernels = triton_backend._kernels()
-    kernels.adamw_kernel = _NoLaunch()
-    kernels.bump_steps_kernel = _NoLaunch()
-    torch._fused_adamw_ = lambda *a, **k: None  # timing torch's host code only; never run here otherwise
+    if args.backend == "triton":
+        kernels = triton_backend._kernels()
+        kernels.adamw_kernel = _NoLaunch()
+        kernels.bump_steps_kernel = _NoLaunch()
+        torch._fused_adamw_ = lambda *a, **k: None  # timing torch's host code only; never run here otherwise
+    else:
+        torch.set_num_threads(1)
 
-    ours = adamw.AdamW(make_params(args.tensors, args.numel), lr=1e-3, backend="triton")
+    ours = adamw.AdamW(make_params(args.tensors, args.numel), lr=1e-3, backend=args.backend)
     theirs = torch.optim.AdamW(make_params(args.tensors, args.numel), lr=1e-3, fused=True)
     steps = max(30, 2000 // args.tensors)
     for optimizer in (ours, theirs):
@@ -79,7 +87,7 @@ def main() -> None:
         times["torch fused"].append(per_step_us(theirs, steps))
     best = {name: min(t) for name, t in times.items()}
     print(
-        f"{args.tensors} tensors of {args.numel}: host time per step, best of {args.rounds} rounds of {steps} "
+        f"{args.backend}, {args.tensors} tensors of {args.numel}: host time per step, best of {args.rounds} rounds of {steps} "
         f"steps: ours {best['ours']:.1f} us, torch fused {best['torch fused']:.1f} us "
         f"(ours / torch {best['ours'] / best['torch fused']:.2f})"
     )

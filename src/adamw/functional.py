@@ -108,13 +108,9 @@ def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
     (cpu_low_bit if low_bit else cpu).library()  # built, or found in the cache, and loaded once
 
 
-def _check_triton(params: list[Tensor], low_bit: bool) -> None:
-    from .backends import triton
-
-    triton.check_params(params, low_bit=low_bit)
-
-
-_TRITON = Steps(imported_on_call("triton", "step"), imported_on_call("triton", "step_low_bit"), _check_triton)
+_TRITON = Steps(
+    imported_on_call("triton", "step"), imported_on_call("triton", "step_low_bit"), imported_on_call("triton", "check")
+)
 
 # (backend, device type of the group's first param) -> what runs; ANY_DEVICE: whatever torch runs.
 STEPS: dict[tuple[str, str], Steps] = {

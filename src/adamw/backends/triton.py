@@ -423,20 +423,26 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
         _check_device(param, interpreted)
 
 
+def check(params: list[Tensor], low_bit: bool) -> None:
+    """:func:`check_params` as :class:`adamw.functional.Steps` calls it."""
+    check_params(params, low_bit=low_bit)
+
+
 def _check_device(param: Tensor, interpreted: bool) -> None:
-    if param.device.type == "cuda" and interpreted:
+    device = param.device  # read once: a microsecond each
+    if device.type == "cuda" and interpreted:
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set when adamw.backends.triton was imported: Triton's interpreter "
             "runs CPU tensors only. Unset it to run the kernel on CUDA tensors"
         )
-    if param.device.type == "cpu" and not interpreted:
+    if device.type == "cpu" and not interpreted:
         raise RuntimeError(
             "backend='triton' runs CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 "
             "in the environment before the first step (before adamw.backends.triton is imported)"
         )
-    if param.device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda"):
         raise RuntimeError(
-            f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {param.device}"
+            f"backend='triton' runs CUDA tensors (and CPU ones under the interpreter), not {device}"
         )
 
 

@@ -180,6 +180,24 @@ def test_unknown_name_is_a_usage_error_listing_valid_names(option: str, capsys: 
     assert "'nope'" in err and "valid: " + ", ".join(registry) in err
 
 
+def test_a_json_path_that_cannot_be_written_is_a_usage_error_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Written after the run: a typo found then would cost the run (minutes)."""
+    from adamw.cli.bench import command
+
+    monkeypatch.setattr(command, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    for path, expected in (
+        (tmp_path / "missing" / "out.json", f"directory {str(tmp_path / 'missing')!r} does not exist"),
+        (tmp_path, "is a directory"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "--quick", "--json", str(path)])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert f"argument --json: {str(path)!r}" in err and expected in err and out == ""
+
+
 def test_python_m_adamw_help() -> None:
     done = subprocess.run([sys.executable, "-m", "adamw", "bench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float, str]:
+    pytest.importorskip("matplotlib", reason="the demo draws its PNG with matplotlib (the test extra installs it)")
     out = tmp_path_factory.mktemp("demo")
     png, json_path = out / "loss.png", out / "demo.json"
     threads = torch.get_num_threads()
@@ -117,6 +119,29 @@ def test_bad_arguments_are_usage_errors(argv: list[str], expected: str, capsys: 
     out, err = capsys.readouterr()
     assert "usage: adamw demo" in err and expected in err
     assert out == ""  # nothing ran
+
+
+def test_outputs_that_cannot_be_written_are_usage_errors_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The PNG and the JSON are written after every mode has trained (minutes): a missing directory,
+    or no matplotlib to draw the PNG, is said before, not found after."""
+    from adamw.cli.demo import command
+
+    monkeypatch.setattr(command, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    missing = tmp_path / "missing" / "demo.json"
+    cases = [
+        (["--json", str(missing), "--out", ""], f"argument --json: {str(missing)!r}: directory"),
+        (["--out", str(tmp_path)], f"argument --out: {str(tmp_path)!r} is a directory"),
+        (["--out", str(tmp_path / "demo.png")], "argument --out: the loss curves are drawn with matplotlib"),
+    ]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed: import fails
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--quick", "--no-progress", *argv])
+        assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert expected in err and out == "", err
 
 
 def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

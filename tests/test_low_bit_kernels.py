@@ -730,3 +730,76 @@ def test_triton_kernel_compiles_for_hopper_rounding_as_the_reference(kernel: Ker
         [sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+_INTERPRETED_FMA_CHECK = textwrap.dedent(
+    r"""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    from fractions import Fraction
+    import numpy as np, torch, triton, triton.language as tl
+    from adamw.backends._triton_low_bit_kernels import _fma
+
+    @triton.jit
+    def fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        a, b, c = tl.load(a_ptr + i, mask=mask), tl.load(b_ptr + i, mask=mask), tl.load(c_ptr + i, mask=mask)
+        tl.store(out_ptr + i, _fma(a, b, c), mask=mask)
+
+    def rounded_once(a, b, c):
+        # a * b + c rounded to float32 once: the nearest float32 to the exact value, ties to even
+        if not all(np.isfinite([a, b, c])):  # IEEE's infinities and NaNs
+            return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+        exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+        if exact == 0:  # signed zeros, as IEEE adds them
+            return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+        limit = Fraction(2**128 - 2**103)  # halfway from the largest float32 to the next power of two
+        if abs(exact) >= limit:
+            return np.float32(np.inf if exact > 0 else -np.inf)
+        best = np.float32(float(exact))  # within an ulp: float() rounds once to float64, float32() again
+        best = np.float32(np.finfo(np.float32).max) * np.sign(best) if np.isinf(best) else best
+        for other in (np.nextafter(best, np.float32(np.inf)), np.nextafter(best, np.float32(-np.inf))):
+            d_best, d_other = abs(Fraction(float(best)) - exact), abs(Fraction(float(other)) - exact)
+            if np.isfinite(other) and (d_other < d_best or (d_other == d_best and other.view(np.int32) % 2 == 0)):
+                best = other
+        return best
+
+    rng = np.random.default_rng(0)
+    u = 2.0**-23
+    # a * b + c a hair below a float32 midpoint, which float64 rounds onto it and to even from there
+    crafted = [(2.0 ** (j - 12) * (1 + u), s * 2.0 ** (j - 12) * (1 - u), s * 2.0**k * (1 + u))
+               for k, j in ((0, 0), (10, 5), (-20, -10), (40, 20)) for s in (1, -1)]
+    for a, b, c in crafted:  # they tell one rounding from two
+        assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) != rounded_once(a, b, c)
+    n = 4000
+    a = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    b = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    c = (rng.standard_normal(n) * 2.0 ** rng.integers(-60, 60, n)).astype(np.float32)
+    c[: n // 4] = -(a[: n // 4] * b[: n // 4])  # cancellation: what remains is the product's rounding error
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 2.0**-140, -(2.0**-149), 3e38, 1.0], np.float32)
+    sa, sb, sc = (x.ravel() for x in np.meshgrid(specials, specials, specials))
+    a, b, c = (np.concatenate([x, np.array(y, np.float32), z]) for x, y, z in zip((a, b, c), zip(*crafted), (sa, sb, sc)))
+    out = torch.empty(len(a))
+    block = triton.next_power_of_2(len(a))
+    fma_kernel[(1,)](torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), out, len(a), BLOCK=block)
+    got = out.numpy()
+    wrong = [i for i in range(len(a)) if got[i].view(np.int32) != rounded_once(a[i], b[i], c[i]).view(np.int32)
+             and not (np.isnan(got[i]) and np.isnan(rounded_once(a[i], b[i], c[i])))]
+    assert not wrong, [(a[i], b[i], c[i], got[i], rounded_once(a[i], b[i], c[i])) for i in wrong[:5]]
+    print("ok", len(a))
+    """
+)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(["triton"]))
+def test_triton_multiply_add_rounds_once_under_the_interpreter(kernel: Kernel) -> None:
+    """The kernel's two multiply-adds (torch's lerp and addcmul) round once under Triton's interpreter
+    too, where ``tl.fma`` itself multiplies then adds in some Triton releases (3.6 among them): against
+    the exact value rounded to float32, on random values, cancellations, the specials, and values a
+    hair below a float32 midpoint (where rounding to float64 first, then to float32, is wrong)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_FMA_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -14,7 +14,7 @@ evaluate it (so the two agree bit for bit)::
 
 torch's CPU kernels for ``lerp`` and ``addcmul`` round once where a multiply feeds an add (AVX2 and
 AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel calls ``tl.fma`` there
-and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
+(``_fma``, exact under the interpreter too) and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
 Every scalar is computed on the host exactly as the reference computes it and rounded to float32
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
 ``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.backends.forloop.sqrt_rn`, not torch's
@@ -61,6 +61,8 @@ map is ``BLOCKS`` blocks of the launch's format.
 """
 
 # No `from __future__ import annotations`: Triton reads the annotations.
+import os
+
 import triton
 import triton.language as tl
 
@@ -107,6 +109,37 @@ CODE4_UNSIGNED_VALUES = tl.constexpr(917)
 CODE4_UNSIGNED_MIDS = tl.constexpr(933)
 CODE_SIZE = tl.constexpr(948)
 LADDER_STEPS = tl.constexpr(8)  # adamw.states.quantize.LADDER_STEPS_PER_OCTAVE
+
+
+# --------------------------------------------------------------------------------------------------
+# fused multiply-add
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # read as triton.jit reads it, when this module is imported
+
+    @triton.jit
+    def _fma(a, b, c):
+        """``a * b + c`` rounded once, under Triton's interpreter, whose own ``tl.fma`` multiplies then
+        adds (two roundings) in some releases (3.6 among them): the product of two float32s is exact
+        in float64, the sum is rounded there to odd (to the neighbour with an odd last bit wherever
+        TwoSum finds it inexact), and a float64 rounded to odd rounds to float32 as the exact value
+        would (float64 has more than two bits beyond float32's)."""
+        a64, b64, c64 = a.to(tl.float64), b.to(tl.float64), c.to(tl.float64)
+        product = a64 * b64
+        total = product + c64
+        product_part = total - c64
+        dropped = (product - product_part) + (c64 - (total - product_part))
+        bits = total.to(tl.int64, bitcast=True)
+        outward = (dropped > 0) == (total > 0)  # the exact value lies beyond total, away from zero
+        neighbour = tl.where(outward, bits + 1, bits - 1)
+        finite = tl.abs(total) < float("inf")
+        odd = tl.where(finite & (dropped != 0) & ((bits & 1) == 0), neighbour, bits)
+        return odd.to(tl.float64, bitcast=True).to(tl.float32)
+
+else:
+
+    @triton.jit
+    def _fma(a, b, c):
+        return tl.fma(a, b, c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,8 +350,8 @@ def _low_bit_tile(
 
     m = _load_moment(row_ptr, codes_ptr, tile, 0, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
     v = _load_moment(row_ptr, codes_ptr, tile, 1, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
-    m = tl.fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2)
+    m = _fma(lerp_coeff, g - m, tl.where(lerp_small != 0, m, g))
+    v = _fma(one_minus_beta2 * g, g, v * beta2)
     if AMSGRAD:
         v_max = _load_moment(row_ptr, codes_ptr, tile, 2, MOMENT_DTYPE, CODE_BITS, MASKED, ALIGNED)
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)

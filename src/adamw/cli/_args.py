@@ -4,6 +4,7 @@ the argument named, what it accepts listed)."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterable
 
 
@@ -28,3 +29,18 @@ def comma_list(names: Iterable[str], what: str) -> Callable[[str], list[str]]:
         return chosen
 
     return parse
+
+
+def output_file(text: str) -> str:
+    """A file the command writes when it is done: checked now, so that a typo does not cost the run.
+    '' (write none) passes as it is."""
+    if not text:
+        return text
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file's path")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {directory!r} is not writable")
+    return text

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from .._args import comma_list, positive
+from .._args import comma_list, output_file, positive
 from .report import format_report, to_json
 from .timing import FORMULA, Config, run
 from .workloads import IMPLEMENTATIONS, WORKLOADS, MiB
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=positive, help=f"torch.set_num_threads (default here: {torch.get_num_threads()})"
     )
     parser.add_argument("--amsgrad", action="store_true", help="benchmark with amsgrad=True")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON")
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .._args import comma_list, positive
+from .._args import comma_list, output_file, positive
 from .model import ModelConfig
 from .report import format_table
 from .train import MODE_KEYS, run_demo
@@ -49,8 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the batches and stochastic rounding")
     parser.add_argument("--device", type=_device, default="cpu", help=f"device to train on: {DEVICES} (default cpu)")
-    parser.add_argument("--out", default="demo.png", help="PNG of the loss curves (default demo.png; '' for none)")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--out", type=output_file, default="demo.png", help="PNG of the loss curves (default demo.png; '' for none)"
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", type=output_file, default=None, help="also write the results as JSON to PATH"
+    )
     parser.add_argument(
         "--modes",
         type=comma_list(MODE_KEYS, "mode"),
@@ -69,7 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace, _parser: argparse.ArgumentParser) -> int:
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.out and not _has_matplotlib():  # said before the run, not after it
+        parser.error(
+            "argument --out: the loss curves are drawn with matplotlib, which is not installed here: "
+            "pip install 'adamw[demo]', or --out '' for no plot"
+        )
     quick = args.quick
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -21,15 +21,21 @@ from _helpers import assert_bitwise, assert_unchanged, backend_params, catch, sn
 from adamw.backends import _plans
 from adamw.backends._plans import Memory, PlanCache, fingerprint
 
-CHECKS = ["guard", "fingerprints only"]
+CHECKS = ["guard", "fingerprints only", "a guard that cannot be made"]
+
+
+def _refuse(*tensors: Tensor, **kwargs: Any) -> None:
+    raise TypeError("TensorGuards() takes other arguments in this torch")
 
 
 @pytest.fixture(params=CHECKS)
 def check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """How kept plans are checked: by their guards once found, or (a torch without TensorGuards)
-    by comparing fingerprints every step."""
+    """How kept plans are checked: by their guards once found, or by comparing fingerprints every
+    step (a torch without TensorGuards, or whose TensorGuards takes other arguments)."""
     if request.param == "fingerprints only":
         monkeypatch.setattr(_plans, "_TensorGuards", None)
+    elif request.param == "a guard that cannot be made":
+        monkeypatch.setattr(_plans, "_TensorGuards", _refuse)
     return str(request.param)
 
 

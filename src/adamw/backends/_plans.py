@@ -7,9 +7,9 @@ that stays where it was but is read differently (``p.data = p.data.view(torch.fl
 address and the byte count) and a new param that reuses a dropped one's ``id`` both get a new plan,
 checked as it is built. Plans hold no tensors of the group: a dropped model's memory is freed.
 
-A fingerprint reads five attributes of every tensor, one Python call each: 3-4 ms a step for a
-group of a thousand params (5000 tensors with their grads, states and step counters), which on a GPU
-is most of the step's host time. So once a plan's fingerprint has matched, its entry keeps a
+A fingerprint reads five attributes of every tensor, one Python call each: milliseconds a step for
+a group of a thousand params (5000 tensors with their grads, states and step counters), a large part
+of a GPU step's host time. So once a plan's fingerprint has matched, its entry keeps a
 :class:`_Guard` over the tensors, checked instead in two passes: torch's C-level tensor check
 (dtype, device, shape and strides of each tensor, one call) and the fixed tensors' addresses. A guard
 that passes implies the same fingerprint; one that fails (or a torch without the check) falls back to

@@ -109,7 +109,9 @@ def _load_c_kernel(params: list[Tensor], low_bit: bool) -> None:
 
 
 _TRITON = Steps(
-    imported_on_call("triton", "step"), imported_on_call("triton", "step_low_bit"), imported_on_call("triton", "check")
+    imported_on_call("triton", "step"),
+    imported_on_call("triton", "step_low_bit"),
+    imported_on_call("triton", "check_params"),
 )
 
 # (backend, device type of the group's first param) -> what runs; ANY_DEVICE: whatever torch runs.

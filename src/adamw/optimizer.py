@@ -208,28 +208,24 @@ class AdamW(Optimizer):
         with_grad = [p for p in group["params"] if p.grad is not None]
         states = list(map(self.state.__getitem__, with_grad))  # the state dict creates a missing entry
         try:  # every state made already (the steady state): the lists in C-level passes over the group
-            moments = [list(map(_exp_avg_of, states)), list(map(_exp_avg_sq_of, states))]
-            if group["amsgrad"]:
-                moments.append(list(map(_max_exp_avg_sq_of, states)))
+            found_exp_avgs = list(map(_exp_avg_of, states))
         except KeyError:  # some state to make, or a checkpoint's entry to adopt: param by param
-            moments = self._make_states(group, with_grad, states)
+            self._make_states(group, with_grad, states)
+            found_exp_avgs = list(map(_exp_avg_of, states))
         params += with_grad
         grads += map(grad_of, with_grad)
-        exp_avgs += moments[0]
-        exp_avg_sqs += moments[1]
+        exp_avgs += found_exp_avgs
+        exp_avg_sqs += map(_exp_avg_sq_of, states)
         if group["amsgrad"]:
-            max_exp_avg_sqs += moments[2]
+            max_exp_avg_sqs += map(_max_exp_avg_sq_of, states)
         state_steps += map(_step_of, states)
         # One check per dtype, not per param: a group of 1000 params has one or two dtypes.
         return any(dtype.is_complex for dtype in set(map(dtype_of, params)))
 
-    def _make_states(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[list[Tensor]]:
+    def _make_states(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> None:
         """The state of each of ``params`` made where it is empty, or adopted where it is a
         checkpoint's entry put in as it is, by a loader that is not ours (ZeroRedundancyOptimizer's
-        load_state_dict copies each entry into ``state``); ``states`` updated in place. Returns the
-        moments' lists (``max_exp_avg_sq`` too with amsgrad)."""
+        load_state_dict copies each entry into ``state``); ``states`` updated in place."""
         for i, (p, state) in enumerate(zip(params, states, strict=True)):
             if state and "exp_avg" not in state:
                 state = checkpoint.adopt_for_group(checkpoint.from_checkpoint(state, p), p, group)
@@ -238,8 +234,6 @@ class AdamW(Optimizer):
             else:
                 continue
             states[i] = self.state[p] = state
-        names = ["exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if group["amsgrad"] else [])]
-        return [[state[name] for state in states] for name in names]
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -14,7 +14,8 @@ evaluate it (so the two agree bit for bit)::
 
 torch's CPU kernels for ``lerp`` and ``addcmul`` round once where a multiply feeds an add (AVX2 and
 AVX-512 ``fmadd``, and GCC contracts the scalar tails alike), so this kernel calls ``tl.fma`` there
-(``_fma``, exact under the interpreter too) and nowhere else, and is compiled without FP fusion so that no other multiply-add is contracted.
+(``_fma``, exact under the interpreter too) and nowhere else, and is compiled without FP fusion so
+that no other multiply-add is contracted.
 Every scalar is computed on the host exactly as the reference computes it and rounded to float32
 as torch rounds a Python scalar; division and square root round to nearest (``div_rn``,
 ``sqrt_rn``), as the reference's do (its sqrt is :func:`adamw.backends.forloop.sqrt_rn`, not torch's

@@ -405,7 +405,7 @@ def _check_tensor(lists: list[list[Tensor]], position: int, interpreted: bool) -
         )
 
 
-def check_params(params: list[Tensor], *, low_bit: bool) -> None:
+def check_params(params: list[Tensor], low_bit: bool) -> None:
     """Raise what a step of ``params`` would raise for want of Triton or for a device the kernel (the
     low-bit one for a low-bit format) does not run: :class:`adamw.AdamW` calls it before it changes
     anything. A low-bit step leaves to the torch-ops reference the params its kernel does not take
@@ -421,11 +421,6 @@ def check_params(params: list[Tensor], *, low_bit: bool) -> None:
         if low_bit and (kind not in PLAIN_TYPES or dtype.to_real() not in KERNEL_DTYPES):
             continue
         _check_device(param, interpreted)
-
-
-def check(params: list[Tensor], low_bit: bool) -> None:
-    """:func:`check_params` as :class:`adamw.functional.Steps` calls it."""
-    check_params(params, low_bit=low_bit)
 
 
 def _check_device(param: Tensor, interpreted: bool) -> None:
